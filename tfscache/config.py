@@ -1,0 +1,289 @@
+"""The configuration: one YAML file, a schema with defaults, validated at start-up.
+
+Any problem stops the daemon with ONE line naming the key (``ConfigError``).  Environment
+variables override keys: ``TFSCACHE_SERVING__MAX_MODELS=20`` sets ``serving.max_models``
+(the value is read as YAML, so numbers, booleans and lists work).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+import yaml
+
+ENV_PREFIX = "TFSCACHE_"
+
+
+class ConfigError(Exception):
+    """A configuration problem, worded as one line that names the key."""
+
+
+_REQUIRED = object()
+
+
+@dataclass(frozen=True)
+class Field:
+    kind: str  # str | int | float | bool | size | list | map | choice
+    default: Any = _REQUIRED
+    choices: tuple[str, ...] = ()
+    minimum: float | None = None
+    doc: str = ""
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+
+
+def parse_size(value: Any) -> int:
+    """Bytes from an int or a string like ``512MiB`` / ``10GB`` / ``1.5G``."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size")
+    if isinstance(value, int):
+        return value
+    m = _SIZE_RE.match(str(value))
+    if not m:
+        raise ValueError(f"expected a size such as 1073741824 or '1GiB', got {value!r}")
+    number, unit = float(m.group(1)), (m.group(2) or "").lower()
+    if "i" in unit:
+        factor = 1024 ** ("kmgt".index(unit[0]) + 1)
+    else:
+        factor = _SIZE_UNITS[unit[:1]]
+    return int(number * factor)
+
+
+def _default_node_id() -> str:
+    return socket.gethostname()
+
+
+# The schema.  A nested dict is a section; a Field is a key.  Defaults fit a sidecar next to
+# a TF Serving moved to ports 9500 (gRPC) and 9501 (REST), so clients keep 8500/8501.
+SCHEMA: dict[str, Any] = {
+    "node": {
+        "id": Field("str", None, doc="Member id in the cluster; default: the host name."),
+        "advertise_host": Field("str", "127.0.0.1", doc="Address other nodes use to reach this one."),
+    },
+    "listen": {
+        "host": Field("str", "0.0.0.0", doc="Interface for the client-facing ports."),
+        "rest_port": Field("int", 8501, minimum=0),
+        "grpc_port": Field("int", 8500, minimum=0),
+        "grpc_threads": Field("int", 32, minimum=1, doc="grpcio worker threads."),
+        "max_request_bytes": Field("size", 64 * 1024 * 1024, minimum=1,
+                                   doc="Largest REST body or gRPC message accepted."),
+    },
+    "model_provider": {
+        "type": Field("choice", "disk", choices=("disk", "s3")),
+        "listing_ttl_seconds": Field("float", 5.0, minimum=0,
+                                     doc="How long a version listing is reused for 'latest'."),
+        "fetch_timeout_seconds": Field("float", 600.0, minimum=0.001),
+        "disk": {
+            "base_path": Field("str", None, doc="Root of <name>/<version>/ directories."),
+        },
+        "s3": {
+            "bucket": Field("str", None),
+            "prefix": Field("str", ""),
+            "region": Field("str", None),
+            "endpoint_url": Field("str", None, doc="For MinIO, Ceph, R2 and other S3-compatibles."),
+            "max_concurrency": Field("int", 8, minimum=1),
+            "multipart_threshold_bytes": Field("size", 8 * 1024 * 1024, minimum=5 * 1024 * 1024),
+            "progress_interval_seconds": Field("float", 5.0, minimum=0.1),
+            "access_key_id": Field("str", None, doc="Prefer boto3's standard credential chain."),
+            "secret_access_key": Field("str", None),
+        },
+    },
+    "disk_cache": {
+        "path": Field("str", _REQUIRED, doc="Local directory for the copied models."),
+        "capacity_bytes": Field("size", 10 * 1024**3, minimum=1),
+    },
+    "serving": {
+        "grpc_target": Field("str", "127.0.0.1:9500", doc="host:port of TF Serving's gRPC API."),
+        "rest_url": Field("str", "http://127.0.0.1:9501", doc="TF Serving's REST API."),
+        "max_models": Field("int", 10, minimum=1, doc="Models loaded at once."),
+        "max_bytes": Field("size", 0, minimum=0, doc="Memory budget; 0 means count only."),
+        "memory_factor": Field("float", 1.0, minimum=0.01,
+                               doc="Estimated memory = size on disk x this factor."),
+        "load_timeout_seconds": Field("float", 300.0, minimum=0.001),
+        "request_timeout_seconds": Field("float", 60.0, minimum=0.001,
+                                         doc="Deadline of a forwarded request without its own."),
+        "failure_backoff_seconds": Field("float", 30.0, minimum=0,
+                                         doc="A failed load is not retried before this."),
+        "churn_guard_seconds": Field("float", 2.0, minimum=0,
+                                     doc="A model used this recently is not evicted to make room."),
+        "capacity_wait_seconds": Field("float", 30.0, minimum=0,
+                                       doc="How long a load waits for room before RESOURCE_EXHAUSTED."),
+        "model_platform": Field("str", "tensorflow"),
+        "reset_on_start": Field("bool", True, doc="Send an empty model list at start-up."),
+    },
+    "cluster": {
+        "replicas_per_model": Field("int", 2, minimum=1),
+        "forward_timeout_seconds": Field("float", 60.0, minimum=0.001),
+        "spread_inflight_threshold": Field("int", 32, minimum=1,
+                                           doc="In-flight requests on the first owner before spreading."),
+        "discovery": {
+            "type": Field("choice", "static", choices=("static", "etcd", "consul")),
+            "members": Field("list", [], doc="static: [{id, host, rest_port, grpc_port}]."),
+            "prefix": Field("str", "/tfscache", doc="etcd key prefix / Consul service name."),
+            "ttl_seconds": Field("float", 10.0, minimum=1),
+            "endpoints": Field("list", [], doc="etcd: ['http://host:2379']; consul: ['http://host:8500']."),
+            "username": Field("str", None),
+            "password": Field("str", None),
+            "token": Field("str", None, doc="Consul ACL token."),
+            "ca_cert": Field("str", None),
+            "client_cert": Field("str", None),
+            "client_key": Field("str", None),
+        },
+    },
+    "metrics": {
+        "enabled": Field("bool", True),
+        "per_model_labels": Field("bool", False, doc="Label metrics by model (high cardinality)."),
+    },
+    "admin": {
+        "enabled": Field("bool", False),
+        "token": Field("str", None, doc="Bearer token required by /admin (required when enabled)."),
+    },
+    "logging": {
+        "level": Field("choice", "info", choices=("debug", "info", "warn", "error")),
+        "format": Field("choice", "text", choices=("text", "json")),
+    },
+}
+
+
+def _check(key: str, f: Field, value: Any) -> Any:
+    if value is None:
+        if f.default is _REQUIRED:
+            raise ConfigError(f"{key}: a value is required")
+        return None
+    try:
+        if f.kind == "str":
+            if not isinstance(value, str | int | float) or isinstance(value, bool):
+                raise ValueError(f"expected a string, got {type(value).__name__}")
+            value = str(value)
+        elif f.kind == "int":
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"expected an integer, got {value!r}")
+        elif f.kind == "float":
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"expected a number, got {value!r}")
+            value = float(value)
+        elif f.kind == "bool":
+            if not isinstance(value, bool):
+                raise ValueError(f"expected true or false, got {value!r}")
+        elif f.kind == "size":
+            value = parse_size(value)
+        elif f.kind == "list":
+            if not isinstance(value, list):
+                raise ValueError(f"expected a list, got {type(value).__name__}")
+        elif f.kind == "choice":
+            if value not in f.choices:
+                raise ValueError(f"expected one of {', '.join(f.choices)}, got {value!r}")
+    except ValueError as e:
+        raise ConfigError(f"{key}: {e}")
+    if f.minimum is not None and isinstance(value, int | float) and value < f.minimum:
+        raise ConfigError(f"{key}: must be at least {f.minimum:g}, got {value}")
+    return value
+
+
+def _build(schema: Mapping[str, Any], data: Any, prefix: str) -> SimpleNamespace:
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping")
+    for k in data:
+        if k not in schema:
+            raise ConfigError(f"{prefix}{k}: unknown key")
+    out = {}
+    for k, spec in schema.items():
+        key = prefix + k
+        if isinstance(spec, dict):
+            out[k] = _build(spec, data.get(k), key + ".")
+        else:
+            value = data.get(k, None if spec.default is _REQUIRED else spec.default)
+            out[k] = _check(key, spec, value)
+    return SimpleNamespace(**out)
+
+
+def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
+    for var, raw in environ.items():
+        if not var.startswith(ENV_PREFIX) or var == ENV_PREFIX + "CONFIG":
+            continue
+        path = var[len(ENV_PREFIX):].lower().split("__")
+        if not all(path):
+            raise ConfigError(f"{var}: malformed variable name")
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{'.'.join(path)}: expected a mapping")
+            node = child
+        try:
+            node[path[-1]] = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            node[path[-1]] = raw
+
+
+def _cross_checks(cfg: SimpleNamespace) -> None:
+    p = cfg.model_provider
+    if p.type == "disk" and not p.disk.base_path:
+        raise ConfigError("model_provider.disk.base_path: a value is required for type disk")
+    if p.type == "s3" and not p.s3.bucket:
+        raise ConfigError("model_provider.s3.bucket: a value is required for type s3")
+    if cfg.admin.enabled and not cfg.admin.token:
+        raise ConfigError("admin.token: a value is required when admin.enabled is true")
+    d = cfg.cluster.discovery
+    if d.type in ("etcd", "consul") and not d.endpoints:
+        raise ConfigError(f"cluster.discovery.endpoints: a value is required for type {d.type}")
+    for i, m in enumerate(d.members):
+        if not isinstance(m, dict) or not {"host", "rest_port", "grpc_port"} <= set(m):
+            raise ConfigError(
+                f"cluster.discovery.members[{i}]: expected a mapping with host, rest_port, grpc_port"
+            )
+    if cfg.node.id is None:
+        cfg.node.id = _default_node_id()
+
+
+def load_config(
+    data: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+) -> SimpleNamespace:
+    """Validate a parsed mapping (plus environment overrides) into a Config namespace."""
+    merged = _deep_copy(dict(data or {}))
+    _apply_env(merged, os.environ if environ is None else environ)
+    cfg = _build(SCHEMA, merged, "")
+    _cross_checks(cfg)
+    return cfg
+
+
+def load_config_file(path: str, environ: Mapping[str, str] | None = None) -> SimpleNamespace:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError(f"config file {path}: {e.strerror or e}")
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path}: not valid YAML: {str(e).splitlines()[0]}")
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping at the top level")
+    return load_config(data, environ)
+
+
+def _deep_copy(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _deep_copy(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_deep_copy(v) for v in d]
+    return d
+
+
+def walk_schema(
+    visit: Callable[[str, Field], None], schema: Mapping[str, Any] = SCHEMA, prefix: str = ""
+) -> None:
+    """Call ``visit(key, field)`` for every key (used to document the reference)."""
+    for k, spec in schema.items():
+        if isinstance(spec, dict):
+            walk_schema(visit, spec, prefix + k + ".")
+        else:
+            visit(prefix + k, spec)

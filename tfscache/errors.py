@@ -1,0 +1,82 @@
+"""Errors carried with a TF Serving (gRPC) status code, so every front end can answer in
+TF Serving's own format: REST ``{"error": msg}`` with the mapped HTTP code, gRPC status."""
+
+from __future__ import annotations
+
+import enum
+
+
+class Code(enum.IntEnum):
+    """google.rpc.Code / grpc.StatusCode numbers, which TF Serving uses throughout."""
+
+    OK = 0
+    CANCELLED = 1
+    UNKNOWN = 2
+    INVALID_ARGUMENT = 3
+    DEADLINE_EXCEEDED = 4
+    NOT_FOUND = 5
+    ALREADY_EXISTS = 6
+    PERMISSION_DENIED = 7
+    RESOURCE_EXHAUSTED = 8
+    FAILED_PRECONDITION = 9
+    ABORTED = 10
+    OUT_OF_RANGE = 11
+    UNIMPLEMENTED = 12
+    INTERNAL = 13
+    UNAVAILABLE = 14
+    DATA_LOSS = 15
+    UNAUTHENTICATED = 16
+
+
+# TF Serving's mapping of status codes to HTTP codes (http_rest_api_handler / util).
+HTTP_STATUS: dict[Code, int] = {
+    Code.OK: 200,
+    Code.CANCELLED: 499,
+    Code.UNKNOWN: 500,
+    Code.INVALID_ARGUMENT: 400,
+    Code.DEADLINE_EXCEEDED: 504,
+    Code.NOT_FOUND: 404,
+    Code.ALREADY_EXISTS: 409,
+    Code.PERMISSION_DENIED: 403,
+    Code.RESOURCE_EXHAUSTED: 429,
+    Code.FAILED_PRECONDITION: 400,
+    Code.ABORTED: 409,
+    Code.OUT_OF_RANGE: 400,
+    Code.UNIMPLEMENTED: 501,
+    Code.INTERNAL: 500,
+    Code.UNAVAILABLE: 503,
+    Code.DATA_LOSS: 500,
+    Code.UNAUTHENTICATED: 401,
+}
+
+
+class ServingError(Exception):
+    """An error with a TF Serving status code and a message fit for the client."""
+
+    def __init__(self, code: Code, message: str) -> None:
+        super().__init__(message)
+        self.code = Code(code)
+        self.message = message
+
+    @property
+    def http_status(self) -> int:
+        return HTTP_STATUS.get(self.code, 500)
+
+    def __repr__(self) -> str:
+        return f"ServingError({self.code.name}, {self.message!r})"
+
+
+def invalid(message: str) -> ServingError:
+    return ServingError(Code.INVALID_ARGUMENT, message)
+
+
+def not_found(message: str) -> ServingError:
+    return ServingError(Code.NOT_FOUND, message)
+
+
+def unavailable(message: str) -> ServingError:
+    return ServingError(Code.UNAVAILABLE, message)
+
+
+def deadline(message: str) -> ServingError:
+    return ServingError(Code.DEADLINE_EXCEEDED, message)

@@ -1,0 +1,33 @@
+"""TF Serving's error formats: REST ``{"error": "..."}`` with its HTTP codes; gRPC status."""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from tfscache.errors import Code, ServingError
+
+log = Logger()
+
+GRPC_CODES = {c.value[0]: c for c in grpc.StatusCode}
+
+
+def as_serving_error(error: BaseException | Failure) -> ServingError:
+    """Any error as a client-safe ServingError: unexpected ones are logged with their
+    traceback here and reach the client as INTERNAL, with no internals."""
+    failure = error if isinstance(error, Failure) else Failure(error)
+    if isinstance(failure.value, ServingError):
+        return failure.value
+    log.failure("unexpected error while serving a request", failure=failure)
+    return ServingError(Code.INTERNAL, "Internal error in tfscache (see its log)")
+
+
+def rest_error_body(err: ServingError) -> bytes:
+    return json.dumps({"error": err.message}).encode()
+
+
+def grpc_status(err: ServingError) -> grpc.StatusCode:
+    return GRPC_CODES.get(int(err.code), grpc.StatusCode.UNKNOWN)

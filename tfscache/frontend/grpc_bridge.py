@@ -1,0 +1,137 @@
+"""The client-facing gRPC API: TF Serving's method names, payloads forwarded as raw bytes.
+
+grpcio runs its server in its own thread pool.  Each call reads only the ``model_spec`` of the
+request, then hands over to the reactor (``blockingCallFromThread``), where the request handler
+does the asynchronous work; the grpc thread waits for the answer.  A generic handler registers
+the method names, so no TF Serving generated code is needed.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent import futures
+from typing import Any
+
+import grpc
+from twisted.application import service
+from twisted.internet import defer, threads
+from twisted.logger import Logger
+
+from tfscache.errors import Code, ServingError
+from tfscache.frontend.errors import as_serving_error, grpc_status
+from tfscache.interfaces import IRequestHandler
+from tfscache.metrics import Metrics
+from tfscache.modelspec import PREDICTION_METHODS, parse_grpc_request
+
+PREDICTION_SERVICE = "tensorflow.serving.PredictionService"
+MODEL_SERVICE = "tensorflow.serving.ModelService"
+
+# full method path -> short name used for parsing and metrics
+FORWARDED_METHODS = {f"/{PREDICTION_SERVICE}/{m}": m for m in PREDICTION_METHODS}
+FORWARDED_METHODS[f"/{MODEL_SERVICE}/GetModelStatus"] = "GetModelStatus"
+
+
+class _GenericHandler(grpc.GenericRpcHandler):
+    def __init__(self, bridge: GrpcBridge) -> None:
+        self.bridge = bridge
+
+    def service(self, handler_call_details: Any) -> grpc.RpcMethodHandler | None:
+        method = handler_call_details.method
+        short = FORWARDED_METHODS.get(method)
+        if short is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                lambda payload, context: self.bridge.call(method, short, payload, context)
+            )
+        extra = self.bridge.extra_methods.get(method)
+        if extra is not None:
+            return grpc.unary_unary_rpc_method_handler(extra)
+        return None  # grpcio answers UNIMPLEMENTED, as TF Serving does for SessionRun
+
+
+class GrpcBridge(service.Service):
+    """IService: the grpcio server on the client-facing gRPC port."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        handler: IRequestHandler,
+        metrics: Metrics,
+        host: str,
+        port: int,
+        threads_count: int = 32,
+        max_message_bytes: int = 64 * 1024 * 1024,
+        extra_methods: dict[str, Any] | None = None,
+        credentials: grpc.ServerCredentials | None = None,
+    ) -> None:
+        self.handler, self.metrics = handler, metrics
+        self.host, self.port = host, port
+        self.threads_count, self.max_message_bytes = threads_count, max_message_bytes
+        self.extra_methods = extra_methods or {}
+        self.credentials = credentials
+        self.server: grpc.Server | None = None
+        self.bound_port: int | None = None
+        self.accepting = True
+
+    def startService(self) -> None:
+        super().startService()
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=self.threads_count, thread_name_prefix="tfscache-grpc"),
+            handlers=[_GenericHandler(self)],
+            options=[
+                ("grpc.max_receive_message_length", self.max_message_bytes),
+                ("grpc.max_send_message_length", 2**31 - 1),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        address = f"{self.host}:{self.port}"
+        if self.credentials is not None:
+            self.bound_port = self.server.add_secure_port(address, self.credentials)
+        else:
+            self.bound_port = self.server.add_insecure_port(address)
+        self.server.start()
+        self.log.info("gRPC API listening on {host}:{port}", host=self.host, port=self.bound_port)
+
+    def stopService(self) -> defer.Deferred[None] | None:
+        super().stopService()
+        if self.server is None:
+            return None
+        event = self.server.stop(grace=5)
+        # wait in a thread: the reactor must keep running so in-flight calls can finish
+        return threads.deferToThread(event.wait).addCallback(lambda _: None)
+
+    # runs in a grpc worker thread
+    def call(self, method: str, short: str, payload: bytes, context: grpc.ServicerContext) -> bytes:
+        from twisted.internet import reactor
+        from twisted.internet.threads import blockingCallFromThread
+
+        started = time.monotonic()
+        code = "OK"
+        try:
+            if not self.accepting:
+                raise ServingError(Code.UNAVAILABLE, "tfscache is shutting down")
+            ref = parse_grpc_request(short, payload)
+            remaining = context.time_remaining()
+            timeout = None if remaining is None or remaining > 1e9 else remaining
+            reply: bytes = blockingCallFromThread(
+                reactor, self._in_reactor, method, ref, payload, timeout
+            )
+            return reply
+        except Exception as e:
+            err = e if isinstance(e, ServingError) else None
+            if err is None:
+                err = blockingCallFromThread(reactor, as_serving_error, e)
+            code = err.code.name
+            context.abort(grpc_status(err), err.message)
+            raise  # unreachable: abort raises
+        finally:
+            self.metrics.requests.labels(protocol="grpc", api=short, code=code).inc()
+            elapsed = time.monotonic() - started
+            self.metrics.request_seconds.labels(protocol="grpc", api=short).observe(elapsed)
+
+    def _in_reactor(
+        self, method: str, ref: Any, payload: bytes, timeout: float | None
+    ) -> defer.Deferred[bytes]:
+        self.metrics.inflight.inc()
+        d = self.handler.grpc(method, ref, payload, timeout)
+        return d.addBoth(lambda r: (self.metrics.inflight.dec(), r)[1])

@@ -1,0 +1,113 @@
+"""The client-facing REST API: TF Serving's paths, answered through the request handler.
+
+Klein routes the fixed paths (metrics, health); everything under ``/v1/`` is matched with TF
+Serving's own case-insensitive expressions (``tfscache.modelspec``), which Klein's
+case-sensitive routing cannot express.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from klein import Klein
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.web.iweb import IRequest
+
+from tfscache.errors import Code, ServingError, invalid
+from tfscache.frontend.errors import as_serving_error, rest_error_body
+from tfscache.interfaces import IRequestHandler
+from tfscache.metrics import Metrics
+from tfscache.modelspec import parse_rest_path
+from tfscache.node.local import HttpRequest
+
+JSON = b"application/json"
+
+
+class RestFrontend:
+    log = Logger()
+    app = Klein()
+
+    def __init__(
+        self,
+        handler: IRequestHandler,
+        metrics: Metrics,
+        max_request_bytes: int = 64 * 1024 * 1024,
+        extra_routes: dict[str, Callable[[IRequest], Any]] | None = None,
+    ) -> None:
+        self.handler = handler
+        self.metrics = metrics
+        self.max_request_bytes = max_request_bytes
+        self.extra_routes = extra_routes or {}
+
+    def resource(self) -> Any:
+        return self.app.resource()
+
+    # ---------------------------------------------------------------------------------------
+    @app.route("/", branch=True, methods=["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"])
+    def any_path(self, request: IRequest) -> Any:
+        path = request.path.decode("latin-1")
+        extra = self.extra_routes.get(path)
+        if extra is not None:
+            return extra(request)
+        return defer.ensureDeferred(self._model_call(request, path))
+
+    async def _model_call(self, request: IRequest, path: str) -> bytes:
+        started = time.monotonic()
+        api = "unknown"
+        self.metrics.inflight.inc()
+        try:
+            call = parse_rest_path(request.method.decode("latin-1"), path)
+            api = call.api
+            body = self._body(request)
+            raw = HttpRequest(
+                method=request.method,
+                path=request.uri,
+                headers=[(k, v) for k, vs in request.requestHeaders.getAllRawHeaders() for v in vs],
+                body=body,
+            )
+            reply = await self.handler.rest(call, raw)
+            request.setResponseCode(reply.code)
+            for k, v in reply.headers:
+                request.responseHeaders.addRawHeader(k, v)
+            if not request.responseHeaders.hasHeader(b"content-type"):
+                request.responseHeaders.setRawHeaders(b"content-type", [JSON])
+            code = "OK" if reply.code < 400 else f"HTTP_{reply.code}"
+            return reply.body
+        except Exception as e:
+            err = as_serving_error(e)
+            code = err.code.name
+            return self._error(request, err)
+        finally:
+            self.metrics.inflight.dec()
+            self.metrics.requests.labels(protocol="rest", api=api, code=code).inc()
+            self.metrics.request_seconds.labels(protocol="rest", api=api).observe(time.monotonic() - started)
+
+    def _body(self, request: IRequest) -> bytes:
+        content = request.content
+        if content is None:
+            return b""
+        content.seek(0, 2)
+        size = content.tell()
+        if size > self.max_request_bytes:
+            raise ServingError(
+                Code.INVALID_ARGUMENT,
+                f"Request body of {size} bytes exceeds the limit of {self.max_request_bytes} bytes",
+            )
+        content.seek(0)
+        body: bytes = content.read()
+        encoding = request.getHeader(b"content-encoding")
+        if encoding and encoding.lower() == b"gzip":
+            # TF Serving accepts gzip bodies; pass them on as they came, after a bounded check
+            # that they are gzip at all (a bomb must not be inflated here)
+            if body[:2] != b"\x1f\x8b":
+                raise invalid("Content-Encoding is gzip but the body is not gzip data")
+        return body
+
+    @staticmethod
+    def _error(request: IRequest, err: ServingError) -> bytes:
+        request.setResponseCode(err.http_status)
+        request.responseHeaders.setRawHeaders(b"content-type", [JSON])
+        return rest_error_body(err)

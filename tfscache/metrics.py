@@ -1,0 +1,54 @@
+"""Prometheus metrics of one node, in a registry of its own (several nodes may share a process
+in tests).  Per-model labels only when the config asks for them: a fleet of thousands of
+models would otherwise explode the series count."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LOAD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    def __init__(self, per_model_labels: bool = False) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.per_model_labels = per_model_labels
+        m = ("model",) if per_model_labels else ()
+        r = self.registry
+        self.requests = Counter("tfscache_requests", "Client requests by protocol, API and outcome",
+                                ("protocol", "api", "code"), registry=r)
+        self.request_seconds = Histogram("tfscache_request_seconds", "Client request latency",
+                                         ("protocol", "api"), buckets=REQUEST_BUCKETS, registry=r)
+        self.inflight = Gauge("tfscache_requests_in_flight", "Requests being served", registry=r)
+        self.hits = Counter("tfscache_cache_hits", "Requests for a model already AVAILABLE",
+                            m, registry=r)
+        self.misses = Counter("tfscache_cache_misses", "Requests that had to wait for a load",
+                              m, registry=r)
+        self.fetches = Counter("tfscache_fetches", "Copies from the model source", ("outcome",),
+                               registry=r)
+        self.fetch_seconds = Histogram("tfscache_fetch_seconds", "Copy time from the model source",
+                                       buckets=LOAD_BUCKETS, registry=r)
+        self.fetch_bytes = Counter("tfscache_fetch_bytes", "Bytes copied from the model source", registry=r)
+        self.loads = Counter("tfscache_loads", "Loads into TF Serving", ("outcome",), registry=r)
+        self.load_seconds = Histogram("tfscache_load_seconds", "Load time in TF Serving until AVAILABLE",
+                                      buckets=LOAD_BUCKETS, registry=r)
+        self.load_failures = Counter("tfscache_load_failures", "Failed fetches or loads", m,
+                                     registry=r)
+        self.unloads = Counter("tfscache_unloads", "Models unloaded from TF Serving", ("reason",), registry=r)
+        self.disk_evictions = Counter("tfscache_disk_evictions", "Model versions deleted from disk", registry=r)
+        self.disk_evicted_bytes = Counter("tfscache_disk_evicted_bytes", "Bytes deleted from disk", registry=r)
+        self.models_on_disk = Gauge("tfscache_models_on_disk", "Model versions in the disk cache", registry=r)
+        self.bytes_on_disk = Gauge("tfscache_disk_bytes", "Bytes in the disk cache", registry=r)
+        self.models_loaded = Gauge("tfscache_models_loaded", "Model versions AVAILABLE in TF Serving", registry=r)
+        self.bytes_loaded = Gauge("tfscache_loaded_bytes_estimate",
+                                  "Estimated memory of the loaded models (size x memory factor)", registry=r)
+        self.rejected = Counter("tfscache_capacity_rejections",
+                                "Loads refused with RESOURCE_EXHAUSTED for lack of room", registry=r)
+        self.forwards = Counter("tfscache_router_forwards", "Requests forwarded by the router",
+                                ("target", "outcome"), registry=r)
+        self.retries = Counter("tfscache_router_retries", "Forwards retried on the next owner", registry=r)
+        self.members = Gauge("tfscache_discovery_members", "Live members known to this node", registry=r)
+
+    def model(self, counter: Counter, name: str) -> Counter:
+        return counter.labels(model=name) if self.per_model_labels else counter

@@ -1,0 +1,172 @@
+"""Model ids and what requests say about them: TF Serving REST paths and gRPC ``model_spec``.
+
+Only the model spec is ever parsed; request bodies and gRPC payloads pass through as bytes.
+Every name is validated here, before it can reach a file system path or an S3 key.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from urllib.parse import unquote
+
+from google.protobuf.message import DecodeError
+
+from tfscache.errors import ServingError, invalid
+from tfscache.proto import model_spec_pb2
+
+MAX_NAME_BYTES = 255
+MAX_VERSION = 2**63 - 1
+
+
+@dataclass(frozen=True, order=True)
+class ModelId:
+    """One version of one model: the unit that is cached, loaded and evicted."""
+
+    name: str
+    version: int
+
+    def __str__(self) -> str:
+        return f"{self.name}/{self.version}"
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """What a request asks for: a name and at most one of a version or a label."""
+
+    name: str
+    version: int | None = None
+    label: str | None = None
+    signature_name: str = ""
+
+    def describe(self) -> str:
+        """TF Serving's wording for the servable request, used in NOT_FOUND messages."""
+        if self.version is not None:
+            return f"Specific({self.name}, {self.version})"
+        return f"Latest({self.name})"
+
+
+def validate_name(name: str) -> str:
+    """Refuse a model name that could escape the cache directory or an S3 prefix."""
+    if not name:
+        raise invalid("Missing model name in request.")
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+        raise invalid(f"Model name is longer than {MAX_NAME_BYTES} bytes.")
+    if name.startswith(".") or any(c in name for c in "/\\") or _CONTROL.search(name):
+        raise invalid(
+            f"Invalid model name {name!r}: it must not start with '.' nor contain '/', '\\' "
+            "or control characters."
+        )
+    return name
+
+
+def validate_version(version: int) -> int:
+    if not 0 <= version <= MAX_VERSION:
+        raise invalid(f"Invalid model version {version}: it must be a non-negative int64.")
+    return version
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+# TF Serving's own expressions (http_rest_api_handler.cc), matched case-insensitively.
+_PREDICT_RE = re.compile(
+    r"/v1/models/([^/:]+)(?:(?:/versions/(\d+))|(?:/labels/([^/:]+)))?:(classify|regress|predict)",
+    re.IGNORECASE,
+)
+_STATUS_RE = re.compile(
+    r"/v1/models(?:/([^/:]+))?(?:(?:/versions/(\d+))|(?:/labels/([^/:]+)))?(?:/(metadata))?",
+    re.IGNORECASE,
+)
+
+
+@dataclass(frozen=True)
+class RestCall:
+    """A parsed TF Serving REST path: which model and which API (predict, status, ...)."""
+
+    ref: ModelRef
+    api: str  # "predict" | "classify" | "regress" | "status" | "metadata"
+
+    @property
+    def is_inference(self) -> bool:
+        return self.api in ("predict", "classify", "regress")
+
+
+def parse_rest_path(method: str, path: str) -> RestCall:
+    """Parse ``/v1/models/...`` like TF Serving; raise ServingError for what it refuses."""
+    method = method.upper()
+    if method == "POST":
+        m = _PREDICT_RE.fullmatch(path)
+        if m is None:
+            raise invalid(f"Malformed request: POST {path}")
+        name, version, label, api = m.groups()
+        api = api.lower()
+    elif method == "GET":
+        m = _STATUS_RE.fullmatch(path)
+        if m is None:
+            raise invalid(f"Malformed request: GET {path}")
+        name, version, label, meta = m.groups()
+        if not name:
+            raise invalid("Missing model name in request.")
+        api = "metadata" if meta else "status"
+    else:
+        raise invalid(f"Malformed request: {method} {path}")
+    return RestCall(_make_ref(unquote(name), version, unquote(label) if label else None), api)
+
+
+def _make_ref(name: str, version: str | int | None, label: str | None) -> ModelRef:
+    validate_name(name)
+    v: int | None = None
+    if version is not None:
+        try:
+            v = validate_version(int(version))
+        except ValueError:
+            raise invalid(f"Invalid model version: {version}")
+    if label is not None and not label:
+        label = None
+    return ModelRef(name=name, version=v, label=label)
+
+
+def parse_model_spec(spec: model_spec_pb2.ModelSpec) -> ModelRef:
+    which = spec.WhichOneof("version_choice")
+    version = spec.version.value if which == "version" else None
+    label = spec.version_label if which == "version_label" else None
+    ref = _make_ref(spec.name, version, label)
+    return ModelRef(ref.name, ref.version, ref.label, spec.signature_name)
+
+
+# Method names of tensorflow.serving.PredictionService / ModelService whose request carries
+# model_spec in field 1 (MultiInference carries it per task).
+PREDICTION_METHODS = ("Classify", "Regress", "Predict", "MultiInference", "GetModelMetadata")
+
+
+def parse_grpc_request(method: str, payload: bytes) -> ModelRef:
+    """Read only the model spec of a serialized TF Serving request."""
+    try:
+        if method == "MultiInference":
+            multi = model_spec_pb2.MultiInferenceCarrier.FromString(payload)
+            if not multi.tasks:
+                raise invalid("Inference tasks not specified")
+            refs = {parse_model_spec(t.model_spec) for t in multi.tasks}
+            if len({(r.name, r.version, r.label) for r in refs}) != 1:
+                raise invalid("All ModelSpecs in a MultiInferenceRequest must access the same model name.")
+            return next(iter(refs))
+        carrier = model_spec_pb2.ModelSpecCarrier.FromString(payload)
+    except DecodeError as e:
+        raise invalid(f"Could not parse the {method} request: {e}")
+    if not carrier.HasField("model_spec"):
+        raise invalid("Missing ModelSpec")
+    return parse_model_spec(carrier.model_spec)
+
+
+__all__ = [
+    "ModelId",
+    "ModelRef",
+    "RestCall",
+    "ServingError",
+    "parse_grpc_request",
+    "parse_model_spec",
+    "parse_rest_path",
+    "validate_name",
+    "validate_version",
+]

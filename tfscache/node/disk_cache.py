@@ -1,0 +1,184 @@
+"""The models on local disk: ``<root>/<name>/<version>/``, LRU by bytes, rebuilt at start-up.
+
+The directory layout is TF Serving's, so ``<root>/<name>`` is directly the ``base_path`` that
+the backend loads from.  This object only keeps the books (sizes and recency) and deletes
+whole version directories; which models may not be deleted is decided by its owner (the
+CacheManager protects anything being loaded or served).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+
+from twisted.internet import defer, threads
+from twisted.logger import Logger
+
+from tfscache.errors import Code, ServingError
+from tfscache.modelspec import ModelId
+from tfscache.providers.base import STAGING_PREFIX
+from tfscache.providers.disk import numeric_children, tree_size
+
+
+def _scan(root: str) -> list[tuple[ModelId, int, float]]:
+    """Blocking: find complete version directories, drop staging leftovers of a crash."""
+    found = []
+    os.makedirs(root, exist_ok=True)
+    for name in os.listdir(root):
+        model_dir = os.path.join(root, name)
+        if name.startswith(".") or not os.path.isdir(model_dir):
+            continue
+        for child in os.listdir(model_dir):
+            if child.startswith(STAGING_PREFIX):
+                shutil.rmtree(os.path.join(model_dir, child), ignore_errors=True)
+        for version in numeric_children(model_dir):
+            path = os.path.join(model_dir, str(version))
+            found.append((ModelId(name, version), tree_size(path), os.stat(path).st_mtime))
+    found.sort(key=lambda t: t[2])  # oldest first: LRU order survives a restart via mtime
+    return found
+
+
+def _retire(path: str) -> str | None:
+    """Rename a version directory out of the way (atomic, fast) so a new copy of the same
+    model can be renamed into place while the old tree is still being deleted."""
+    graveyard = os.path.join(
+        os.path.dirname(path), f"{STAGING_PREFIX}evict-{os.path.basename(path)}-{uuid.uuid4().hex}"
+    )
+    try:
+        os.rename(path, graveyard)
+    except FileNotFoundError:
+        return None
+    return graveyard
+
+
+def _remove(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    parent = os.path.dirname(path)
+    try:
+        os.rmdir(parent)  # the model's directory, once its last version is gone
+    except OSError:
+        pass
+
+
+class DiskCache:
+    log = Logger()
+
+    def __init__(self, root: str, capacity_bytes: int, clock: Callable[[], float] = time.time) -> None:
+        self.root = os.path.abspath(root)
+        self.capacity_bytes = capacity_bytes
+        self._clock = clock
+        self._entries: OrderedDict[ModelId, int] = OrderedDict()  # LRU first
+        self.used_bytes = 0
+        self.evictions = 0
+        self.on_evict: Callable[[ModelId, int], None] = lambda mid, size: None
+
+    # -- books -----------------------------------------------------------------------------
+    def start(self) -> defer.Deferred[int]:
+        """Rebuild the books from disk; fire with the number of models found."""
+
+        def loaded(found: list[tuple[ModelId, int, float]]) -> int:
+            for mid, size, _mtime in found:
+                self._entries[mid] = size
+                self.used_bytes += size
+            self.log.info(
+                "disk cache {root}: {count} models, {bytes} bytes", root=self.root,
+                count=len(found), bytes=self.used_bytes,
+            )
+            return len(found)
+
+        return threads.deferToThread(_scan, self.root).addCallback(loaded)
+
+    def __contains__(self, mid: ModelId) -> bool:
+        return mid in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def size_of(self, mid: ModelId) -> int | None:
+        return self._entries.get(mid)
+
+    def model_ids(self) -> list[ModelId]:
+        return list(self._entries)
+
+    def base_path(self, name: str) -> str:
+        return os.path.join(self.root, name)
+
+    def path(self, mid: ModelId) -> str:
+        return os.path.join(self.root, mid.name, str(mid.version))
+
+    def touch(self, mid: ModelId) -> None:
+        """Mark used: most recently used end of the LRU (and its mtime, for restarts)."""
+        if mid in self._entries:
+            self._entries.move_to_end(mid)
+            try:
+                now = self._clock()
+                os.utime(self.path(mid), (now, now))
+            except OSError:
+                pass
+
+    def add(self, mid: ModelId, size: int) -> None:
+        old = self._entries.pop(mid, None)
+        if old is not None:
+            self.used_bytes -= old
+        self._entries[mid] = size
+        self.used_bytes += size
+
+    # -- capacity --------------------------------------------------------------------------
+    def make_room(self, mid: ModelId, size: int, protected: Iterable[ModelId]) -> defer.Deferred[None]:
+        """Delete least recently used directories until ``size`` more bytes fit.
+
+        ``protected`` models (being loaded or served) are never deleted.  Fails with
+        RESOURCE_EXHAUSTED when even deleting every unprotected model would not do."""
+        if size > self.capacity_bytes:
+            return defer.fail(ServingError(
+                Code.RESOURCE_EXHAUSTED,
+                f"Model {mid.name} version {mid.version} ({size} bytes) is larger than the disk "
+                f"cache ({self.capacity_bytes} bytes)",
+            ))
+        keep = set(protected)
+        victims: list[tuple[ModelId, int]] = []
+        free = self.capacity_bytes - self.used_bytes
+        for cand, cand_size in self._entries.items():
+            if free >= size:
+                break
+            if cand in keep or cand == mid:
+                continue
+            victims.append((cand, cand_size))
+            free += cand_size
+        if free < size:
+            return defer.fail(ServingError(
+                Code.RESOURCE_EXHAUSTED,
+                f"No room in the disk cache for model {mid.name} version {mid.version} ({size} "
+                "bytes): the models on disk are all in use",
+            ))
+        return self._delete(victims)
+
+    def evict(self, mid: ModelId) -> defer.Deferred[None]:
+        size = self._entries.get(mid)
+        if size is None:
+            return defer.succeed(None)
+        return self._delete([(mid, size)])
+
+    def _delete(self, victims: list[tuple[ModelId, int]]) -> defer.Deferred[None]:
+        # forget them at once (the bytes are as good as free for the next reservation), then
+        # delete in a thread
+        paths = []
+        for mid, size in victims:
+            self._entries.pop(mid, None)
+            self.used_bytes -= size
+            self.evictions += 1
+            retired = _retire(self.path(mid))
+            if retired:
+                paths.append(retired)
+            self.log.info(
+                "disk evict model={model} version={version} bytes={bytes}",
+                model=mid.name, version=mid.version, bytes=size,
+            )
+            self.on_evict(mid, size)
+        if not paths:
+            return defer.succeed(None)
+        return threads.deferToThread(lambda: [_remove(p) for p in paths]).addCallback(lambda _: None)

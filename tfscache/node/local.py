@@ -1,0 +1,134 @@
+"""LocalNode: serve a request from this node's cache and TF Serving.
+
+Resolve the model, hold it AVAILABLE with a lease, pass the client's bytes to TF Serving
+unchanged and its answer back unchanged, release the lease.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import grpc
+import treq
+from twisted.internet import defer
+from twisted.web.client import HTTPConnectionPool
+from twisted.web.http_headers import Headers
+from zope.interface import implementer
+
+from tfscache.errors import Code, ServingError, deadline, unavailable
+from tfscache.interfaces import IRequestHandler
+from tfscache.metrics import Metrics
+from tfscache.modelspec import ModelRef, RestCall
+from tfscache.node.manager import CacheManager
+from tfscache.util.grpc_twisted import future_to_deferred
+
+# Hop-by-hop and framing headers are the transport's business, not the payload's.
+_SKIP_HEADERS = {b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"host",
+                 b"te", b"trailer", b"upgrade", b"proxy-connection", b"x-tfscache-forwarded"}
+
+
+@dataclass
+class HttpRequest:
+    method: bytes
+    path: bytes                      # raw, still percent-encoded, with the query string
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    body: bytes = b""
+
+
+@dataclass
+class HttpReply:
+    code: int
+    body: bytes
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+
+
+def forwardable_headers(headers: list[tuple[bytes, bytes]]) -> Headers:
+    out = Headers()
+    for k, v in headers:
+        if k.lower() not in _SKIP_HEADERS:
+            out.addRawHeader(k, v)
+    return out
+
+
+@implementer(IRequestHandler)
+class LocalNode:
+    def __init__(
+        self,
+        cache: CacheManager,
+        rest_base: str,
+        grpc_channel: grpc.Channel,
+        metrics: Metrics,
+        request_timeout: float,
+        load_timeout: float,
+        pool: HTTPConnectionPool | None = None,
+    ) -> None:
+        from twisted.internet import reactor
+
+        self.cache, self.metrics = cache, metrics
+        self.rest_base = rest_base.rstrip("/").encode()
+        self.channel = grpc_channel
+        self.request_timeout, self.load_timeout = request_timeout, load_timeout
+        self.pool = pool or HTTPConnectionPool(reactor, persistent=True)
+        self.pool.maxPersistentPerHost = 64
+        self._grpc_methods: dict[str, grpc.UnaryUnaryMultiCallable] = {}
+
+    async def _lease(self, ref: ModelRef, timeout: float | None):  # type: ignore[no-untyped-def]
+        mid = await self.cache.resolve(ref.name, ref.version, ref.label)
+        return await self.cache.acquire(mid, timeout)
+
+    # -- REST --------------------------------------------------------------------------------
+    def rest(self, call: RestCall, request: HttpRequest) -> defer.Deferred[HttpReply]:
+        return defer.ensureDeferred(self._rest(call, request))
+
+    async def _rest(self, call: RestCall, request: HttpRequest) -> HttpReply:
+        lease = await self._lease(call.ref, self.load_timeout)
+        try:
+            url = self.rest_base + request.path
+            try:
+                d = treq.request(
+                    request.method.decode("ascii"), url.decode("latin-1"),
+                    data=request.body or None, headers=forwardable_headers(request.headers),
+                    pool=self.pool, timeout=self.request_timeout,
+                )
+                resp = await d
+                body = await treq.content(resp)
+            except defer.CancelledError:
+                raise deadline(f"TF Serving did not answer within {self.request_timeout:g}s")
+            except ServingError:
+                raise
+            except Exception as e:
+                raise unavailable(f"TF Serving REST API is unreachable: {type(e).__name__}")
+            headers = [(k, v) for k, vs in resp.headers.getAllRawHeaders() for v in vs
+                       if k.lower() not in _SKIP_HEADERS]
+            return HttpReply(resp.code, body, headers)
+        finally:
+            lease.release()
+
+    # -- gRPC --------------------------------------------------------------------------------
+    def grpc(
+        self, method: str, ref: ModelRef, payload: bytes, timeout: float | None
+    ) -> defer.Deferred[bytes]:
+        return defer.ensureDeferred(self._grpc(method, ref, payload, timeout))
+
+    async def _grpc(self, method: str, ref: ModelRef, payload: bytes, timeout: float | None) -> bytes:
+        started = time.monotonic()
+        lease = await self._lease(ref, timeout if timeout is not None else self.load_timeout)
+        try:
+            remaining = self.request_timeout
+            if timeout is not None:
+                remaining = timeout - (time.monotonic() - started)
+                if remaining <= 0:
+                    raise deadline("Deadline Exceeded")
+            call = self._grpc_methods.get(method)
+            if call is None:
+                call = self._grpc_methods[method] = self.channel.unary_unary(method)
+            try:
+                reply: bytes = await future_to_deferred(call.future(payload, timeout=remaining))
+            except ServingError as e:
+                if e.code == Code.UNAVAILABLE:
+                    raise unavailable(f"TF Serving gRPC API is unavailable: {e.message}")
+                raise
+            return reply
+        finally:
+            lease.release()

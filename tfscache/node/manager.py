@@ -1,0 +1,411 @@
+"""CacheManager: makes a model AVAILABLE in the local TF Serving on demand.
+
+Per model id, one state machine::
+
+    ABSENT -> FETCHING -> ON_DISK -> LOADING -> AVAILABLE (-> UNLOADING -> ON_DISK)
+                  \\____________________\\_____________-> FAILED (retry after a back-off)
+
+All requests for one cold model share ONE fetch and ONE load (a SharedResult per model); there
+is no global lock, so a slow load of one model never holds up another model's requests.  Room
+in TF Serving (a count and optionally bytes) is made by unloading the least recently used idle
+model; a model with requests in flight (a lease) or pinned is never unloaded, and a model used
+within ``churn_guard`` seconds is not unloaded just to make room (the new load waits, bounded,
+then gets RESOURCE_EXHAUSTED: no thrashing).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from tfscache.errors import Code, ServingError, deadline, invalid, not_found
+from tfscache.interfaces import IModelCache, IModelProvider, IServingBackend
+from tfscache.metrics import Metrics
+from tfscache.modelspec import ModelId
+from tfscache.node.disk_cache import DiskCache
+from tfscache.util.deferreds import SharedResult, with_timeout
+
+
+class State(enum.Enum):
+    ABSENT = "absent"
+    FETCHING = "fetching"
+    ON_DISK = "on_disk"
+    LOADING = "loading"
+    AVAILABLE = "available"
+    UNLOADING = "unloading"
+    FAILED = "failed"
+
+
+# States that hold a slot in TF Serving.
+_OCCUPYING = (State.LOADING, State.AVAILABLE, State.UNLOADING)
+
+
+@dataclass
+class ModelEntry:
+    mid: ModelId
+    state: State = State.ABSENT
+    size: int = 0
+    inflight: int = 0
+    last_used: float = 0.0
+    hits: int = 0
+    loads: int = 0
+    pinned: bool = False
+    pending: SharedResult | None = None
+    failure: ServingError | None = None
+    retry_after: float = 0.0
+    load_seconds: list[float] = field(default_factory=list)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.mid.name, "version": self.mid.version, "state": self.state.value,
+            "size_bytes": self.size, "in_flight": self.inflight, "last_used": self.last_used,
+            "hits": self.hits, "loads": self.loads, "pinned": self.pinned,
+            "error": self.failure.message if self.failure else None,
+        }
+
+
+class Lease:
+    """A model held AVAILABLE for one request; release it when the request is done."""
+
+    def __init__(self, manager: CacheManager, entry: ModelEntry) -> None:
+        self._manager, self.entry, self._released = manager, entry, False
+
+    @property
+    def model_id(self) -> ModelId:
+        return self.entry.mid
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._manager._release(self.entry)
+
+
+@dataclass
+class CacheLimits:
+    max_models: int = 10
+    max_bytes: int = 0
+    memory_factor: float = 1.0
+    load_timeout: float = 300.0
+    fetch_timeout: float = 600.0
+    failure_backoff: float = 30.0
+    churn_guard: float = 2.0
+    capacity_wait: float = 30.0
+
+
+@implementer(IModelCache)
+class CacheManager:
+    log = Logger()
+
+    def __init__(
+        self,
+        provider: IModelProvider,
+        backend: IServingBackend,
+        disk: DiskCache,
+        limits: CacheLimits,
+        metrics: Metrics | None = None,
+        clock: IReactorTime | None = None,
+        now: Callable[[], float] | None = None,
+    ) -> None:
+        from twisted.internet import reactor
+
+        self.provider, self.backend, self.disk, self.limits = provider, backend, disk, limits
+        self.metrics = metrics or Metrics()
+        self.clock: IReactorTime = clock or reactor  # type: ignore[assignment]
+        self.now: Callable[[], float] = now or (lambda: self.clock.seconds())
+        self.entries: dict[ModelId, ModelEntry] = {}
+        self._room_waiters: list[defer.Deferred[None]] = []
+        self._wake_call: Any = None
+        self.fetches = 0
+        self.loads = 0
+        self.unloads = 0
+        disk.on_evict = self._on_disk_evict
+
+    # -- start-up ----------------------------------------------------------------------------
+    def start(self, reset_backend: bool = True) -> defer.Deferred[None]:
+        d = self.disk.start()
+        d.addCallback(lambda _: self._adopt_disk())
+        if reset_backend:
+            d.addCallback(lambda _: self.backend.reset())
+        return d
+
+    def _adopt_disk(self) -> None:
+        for mid in self.disk.model_ids():
+            e = self.entries.setdefault(mid, ModelEntry(mid))
+            e.state, e.size = State.ON_DISK, self.disk.size_of(mid) or 0
+        self._gauges()
+
+    # -- IModelCache -------------------------------------------------------------------------
+    def resolve(self, name: str, version: int | None, label: str | None = None) -> defer.Deferred[ModelId]:
+        if label is not None:
+            return defer.fail(invalid(
+                f"Version labels are not supported by tfscache (label {label!r} of model {name}): "
+                "ask for a version number, or for no version to get the latest"
+            ))
+        if version is not None:
+            mid = ModelId(name, version)
+            if mid in self.entries and self.entries[mid].state != State.ABSENT:
+                return defer.succeed(mid)
+
+        def pick(versions: list[int]) -> ModelId:
+            if version is None:
+                if not versions:
+                    raise not_found(f"Servable not found for request: Latest({name})")
+                return ModelId(name, versions[-1])
+            if version not in versions:
+                raise not_found(f"Servable not found for request: Specific({name}, {version})")
+            return ModelId(name, version)
+
+        return self.provider.list_versions(name).addCallback(pick)
+
+    def acquire(self, mid: ModelId, timeout: float | None = None) -> defer.Deferred[Lease]:
+        entry = self.entries.get(mid)
+        if entry is not None and entry.state == State.AVAILABLE:
+            self.metrics.model(self.metrics.hits, mid.name).inc()
+            entry.hits += 1
+            return defer.succeed(self._lease(entry))
+        if entry is None:
+            entry = self.entries[mid] = ModelEntry(mid)
+        if entry.state == State.FAILED and entry.pending is None:
+            if self.now() < entry.retry_after:
+                assert entry.failure is not None
+                return defer.fail(entry.failure)
+        self.metrics.model(self.metrics.misses, mid.name).inc()
+        if entry.pending is None or entry.pending.done:
+            entry.pending = SharedResult(defer.ensureDeferred(self._bring_up(entry)))
+        waiter = entry.pending.observe()
+        waiter.addCallback(lambda _: self._lease(entry))
+        return with_timeout(
+            waiter, timeout, self.clock,
+            lambda: deadline(
+                f"Model {mid.name} version {mid.version} is still loading: the request's deadline "
+                "passed (the load goes on and will serve later requests)"
+            ),
+        )
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        return [e.describe() for e in sorted(self.entries.values(), key=lambda e: e.mid)
+                if e.state != State.ABSENT or e.failure]
+
+    def pin(self, mid: ModelId, pinned: bool = True) -> None:
+        self.entries.setdefault(mid, ModelEntry(mid)).pinned = pinned
+
+    # -- leases ------------------------------------------------------------------------------
+    def _lease(self, entry: ModelEntry) -> Lease:
+        entry.inflight += 1
+        entry.last_used = self.now()
+        self.disk.touch(entry.mid)
+        return Lease(self, entry)
+
+    def _release(self, entry: ModelEntry) -> None:
+        entry.inflight -= 1
+        entry.last_used = self.now()
+        if entry.inflight == 0:
+            self._wake_room_waiters()
+
+    # -- the state machine -------------------------------------------------------------------
+    async def _bring_up(self, entry: ModelEntry) -> None:
+        mid = entry.mid
+        try:
+            if entry.state == State.UNLOADING:
+                await self._until_not_unloading(entry)
+            if entry.state == State.AVAILABLE:
+                return
+            if mid not in self.disk:
+                await self._fetch(entry)
+            entry.state = State.ON_DISK
+            await self._make_room(entry)
+            await self._load(entry)
+        except Exception as e:
+            err = e if isinstance(e, ServingError) else ServingError(
+                Code.INTERNAL, f"Model {mid.name} version {mid.version}: {type(e).__name__}: {e}")
+            self._fail(entry, err)
+            raise err
+        finally:
+            self._wake_room_waiters()
+
+    async def _fetch(self, entry: ModelEntry) -> None:
+        mid = entry.mid
+        entry.state = State.FETCHING
+        started = self.now()
+        try:
+            size = await self.provider.version_size(mid.name, mid.version)
+            await self.disk.make_room(mid, size, self._protected())
+            copy = self.provider.fetch(mid.name, mid.version, self.disk.path(mid))
+            copied = await with_timeout(
+                copy, self.limits.fetch_timeout, self.clock,
+                lambda: deadline(f"Copy of model {mid.name} version {mid.version} timed out"),
+            )
+        except Exception:
+            self.metrics.fetches.labels(outcome="error").inc()
+            entry.state = State.ABSENT
+            raise
+        elapsed = self.now() - started
+        self.fetches += 1
+        self.metrics.fetches.labels(outcome="ok").inc()
+        self.metrics.fetch_seconds.observe(elapsed)
+        self.metrics.fetch_bytes.inc(copied)
+        self.disk.add(mid, copied)
+        entry.size = copied
+        self.log.info(
+            "fetched model={model} version={version} bytes={bytes} seconds={seconds:.3f}",
+            model=mid.name, version=mid.version, bytes=copied, seconds=elapsed,
+        )
+        self._gauges()
+
+    async def _load(self, entry: ModelEntry) -> None:
+        mid = entry.mid
+        entry.state = State.LOADING
+        entry.size = entry.size or (self.disk.size_of(mid) or 0)
+        started = self.now()
+        try:
+            await self.backend.load(mid.name, mid.version, self.disk.base_path(mid.name),
+                                    self.limits.load_timeout)
+        except Exception:
+            self.metrics.loads.labels(outcome="error").inc()
+            # take it out of the served list again; the next list change sends that
+            forget = getattr(self.backend, "forget", None)
+            if forget is not None:
+                forget(mid.name, mid.version)
+            raise
+        elapsed = self.now() - started
+        entry.state = State.AVAILABLE
+        entry.loads += 1
+        entry.failure = None
+        entry.load_seconds = (entry.load_seconds + [elapsed])[-20:]
+        entry.last_used = self.now()
+        self.loads += 1
+        self.metrics.loads.labels(outcome="ok").inc()
+        self.metrics.load_seconds.observe(elapsed)
+        self.log.info(
+            "loaded model={model} version={version} bytes={bytes} seconds={seconds:.3f}",
+            model=mid.name, version=mid.version, bytes=entry.size, seconds=elapsed,
+        )
+        self._gauges()
+
+    def _fail(self, entry: ModelEntry, err: ServingError) -> None:
+        mid = entry.mid
+        if err.code in (Code.DEADLINE_EXCEEDED, Code.RESOURCE_EXHAUSTED, Code.UNAVAILABLE,
+                        Code.NOT_FOUND, Code.INVALID_ARGUMENT):
+            # not the model's fault: no negative caching, the next request tries again
+            entry.state = State.ON_DISK if mid in self.disk else State.ABSENT
+            if entry.state == State.ABSENT and not entry.pinned and entry.inflight == 0:
+                self.entries.pop(mid, None)
+        else:
+            entry.state = State.FAILED
+            entry.failure = err
+            entry.retry_after = self.now() + self.limits.failure_backoff
+            self.metrics.model(self.metrics.load_failures, mid.name).inc()
+        self.log.warn(
+            "model={model} version={version} failed: {error}",
+            model=mid.name, version=mid.version, error=err.message,
+        )
+
+    # -- room in TF Serving -------------------------------------------------------------------
+    def _estimate(self, entry: ModelEntry) -> int:
+        return int(entry.size * self.limits.memory_factor)
+
+    def _fits(self, entry: ModelEntry) -> bool:
+        occupying = [e for e in self.entries.values() if e.state in _OCCUPYING and e is not entry]
+        if len(occupying) + 1 > self.limits.max_models:
+            return False
+        if self.limits.max_bytes:
+            used = sum(self._estimate(e) for e in occupying)
+            return used + self._estimate(entry) <= self.limits.max_bytes or not occupying
+        return True
+
+    def _victim(self) -> ModelEntry | None:
+        """The least recently used AVAILABLE model that no request holds and nobody pinned."""
+        guard = self.now() - self.limits.churn_guard
+        idle = [e for e in self.entries.values()
+                if e.state == State.AVAILABLE and e.inflight == 0 and not e.pinned
+                and e.last_used <= guard]
+        return min(idle, key=lambda e: e.last_used, default=None)
+
+    async def _make_room(self, entry: ModelEntry) -> None:
+        give_up = self.now() + self.limits.capacity_wait
+        while not self._fits(entry):
+            victim = self._victim()
+            if victim is not None:
+                await self.unload(victim.mid, reason="capacity")
+                continue
+            remaining = give_up - self.now()
+            if remaining <= 0:
+                self.metrics.rejected.inc()
+                raise ServingError(
+                    Code.RESOURCE_EXHAUSTED,
+                    f"No room to load model {entry.mid.name} version {entry.mid.version}: all "
+                    f"{self.limits.max_models} loaded models are in use",
+                )
+            await self._wait_for_room(remaining)
+        entry.state = State.LOADING  # takes the slot in the same tick as the check
+
+    def _wait_for_room(self, timeout: float) -> defer.Deferred[None]:
+        d: defer.Deferred[None] = defer.Deferred(lambda d: self._room_waiters.remove(d))
+        self._room_waiters.append(d)
+        # wake up too when the churn guard of the least recently used model runs out
+        busy = [e.last_used for e in self.entries.values()
+                if e.state == State.AVAILABLE and e.inflight == 0 and not e.pinned]
+        wake_in = timeout
+        if busy:
+            wake_in = min(timeout, max(min(busy) + self.limits.churn_guard - self.now(), 0) + 0.001)
+        call = self.clock.callLater(wake_in, lambda: d.called or d.callback(None))
+        d.addBoth(lambda r: (call.active() and call.cancel(), r)[1])
+        return d
+
+    def _wake_room_waiters(self) -> None:
+        waiters, self._room_waiters = self._room_waiters, []
+        for d in waiters:
+            if not d.called:
+                d.callback(None)
+
+    async def _until_not_unloading(self, entry: ModelEntry) -> None:
+        while entry.state == State.UNLOADING:  # unload() wakes the waiters when it is done
+            await self._wait_for_room(self.limits.load_timeout)
+
+    async def unload(self, mid: ModelId, reason: str = "admin") -> None:
+        entry = self.entries.get(mid)
+        if entry is None or entry.state != State.AVAILABLE:
+            return
+        entry.state = State.UNLOADING
+        self.log.info("unloading model={model} version={version} reason={reason}",
+                      model=mid.name, version=mid.version, reason=reason)
+        try:
+            await self.backend.unload(mid.name, mid.version)
+        finally:
+            entry.state = State.ON_DISK if mid in self.disk else State.ABSENT
+            self.unloads += 1
+            self.metrics.unloads.labels(reason=reason).inc()
+            self._gauges()
+            self._wake_room_waiters()
+
+    # -- disk --------------------------------------------------------------------------------
+    def _protected(self) -> set[ModelId]:
+        return {mid for mid, e in self.entries.items()
+                if e.pinned or e.state in (State.FETCHING, *_OCCUPYING)}
+
+    def _on_disk_evict(self, mid: ModelId, size: int) -> None:
+        self.metrics.disk_evictions.inc()
+        self.metrics.disk_evicted_bytes.inc(size)
+        entry = self.entries.get(mid)
+        if entry is not None and entry.state in (State.ON_DISK, State.FAILED) and entry.pending is None:
+            self.entries.pop(mid, None)
+        elif entry is not None and entry.state == State.ON_DISK:
+            entry.state = State.ABSENT
+
+    def _gauges(self) -> None:
+        m = self.metrics
+        loaded = [e for e in self.entries.values() if e.state == State.AVAILABLE]
+        m.models_loaded.set(len(loaded))
+        m.bytes_loaded.set(sum(self._estimate(e) for e in loaded))
+        m.models_on_disk.set(len(self.disk))
+        m.bytes_on_disk.set(self.disk.used_bytes)
+
+    def loaded(self) -> list[ModelId]:
+        return sorted(e.mid for e in self.entries.values() if e.state == State.AVAILABLE)

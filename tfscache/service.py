@@ -1,0 +1,150 @@
+"""Builds the service tree of one node from its configuration."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+from typing import Any
+
+import grpc
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from twisted.application import internet, service
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.web.server import Site
+
+from tfscache.frontend.grpc_bridge import GrpcBridge
+from tfscache.frontend.rest import RestFrontend
+from tfscache.interfaces import IModelProvider
+from tfscache.metrics import Metrics
+from tfscache.node.disk_cache import DiskCache
+from tfscache.node.local import LocalNode
+from tfscache.node.manager import CacheLimits, CacheManager
+from tfscache.node.serving import ServingController
+
+
+def make_provider(cfg: SimpleNamespace) -> IModelProvider:
+    p = cfg.model_provider
+    if p.type == "disk":
+        from tfscache.providers.disk import DiskModelProvider
+
+        return DiskModelProvider(p.disk.base_path, listing_ttl=p.listing_ttl_seconds)
+    from tfscache.providers.s3 import S3ModelProvider  # boto3 only when asked for
+
+    return S3ModelProvider.from_config(p)
+
+
+class NodeService(service.MultiService):
+    """One tfscache node: cache manager, TF Serving controller, REST and gRPC front ends.
+
+    The listeners start once the disk cache is rebuilt and TF Serving's list is reset, so the
+    first request sees a consistent node."""
+
+    log = Logger()
+
+    def __init__(self, cfg: SimpleNamespace) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.metrics = Metrics(per_model_labels=cfg.metrics.per_model_labels)
+        s = cfg.serving
+        self.provider = make_provider(cfg)
+        self.backend = ServingController(s.grpc_target, s.rest_url, s.model_platform)
+        self.backend.reload_timeout = s.load_timeout_seconds
+        self.disk = DiskCache(cfg.disk_cache.path, cfg.disk_cache.capacity_bytes)
+        self.cache = CacheManager(
+            self.provider, self.backend, self.disk,
+            CacheLimits(
+                max_models=s.max_models, max_bytes=s.max_bytes, memory_factor=s.memory_factor,
+                load_timeout=s.load_timeout_seconds,
+                fetch_timeout=cfg.model_provider.fetch_timeout_seconds,
+                failure_backoff=s.failure_backoff_seconds, churn_guard=s.churn_guard_seconds,
+                capacity_wait=s.capacity_wait_seconds,
+            ),
+            self.metrics,
+        )
+        self.local = LocalNode(
+            self.cache, s.rest_url, self.backend.channel, self.metrics,
+            request_timeout=s.request_timeout_seconds, load_timeout=s.load_timeout_seconds,
+        )
+        self.handler: Any = self.local
+        self.rest = RestFrontend(
+            self.handler, self.metrics, cfg.listen.max_request_bytes,
+            extra_routes={
+                "/monitoring/prometheus/metrics": self._metrics_page,
+                "/metrics": self._metrics_page,
+                "/healthz": self._healthz,
+                "/readyz": self._readyz,
+            },
+        )
+        self.rest_listener = internet.TCPServer(
+            cfg.listen.rest_port, Site(self.rest.resource()), interface=cfg.listen.host
+        )
+        self.grpc = GrpcBridge(
+            self.handler, self.metrics, cfg.listen.host, cfg.listen.grpc_port,
+            threads_count=cfg.listen.grpc_threads, max_message_bytes=cfg.listen.max_request_bytes,
+        )
+        self.ready = False
+
+    @property
+    def rest_port(self) -> int:
+        port = getattr(self.rest_listener, "_port", None)
+        return port.getHost().port if port is not None else self.cfg.listen.rest_port
+
+    def startService(self) -> None:
+        service.Service.startService(self)
+        d = self.cache.start(reset_backend=self.cfg.serving.reset_on_start)
+
+        def backend_down(f: Any) -> None:
+            self.log.warn("TF Serving at {target} did not take the initial model list: {err}",
+                          target=self.cfg.serving.grpc_target, err=f.getErrorMessage())
+
+        d.addErrback(backend_down)
+        d.addCallback(lambda _: self._listen())
+        d.addErrback(lambda f: self.log.failure("tfscache failed to start", failure=f))
+        self.started = d
+
+    def _listen(self) -> None:
+        self.rest_listener.setServiceParent(self)
+        self.grpc.setServiceParent(self)
+        self.ready = True
+        self.log.info(
+            "tfscache node {node} ready: REST {rest}, gRPC {grpc}, TF Serving {backend}",
+            node=self.cfg.node.id, rest=self.rest_port, grpc=self.grpc.bound_port,
+            backend=self.cfg.serving.grpc_target,
+        )
+
+    def stopService(self) -> defer.Deferred[None]:
+        self.grpc.accepting = False
+        d = defer.maybeDeferred(service.MultiService.stopService, self)
+        d.addBoth(lambda _: self.backend.close())
+        return d
+
+    # -- operational pages -------------------------------------------------------------------
+    def _metrics_page(self, request: Any) -> bytes:
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
+        return generate_latest(self.metrics.registry)
+
+    def _healthz(self, request: Any) -> bytes:
+        request.setHeader(b"content-type", b"application/json")
+        return b'{"status":"alive"}'
+
+    def _readyz(self, request: Any) -> defer.Deferred[bytes]:
+        request.setHeader(b"content-type", b"application/json")
+        checks = {"tfserving": self.backend.check(), "provider": self.provider.check()}
+
+        def report(results: list[tuple[bool, Any]]) -> bytes:
+            out = {name: ("ok" if ok else val.getErrorMessage())
+                   for name, (ok, val) in zip(checks, results, strict=True)}
+            ok = self.ready and all(r[0] for r in results)
+            out["node"] = "ok" if self.ready else "starting"
+            request.setResponseCode(200 if ok else 503)
+            return json.dumps(out).encode()
+
+        return defer.DeferredList(list(checks.values()), consumeErrors=True).addCallback(report)
+
+
+def grpc_credentials(cert: str | None, key: str | None) -> grpc.ServerCredentials | None:
+    if not cert or not key:
+        return None
+    with open(key, "rb") as k, open(cert, "rb") as c:
+        return grpc.ssl_server_credentials([(k.read(), c.read())])

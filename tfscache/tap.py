@@ -1,0 +1,31 @@
+"""The twistd application: options and the service maker behind ``twistd tfscache``."""
+
+from __future__ import annotations
+
+import sys
+
+from twisted.application.service import IService
+from twisted.python import usage
+
+from tfscache.config import ConfigError, load_config_file
+
+
+class Options(usage.Options):
+    synopsis = "--config FILE"
+    optParameters = [["config", "c", None, "Path to the YAML configuration file (required)."]]
+
+    def postOptions(self) -> None:
+        if not self["config"]:
+            raise usage.UsageError("--config FILE is required")
+
+
+def makeService(options: Options) -> IService:
+    try:
+        cfg = load_config_file(options["config"])
+    except ConfigError as e:
+        # one clear line, no traceback: twistd prints a SystemExit's message and exits 1
+        print(f"tfscache: configuration error: {e}", file=sys.stderr)
+        raise SystemExit(1)
+    from tfscache.service import NodeService
+
+    return NodeService(cfg)
