@@ -86,6 +86,10 @@ class ManagedProcess:
             start_new_session=True,
         )
         log.close()
+        pids = os.environ.get("TFSCACHE_TEST_PIDS")
+        if pids:  # scripts/test stops whatever a crashed test leaves behind
+            with open(pids, "a") as f:
+                f.write(f"{self.proc.pid}\n")
         self.wait_ready(timeout)
         return self
 

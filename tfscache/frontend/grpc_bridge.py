@@ -25,6 +25,7 @@ from tfscache.modelspec import PREDICTION_METHODS, parse_grpc_request
 
 PREDICTION_SERVICE = "tensorflow.serving.PredictionService"
 MODEL_SERVICE = "tensorflow.serving.ModelService"
+FORWARDED_METADATA = "x-tfscache-forwarded"
 
 # full method path -> short name used for parsing and metrics
 FORWARDED_METHODS = {f"/{PREDICTION_SERVICE}/{m}": m for m in PREDICTION_METHODS}
@@ -63,8 +64,11 @@ class GrpcBridge(service.Service):
         max_message_bytes: int = 64 * 1024 * 1024,
         extra_methods: dict[str, Any] | None = None,
         credentials: grpc.ServerCredentials | None = None,
+        local: IRequestHandler | None = None,
     ) -> None:
         self.handler, self.metrics = handler, metrics
+        # a call another node's router forwarded here is served here, never routed again
+        self.local = local or handler
         self.host, self.port = host, port
         self.threads_count, self.max_message_bytes = threads_count, max_message_bytes
         self.extra_methods = extra_methods or {}
@@ -113,8 +117,10 @@ class GrpcBridge(service.Service):
             ref = parse_grpc_request(short, payload)
             remaining = context.time_remaining()
             timeout = None if remaining is None or remaining > 1e9 else remaining
+            forwarded = any(k == FORWARDED_METADATA for k, _v in context.invocation_metadata() or ())
+            handler = self.local if forwarded else self.handler
             reply: bytes = blockingCallFromThread(
-                reactor, self._in_reactor, method, ref, payload, timeout
+                reactor, self._in_reactor, handler, method, ref, payload, timeout
             )
             return reply
         except Exception as e:
@@ -130,8 +136,8 @@ class GrpcBridge(service.Service):
             self.metrics.request_seconds.labels(protocol="grpc", api=short).observe(elapsed)
 
     def _in_reactor(
-        self, method: str, ref: Any, payload: bytes, timeout: float | None
+        self, handler: IRequestHandler, method: str, ref: Any, payload: bytes, timeout: float | None
     ) -> defer.Deferred[bytes]:
         self.metrics.inflight.inc()
-        d = self.handler.grpc(method, ref, payload, timeout)
+        d = handler.grpc(method, ref, payload, timeout)
         return d.addBoth(lambda r: (self.metrics.inflight.dec(), r)[1])

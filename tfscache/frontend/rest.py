@@ -24,6 +24,7 @@ from tfscache.modelspec import parse_rest_path
 from tfscache.node.local import HttpRequest
 
 JSON = b"application/json"
+FORWARDED_HEADER = b"x-tfscache-forwarded"
 
 
 class RestFrontend:
@@ -36,8 +37,11 @@ class RestFrontend:
         metrics: Metrics,
         max_request_bytes: int = 64 * 1024 * 1024,
         extra_routes: dict[str, Callable[[IRequest], Any]] | None = None,
+        local: IRequestHandler | None = None,
     ) -> None:
         self.handler = handler
+        # a request another node's router forwarded here is served here, never routed again
+        self.local = local or handler
         self.metrics = metrics
         self.max_request_bytes = max_request_bytes
         self.extra_routes = extra_routes or {}
@@ -68,7 +72,8 @@ class RestFrontend:
                 headers=[(k, v) for k, vs in request.requestHeaders.getAllRawHeaders() for v in vs],
                 body=body,
             )
-            reply = await self.handler.rest(call, raw)
+            forwarded = request.requestHeaders.hasHeader(FORWARDED_HEADER)
+            reply = await (self.local if forwarded else self.handler).rest(call, raw)
             request.setResponseCode(reply.code)
             for k, v in reply.headers:
                 request.responseHeaders.addRawHeader(k, v)

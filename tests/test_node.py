@@ -1,0 +1,279 @@
+"""One node end to end: a real TF Serving backend (DevServer), a real disk source and cache,
+the node on the test's reactor, and clients over real HTTP and gRPC."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import urllib.request
+
+from twisted.internet import defer
+from twisted.trial import unittest
+
+from tests.clients import GrpcClient, http, rest_predict
+from tests.harness.devserver import DevServer
+from tests.harness.node import InProcessNode, node_config
+from tfscache.devserver.models import set_load_delay, write_corrupt_model, write_half_plus_two
+from tfscache.errors import Code, ServingError
+
+MODELS = 6
+
+
+def coef(i: int, version: int) -> tuple[float, float]:
+    return 1.0 + i, 10.0 * version
+
+
+def backend_loads(backend: DevServer) -> dict[str, int]:
+    with urllib.request.urlopen(backend.rest_url + "/devserver/loads", timeout=10) as resp:
+        return json.load(resp)["loads"]
+
+
+class NodeTestCase(unittest.TestCase):
+    """A DevServer and a model source shared by the class; a fresh node per test."""
+
+    timeout = 120
+    backend: DevServer
+    models: str
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls.models = tempfile.mkdtemp(prefix="tfscache-models-")
+        for i in range(MODELS):
+            for v in (1, 2):
+                write_half_plus_two(cls.models, f"m{i}", v, *coef(i, v))
+        cls.backend = DevServer()
+        cls.backend.start()
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        cls.backend.stop()
+        shutil.rmtree(cls.models, ignore_errors=True)
+
+    @defer.inlineCallbacks
+    def node(self, cache_dir: str | None = None, **overrides):  # type: ignore[no-untyped-def]
+        cfg = node_config(self.models, self.backend, cache_dir, **overrides)
+        node = InProcessNode(cfg)
+        yield node.start()
+        self.addCleanup(node.stop)
+        return node
+
+    def assertPrediction(self, reply, i: int, version: int, xs: list[float]) -> None:  # type: ignore[no-untyped-def]
+        self.assertEqual(reply.code, 200, reply.body)
+        a, b = coef(i, version)
+        self.assertEqual(reply.json()["predictions"], [a * x + b for x in xs])
+
+
+class CacheBehaviourTests(NodeTestCase):
+    @defer.inlineCallbacks
+    def test_miss_then_hit(self):  # type: ignore[no-untyped-def]
+        node = yield self.node()
+        before = backend_loads(self.backend).get("m0/2", 0)
+        reply = yield rest_predict(node.rest_url, "m0", [1.0, 2.0])
+        self.assertPrediction(reply, 0, 2, [1.0, 2.0])  # no version: the latest in the source
+        self.assertEqual((node.cache.fetches, node.cache.loads), (1, 1))
+        for _ in range(3):
+            reply = yield rest_predict(node.rest_url, "m0", [3.0])
+            self.assertPrediction(reply, 0, 2, [3.0])
+        self.assertEqual((node.cache.fetches, node.cache.loads), (1, 1))
+        self.assertEqual(backend_loads(self.backend).get("m0/2", 0), before + 1)
+        hits = node.service.metrics.hits._value.get()
+        self.assertEqual(hits, 3)
+
+    @defer.inlineCallbacks
+    def test_grpc_versions(self):  # type: ignore[no-untyped-def]
+        node = yield self.node()
+        client = GrpcClient(node.grpc_target)
+        self.addCleanup(client.close)
+        resp = yield client.predict("m1", [2.0], version=1)
+        a, b = coef(1, 1)
+        self.assertEqual(list(resp.outputs["y"].float_val), [a * 2.0 + b])
+        self.assertEqual(resp.model_spec.version.value, 1)
+        resp = yield client.predict("m1", [2.0])
+        a, b = coef(1, 2)
+        self.assertEqual(list(resp.outputs["y"].float_val), [a * 2.0 + b])
+        self.assertEqual(resp.model_spec.version.value, 2)
+
+    @defer.inlineCallbacks
+    def test_lru_unload_order(self):  # type: ignore[no-untyped-def]
+        node = yield self.node(serving={"max_models": 2})
+        for name in ("m0", "m1", "m0", "m2"):  # m1 is least recently used when m2 needs room
+            reply = yield rest_predict(node.rest_url, name, [1.0])
+            self.assertEqual(reply.code, 200, reply.body)
+        self.assertEqual([str(m) for m in node.cache.loaded()], ["m0/2", "m2/2"])
+        self.assertEqual(node.cache.unloads, 1)
+        self.assertEqual(node.service.backend.served(), {"m0": {2}, "m2": {2}})
+        reply = yield rest_predict(node.rest_url, "m1", [1.0])  # comes back: m0 goes now
+        self.assertPrediction(reply, 1, 2, [1.0])
+        self.assertEqual([str(m) for m in node.cache.loaded()], ["m1/2", "m2/2"])
+        self.assertEqual(node.cache.fetches, 3)  # m1 was still on disk
+
+    @defer.inlineCallbacks
+    def test_disk_eviction_deletes_whole_directories(self):  # type: ignore[no-untyped-def]
+        probe = yield self.node()
+        size = yield probe.cache.provider.version_size("m0", 2)
+        yield probe.stop()
+        cache_dir = tempfile.mkdtemp(prefix="tfscache-cache-")
+        node = yield self.node(cache_dir, disk_cache={"capacity_bytes": int(size * 2.5)},
+                               serving={"max_models": 1})
+        for name in ("m0", "m1", "m2"):
+            reply = yield rest_predict(node.rest_url, name, [1.0])
+            self.assertEqual(reply.code, 200, reply.body)
+        self.assertFalse(os.path.exists(os.path.join(cache_dir, "m0")))
+        self.assertTrue(os.path.isdir(os.path.join(cache_dir, "m1", "2", "variables")))
+        self.assertTrue(os.path.isdir(os.path.join(cache_dir, "m2", "2")))
+        self.assertEqual(node.cache.disk.evictions, 1)
+        self.assertLessEqual(node.cache.disk.used_bytes, int(size * 2.5))
+
+    @defer.inlineCallbacks
+    def test_restart_keeps_disk_cache(self):  # type: ignore[no-untyped-def]
+        cache_dir = tempfile.mkdtemp(prefix="tfscache-cache-")
+        first = yield self.node(cache_dir)
+        reply = yield rest_predict(first.rest_url, "m3", [1.0], version=1)
+        self.assertPrediction(reply, 3, 1, [1.0])
+        yield first.stop()
+        # a crash during a copy leaves a staging directory: it must not count as a model
+        os.makedirs(os.path.join(cache_dir, "m3", ".tmp-2-crashed", "variables"))
+        second = yield self.node(cache_dir)
+        self.assertIn("m3/1", [str(m) for m in second.cache.disk.model_ids()])
+        self.assertFalse(os.path.exists(os.path.join(cache_dir, "m3", ".tmp-2-crashed")))
+        reply = yield rest_predict(second.rest_url, "m3", [1.0], version=1)
+        self.assertPrediction(reply, 3, 1, [1.0])
+        self.assertEqual((second.cache.fetches, second.cache.loads), (0, 1))
+
+    @defer.inlineCallbacks
+    def test_hundred_concurrent_requests_one_copy_one_load(self):  # type: ignore[no-untyped-def]
+        node = yield self.node()
+        before = backend_loads(self.backend).get("m4/2", 0)
+        client = GrpcClient(node.grpc_target)
+        self.addCleanup(client.close)
+        calls = [rest_predict(node.rest_url, "m4", [float(i)]) for i in range(50)]
+        calls += [client.predict("m4", [float(i)]) for i in range(50)]
+        results = yield defer.gatherResults(calls, consumeErrors=True)
+        a, b = coef(4, 2)
+        for i, r in enumerate(results[:50]):
+            self.assertPrediction(r, 4, 2, [float(i)])
+        for i, r in enumerate(results[50:]):
+            self.assertEqual(list(r.outputs["y"].float_val), [a * i + b])
+        self.assertEqual((node.cache.fetches, node.cache.loads), (1, 1))
+        self.assertEqual(backend_loads(self.backend).get("m4/2", 0), before + 1)
+
+    @defer.inlineCallbacks
+    def test_slow_load_does_not_delay_warm_model(self):  # type: ignore[no-untyped-def]
+        models = tempfile.mkdtemp(prefix="tfscache-slow-")
+        write_half_plus_two(models, "warm", 1, 2.0, 1.0)
+        set_load_delay(write_half_plus_two(models, "slow", 1, 3.0, 1.0), 5.0)
+        cfg = node_config(models, self.backend)
+        node = InProcessNode(cfg)
+        yield node.start()
+        self.addCleanup(node.stop)
+        reply = yield rest_predict(node.rest_url, "warm", [1.0])
+        self.assertEqual(reply.code, 200)
+        slow = rest_predict(node.rest_url, "slow", [1.0])
+        answered_while_loading = []
+        for _ in range(10):
+            reply = yield rest_predict(node.rest_url, "warm", [2.0])
+            self.assertEqual(reply.json()["predictions"], [5.0])
+            answered_while_loading.append(not slow.called)
+        self.assertTrue(all(answered_while_loading), "warm requests waited for the slow load")
+        reply = yield slow
+        self.assertEqual(reply.json()["predictions"], [4.0])
+
+    @defer.inlineCallbacks
+    def test_model_in_flight_is_never_unloaded(self):  # type: ignore[no-untyped-def]
+        node = yield self.node(serving={"max_models": 1, "capacity_wait_seconds": 0.5})
+        mid = yield node.cache.resolve("m0", None)
+        lease = yield node.cache.acquire(mid)
+        reply = yield rest_predict(node.rest_url, "m1", [1.0])
+        self.assertEqual(reply.code, 429, reply.body)
+        self.assertIn("No room to load model m1", reply.json()["error"])
+        self.assertEqual([str(m) for m in node.cache.loaded()], ["m0/2"])
+        lease.release()
+        reply = yield rest_predict(node.rest_url, "m1", [1.0])
+        self.assertPrediction(reply, 1, 2, [1.0])
+        self.assertEqual([str(m) for m in node.cache.loaded()], ["m1/2"])
+
+
+class ErrorTests(NodeTestCase):
+    @defer.inlineCallbacks
+    def test_unknown_model(self):  # type: ignore[no-untyped-def]
+        node = yield self.node()
+        reply = yield rest_predict(node.rest_url, "nope", [1.0])
+        self.assertEqual((reply.code, reply.json()), (404, {"error": "Servable not found for request: Latest(nope)"}))
+        reply = yield rest_predict(node.rest_url, "m0", [1.0], version=7)
+        self.assertEqual(reply.code, 404)
+        self.assertEqual(reply.json()["error"], "Servable not found for request: Specific(m0, 7)")
+        client = GrpcClient(node.grpc_target)
+        self.addCleanup(client.close)
+        err = yield self.assertFailure(client.predict("nope", [1.0]), ServingError)
+        self.assertEqual(err.code, Code.NOT_FOUND)
+        self.assertEqual(node.cache.entries, {})  # unknown names leave nothing behind
+
+    @defer.inlineCallbacks
+    def test_malformed_requests(self):  # type: ignore[no-untyped-def]
+        node = yield self.node()
+        for method, path, code in (("GET", "/v1/models", 400), ("POST", "/v1/models/m0:explode", 400),
+                                   ("POST", "/v1/models/..:predict", 400),
+                                   ("POST", "/v1/models/a%2F..%2Fb:predict", 400),
+                                   ("POST", "/v1/models/m0/labels/stable:predict", 400)):
+            reply = yield http(method, node.rest_url + path, {"instances": [1.0]})
+            self.assertEqual(reply.code, code, (path, reply.body))
+            self.assertIn("error", reply.json())
+            self.assertEqual(reply.headers.getRawHeaders(b"content-type"), [b"application/json"])
+        reply = yield http("POST", node.rest_url + "/v1/models/m0/labels/stable:predict", {"instances": [1.0]})
+        self.assertIn("labels are not supported", reply.json()["error"])
+        # the backend's own INVALID_ARGUMENT passes through unchanged
+        reply = yield http("POST", node.rest_url + "/v1/models/m0:predict", raw=b"{not json")
+        self.assertEqual(reply.code, 400)
+        self.assertIn("error", reply.json())
+        self.assertFalse(os.listdir(node.cache.disk.root) == ["..", "a"])
+
+    @defer.inlineCallbacks
+    def test_backend_down_is_unavailable(self):  # type: ignore[no-untyped-def]
+        from tests.harness.process import free_port
+
+        class Gone:
+            grpc_target = f"127.0.0.1:{free_port()}"
+            rest_url = f"http://127.0.0.1:{free_port()}"
+
+        node = InProcessNode(node_config(self.models, Gone, serving={"load_timeout_seconds": 5}))
+        yield node.start()
+        self.addCleanup(node.stop)
+        reply = yield rest_predict(node.rest_url, "m0", [1.0])
+        self.assertEqual(reply.code, 503, reply.body)
+        self.assertIn("error", reply.json())
+
+    @defer.inlineCallbacks
+    def test_load_timeout_is_deadline_exceeded_and_load_goes_on(self):  # type: ignore[no-untyped-def]
+        models = tempfile.mkdtemp(prefix="tfscache-slow-")
+        set_load_delay(write_half_plus_two(models, "slow2", 1, 3.0, 1.0), 3.0)
+        node = InProcessNode(node_config(models, self.backend))
+        yield node.start()
+        self.addCleanup(node.stop)
+        client = GrpcClient(node.grpc_target)
+        self.addCleanup(client.close)
+        err = yield self.assertFailure(client.predict("slow2", [1.0], timeout=1.0), ServingError)
+        self.assertEqual(err.code, Code.DEADLINE_EXCEEDED)
+        resp = yield client.predict("slow2", [1.0], timeout=60)  # the same load, not a new one
+        self.assertEqual(list(resp.outputs["y"].float_val), [4.0])
+        self.assertEqual(node.cache.loads, 1)
+
+    @defer.inlineCallbacks
+    def test_broken_model_fails_clearly_and_backs_off(self):  # type: ignore[no-untyped-def]
+        models = tempfile.mkdtemp(prefix="tfscache-broken-")
+        write_corrupt_model(models, "broken", 1)
+        write_half_plus_two(models, "fine", 1, 1.0, 1.0)
+        node = InProcessNode(node_config(models, self.backend))
+        yield node.start()
+        self.addCleanup(node.stop)
+        reply = yield rest_predict(node.rest_url, "broken", [1.0])
+        self.assertGreaterEqual(reply.code, 400)
+        self.assertIn("broken", reply.json()["error"])
+        failures = node.service.metrics.loads.labels(outcome="error")._value.get()
+        self.assertEqual(failures, 1)
+        reply = yield rest_predict(node.rest_url, "broken", [1.0])
+        self.assertIn("broken", reply.json()["error"])
+        self.assertEqual(node.service.metrics.loads.labels(outcome="error")._value.get(), 1)  # backed off
+        reply = yield rest_predict(node.rest_url, "fine", [1.0])
+        self.assertEqual(reply.json()["predictions"], [2.0])
