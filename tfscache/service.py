@@ -67,6 +67,11 @@ class NodeService(service.MultiService):
             request_timeout=s.request_timeout_seconds, load_timeout=s.load_timeout_seconds,
         )
         self.handler: Any = self.local
+        self.admin = None
+        if cfg.admin.enabled:
+            from tfscache.frontend.admin import AdminApi
+
+            self.admin = AdminApi(self.cache, cfg.admin.token, members=self._members, owners=self._owners)
         self.rest = RestFrontend(
             self.handler, self.metrics, cfg.listen.max_request_bytes,
             extra_routes={
@@ -75,6 +80,8 @@ class NodeService(service.MultiService):
                 "/healthz": self._healthz,
                 "/readyz": self._readyz,
             },
+            local=self.local,
+            admin=self.admin,
         )
         self.rest_listener = internet.TCPServer(
             cfg.listen.rest_port, Site(self.rest.resource()), interface=cfg.listen.host
@@ -118,6 +125,15 @@ class NodeService(service.MultiService):
         d = defer.maybeDeferred(service.MultiService.stopService, self)
         d.addBoth(lambda _: self.backend.close())
         return d
+
+    # -- cluster views (the router replaces these when the node is part of a cluster) -------
+    def _members(self) -> list[dict[str, Any]]:
+        c = self.cfg
+        return [{"id": c.node.id, "host": c.node.advertise_host, "rest_port": self.rest_port,
+                 "grpc_port": self.grpc.bound_port, "self": True}]
+
+    def _owners(self, name: str) -> list[dict[str, Any]]:
+        return self._members()
 
     # -- operational pages -------------------------------------------------------------------
     def _metrics_page(self, request: Any) -> bytes:

@@ -38,6 +38,7 @@ class RestFrontend:
         max_request_bytes: int = 64 * 1024 * 1024,
         extra_routes: dict[str, Callable[[IRequest], Any]] | None = None,
         local: IRequestHandler | None = None,
+        admin: Any = None,
     ) -> None:
         self.handler = handler
         # a request another node's router forwarded here is served here, never routed again
@@ -45,6 +46,7 @@ class RestFrontend:
         self.metrics = metrics
         self.max_request_bytes = max_request_bytes
         self.extra_routes = extra_routes or {}
+        self.admin_resource = admin.resource() if admin is not None else None
 
     def resource(self) -> Any:
         return self.app.resource()
@@ -56,6 +58,10 @@ class RestFrontend:
         extra = self.extra_routes.get(path)
         if extra is not None:
             return extra(request)
+        if path == "/admin" or path.startswith("/admin/"):
+            if self.admin_resource is None:
+                return self._error(request, ServingError(Code.NOT_FOUND, "The admin API is disabled"))
+            return self.admin_resource
         return defer.ensureDeferred(self._model_call(request, path))
 
     async def _model_call(self, request: IRequest, path: str) -> bytes:

@@ -191,7 +191,7 @@ class CacheManager:
 
     def snapshot(self) -> list[dict[str, Any]]:
         return [e.describe() for e in sorted(self.entries.values(), key=lambda e: e.mid)
-                if e.state != State.ABSENT or e.failure]
+                if e.state != State.ABSENT or e.failure or e.pinned]
 
     def pin(self, mid: ModelId, pinned: bool = True) -> None:
         self.entries.setdefault(mid, ModelEntry(mid)).pinned = pinned
@@ -384,6 +384,22 @@ class CacheManager:
             self.metrics.unloads.labels(reason=reason).inc()
             self._gauges()
             self._wake_room_waiters()
+
+    async def evict(self, mid: ModelId) -> None:
+        """Admin: unload the model and delete it from disk (refused while it is in use)."""
+        entry = self.entries.get(mid)
+        if entry is None or (entry.state == State.ABSENT and mid not in self.disk):
+            raise not_found(f"Model {mid.name} version {mid.version} is not on this node")
+        busy = entry.pinned and "pinned" or entry.inflight and "serving requests" or (
+            entry.pending is not None and not entry.pending.done and "being loaded")
+        if busy:
+            raise ServingError(Code.FAILED_PRECONDITION,
+                               f"Model {mid.name} version {mid.version} is {busy}: not evicted")
+        if entry.state == State.AVAILABLE:
+            await self.unload(mid, reason="admin")
+        await self.disk.evict(mid)
+        self.entries.pop(mid, None)
+        self._gauges()
 
     # -- disk --------------------------------------------------------------------------------
     def _protected(self) -> set[ModelId]:
