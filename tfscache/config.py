@@ -75,6 +75,8 @@ SCHEMA: dict[str, Any] = {
         "grpc_threads": Field("int", 32, minimum=1, doc="grpcio worker threads."),
         "max_request_bytes": Field("size", 64 * 1024 * 1024, minimum=1,
                                    doc="Largest REST body or gRPC message accepted."),
+        "drain_timeout_seconds": Field("float", 30.0, minimum=0,
+                                       doc="On SIGTERM, how long in-flight requests may finish."),
     },
     "model_provider": {
         "type": Field("choice", "disk", choices=("disk", "s3")),
@@ -276,6 +278,17 @@ def _deep_copy(d: Any) -> Any:
     if isinstance(d, list):
         return [_deep_copy(v) for v in d]
     return d
+
+
+def flatten(cfg: SimpleNamespace, prefix: str = "") -> dict[str, Any]:
+    """``{"serving.max_models": 10, ...}`` of a loaded config."""
+    out: dict[str, Any] = {}
+    for k, v in vars(cfg).items():
+        if isinstance(v, SimpleNamespace):
+            out.update(flatten(v, prefix + k + "."))
+        else:
+            out[prefix + k] = v
+    return out
 
 
 def walk_schema(

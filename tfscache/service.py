@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import signal
 from types import SimpleNamespace
 from typing import Any
 
 import grpc
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from twisted.application import internet, service
-from twisted.internet import defer
+from twisted.internet import defer, reactor
 from twisted.logger import Logger
 from twisted.web.server import Site
 
@@ -34,6 +35,13 @@ def make_provider(cfg: SimpleNamespace) -> IModelProvider:
     return S3ModelProvider.from_config(p)
 
 
+class QuietSite(Site):
+    """No access-log line per request: metrics count requests; logs are for events."""
+
+    def log(self, request: Any) -> None:
+        pass
+
+
 class NodeService(service.MultiService):
     """One tfscache node: cache manager, TF Serving controller, REST and gRPC front ends.
 
@@ -42,9 +50,11 @@ class NodeService(service.MultiService):
 
     log = Logger()
 
-    def __init__(self, cfg: SimpleNamespace) -> None:
+    def __init__(self, cfg: SimpleNamespace, config_path: str | None = None, daemon: bool = False) -> None:
         super().__init__()
         self.cfg = cfg
+        self.config_path = config_path
+        self.daemon = daemon  # under twistd: own the log observers and SIGHUP
         self.metrics = Metrics(per_model_labels=cfg.metrics.per_model_labels)
         s = cfg.serving
         self.provider = make_provider(cfg)
@@ -84,7 +94,7 @@ class NodeService(service.MultiService):
             admin=self.admin,
         )
         self.rest_listener = internet.TCPServer(
-            cfg.listen.rest_port, Site(self.rest.resource()), interface=cfg.listen.host
+            cfg.listen.rest_port, QuietSite(self.rest.resource()), interface=cfg.listen.host
         )
         self.grpc = GrpcBridge(
             self.handler, self.metrics, cfg.listen.host, cfg.listen.grpc_port,
@@ -99,6 +109,11 @@ class NodeService(service.MultiService):
 
     def startService(self) -> None:
         service.Service.startService(self)
+        if self.daemon:
+            from tfscache import logs
+
+            logs.install(self.cfg.logging.level, self.cfg.logging.format)
+            signal.signal(signal.SIGHUP, lambda _s, _f: reactor.callFromThread(self.reload))
         d = self.cache.start(reset_backend=self.cfg.serving.reset_on_start)
 
         def backend_down(f: Any) -> None:
@@ -120,11 +135,72 @@ class NodeService(service.MultiService):
             backend=self.cfg.serving.grpc_target,
         )
 
-    def stopService(self) -> defer.Deferred[None]:
+    @defer.inlineCallbacks
+    def stopService(self):  # type: ignore[no-untyped-def]
+        """Drain: refuse new requests (so routers fail over), let in-flight ones finish up to
+        ``listen.drain_timeout_seconds``, withdraw from discovery, then stop."""
+        self.log.info("tfscache node {node} draining", node=self.cfg.node.id)
+        self.rest.draining = True
         self.grpc.accepting = False
-        d = defer.maybeDeferred(service.MultiService.stopService, self)
-        d.addBoth(lambda _: self.backend.close())
-        return d
+        yield self._withdraw()
+        if self.rest_listener.running:
+            yield self.rest_listener.stopService()  # no new connections
+        idle = yield self.rest.inflight.wait_idle(self.cfg.listen.drain_timeout_seconds, reactor)
+        if not idle:
+            self.log.warn("drain timeout: {count} REST requests still in flight", count=self.rest.inflight.count)
+        yield service.MultiService.stopService(self)  # gRPC stops with a grace period
+        self.backend.close()
+        self.log.info("tfscache node {node} stopped", node=self.cfg.node.id)
+
+    def _withdraw(self) -> defer.Deferred[None]:
+        return defer.succeed(None)
+
+    # -- SIGHUP ------------------------------------------------------------------------------
+    RELOADABLE = {
+        "serving.max_models": lambda self, v: setattr(self.cache.limits, "max_models", v),
+        "serving.max_bytes": lambda self, v: setattr(self.cache.limits, "max_bytes", v),
+        "serving.memory_factor": lambda self, v: setattr(self.cache.limits, "memory_factor", v),
+        "serving.churn_guard_seconds": lambda self, v: setattr(self.cache.limits, "churn_guard", v),
+        "serving.capacity_wait_seconds": lambda self, v: setattr(self.cache.limits, "capacity_wait", v),
+        "serving.failure_backoff_seconds": lambda self, v: setattr(self.cache.limits, "failure_backoff", v),
+        "serving.load_timeout_seconds": lambda self, v: setattr(self.cache.limits, "load_timeout", v),
+        "model_provider.fetch_timeout_seconds": lambda self, v: setattr(self.cache.limits, "fetch_timeout", v),
+        "disk_cache.capacity_bytes": lambda self, v: setattr(self.disk, "capacity_bytes", v),
+        "logging.level": lambda self, v: __import__("tfscache.logs").logs.set_level(v),
+    }
+
+    def reload(self) -> tuple[list[str], list[str]]:
+        """Apply the settings that can change safely; say which ones need a restart."""
+        from tfscache.config import ConfigError, flatten, load_config_file
+
+        if not self.config_path:
+            return [], []
+        try:
+            new = load_config_file(self.config_path)
+        except ConfigError as e:
+            self.log.error("SIGHUP: configuration not reloaded: {error}", error=str(e))
+            return [], []
+        old_flat, new_flat = flatten(self.cfg), flatten(new)
+        applied, refused = [], []
+        for key, value in sorted(new_flat.items()):
+            if old_flat.get(key) == value or key == "node.id":
+                continue
+            setter = self.RELOADABLE.get(key)
+            if setter is None:
+                refused.append(key)
+                continue
+            setter(self, value)
+            applied.append(key)
+        # keep the applied values in self.cfg, the refused ones as they run now
+        for key in applied:
+            section, _, name = key.rpartition(".")
+            obj = self.cfg
+            for part in section.split("."):
+                obj = getattr(obj, part)
+            setattr(obj, name, new_flat[key])
+        self.log.info("SIGHUP: applied {applied}; need a restart to change: {refused}",
+                      applied=", ".join(applied) or "nothing", refused=", ".join(refused) or "nothing")
+        return applied, refused
 
     # -- cluster views (the router replaces these when the node is part of a cluster) -------
     def _members(self) -> list[dict[str, Any]]:

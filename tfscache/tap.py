@@ -28,4 +28,4 @@ def makeService(options: Options) -> IService:
         raise SystemExit(1)
     from tfscache.service import NodeService
 
-    return NodeService(cfg)
+    return NodeService(cfg, config_path=options["config"], daemon=True)

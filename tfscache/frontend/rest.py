@@ -22,6 +22,7 @@ from tfscache.interfaces import IRequestHandler
 from tfscache.metrics import Metrics
 from tfscache.modelspec import parse_rest_path
 from tfscache.node.local import HttpRequest
+from tfscache.util.inflight import InFlight
 
 JSON = b"application/json"
 FORWARDED_HEADER = b"x-tfscache-forwarded"
@@ -47,6 +48,8 @@ class RestFrontend:
         self.max_request_bytes = max_request_bytes
         self.extra_routes = extra_routes or {}
         self.admin_resource = admin.resource() if admin is not None else None
+        self.inflight = InFlight()
+        self.draining = False
 
     def resource(self) -> Any:
         return self.app.resource()
@@ -68,7 +71,10 @@ class RestFrontend:
         started = time.monotonic()
         api = "unknown"
         self.metrics.inflight.inc()
+        self.inflight.enter()
         try:
+            if self.draining:
+                raise ServingError(Code.UNAVAILABLE, "tfscache is shutting down")
             call = parse_rest_path(request.method.decode("latin-1"), path)
             api = call.api
             body = self._body(request)
@@ -92,6 +98,7 @@ class RestFrontend:
             code = err.code.name
             return self._error(request, err)
         finally:
+            self.inflight.exit()
             self.metrics.inflight.dec()
             self.metrics.requests.labels(protocol="rest", api=api, code=code).inc()
             self.metrics.request_seconds.labels(protocol="rest", api=api).observe(time.monotonic() - started)
