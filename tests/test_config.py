@@ -7,7 +7,7 @@ import tempfile
 
 from twisted.trial import unittest
 
-from tfscache.config import ConfigError, load_config, load_config_file, parse_size
+from tfscache.config import ConfigError, load_config, load_config_file, parse_size, walk_schema
 from tests.harness.process import REPO_ROOT
 
 MINIMAL = {"model_provider": {"disk": {"base_path": "/models"}}, "disk_cache": {"path": "/cache"}}
@@ -81,6 +81,19 @@ class ConfigTests(unittest.TestCase):
     def test_example_config_is_valid(self) -> None:
         cfg = load_config_file(os.path.join(REPO_ROOT, "etc", "tfscache.yaml"), environ={})
         self.assertEqual(cfg.model_provider.type, "disk")
+
+    def test_readme_documents_every_key(self) -> None:
+        with open(os.path.join(REPO_ROOT, "README.md")) as f:
+            readme = f.read()
+        missing = []
+
+        def visit(key: str, _field: object) -> None:
+            last = key.rsplit(".", 1)[-1]
+            if f"`{key}`" not in readme and not (f"`{last}`" in readme or f"/ `{last}`" in readme):
+                missing.append(key)
+
+        walk_schema(visit)
+        self.assertEqual(missing, [])
 
     def test_twistd_stops_with_one_line(self) -> None:
         """A bad config stops ``twistd tfscache`` with one line naming the key, and exit 1."""

@@ -120,6 +120,8 @@ SCHEMA: dict[str, Any] = {
                                        doc="How long a load waits for room before RESOURCE_EXHAUSTED."),
         "model_platform": Field("str", "tensorflow"),
         "reset_on_start": Field("bool", True, doc="Send an empty model list at start-up."),
+        "health_interval_seconds": Field("float", 5.0, minimum=0.1,
+                                         doc="How often TF Serving's health is probed."),
     },
     "cluster": {
         "replicas_per_model": Field("int", 2, minimum=1),

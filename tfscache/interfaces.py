@@ -56,6 +56,15 @@ class IServingBackend(Interface):
     def reset():  # -> Deferred[None]
         """Send an empty model list: the backend serves nothing (used at start-up)."""
 
+    def forget(name: str, version: int):  # -> None
+        """Drop a model id from the list without sending it (the next change sends it)."""
+
+    def resend():  # -> Deferred[None]
+        """Send the current list again (after the backend restarted empty)."""
+
+    def status(name: str, timeout: float | None = None):  # -> Deferred[GetModelStatusResponse]
+        """GetModelStatus for a model name."""
+
     def check():  # -> Deferred[None]
         """Fire if the backend answers; fail with UNAVAILABLE otherwise."""
 

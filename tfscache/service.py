@@ -8,6 +8,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health, health_pb2
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from twisted.application import internet, service
 from twisted.internet import defer, reactor
@@ -19,6 +20,7 @@ from tfscache.frontend.rest import RestFrontend
 from tfscache.interfaces import IModelProvider
 from tfscache.metrics import Metrics
 from tfscache.node.disk_cache import DiskCache
+from tfscache.node.health import BackendMonitor
 from tfscache.node.local import LocalNode
 from tfscache.node.manager import CacheLimits, CacheManager
 from tfscache.node.serving import ServingController
@@ -96,10 +98,15 @@ class NodeService(service.MultiService):
         self.rest_listener = internet.TCPServer(
             cfg.listen.rest_port, QuietSite(self.rest.resource()), interface=cfg.listen.host
         )
+        self.health = health.HealthServicer()
+        self._set_health(False)
         self.grpc = GrpcBridge(
             self.handler, self.metrics, cfg.listen.host, cfg.listen.grpc_port,
             threads_count=cfg.listen.grpc_threads, max_message_bytes=cfg.listen.max_request_bytes,
+            local=self.local, health=self.health,
         )
+        self.monitor = BackendMonitor(self.cache, self.backend, interval=cfg.serving.health_interval_seconds)
+        self.monitor.subscribe(self._set_health)
         self.ready = False
 
     @property
@@ -128,6 +135,7 @@ class NodeService(service.MultiService):
     def _listen(self) -> None:
         self.rest_listener.setServiceParent(self)
         self.grpc.setServiceParent(self)
+        self.monitor.setServiceParent(self)
         self.ready = True
         self.log.info(
             "tfscache node {node} ready: REST {rest}, gRPC {grpc}, TF Serving {backend}",
@@ -140,6 +148,8 @@ class NodeService(service.MultiService):
         """Drain: refuse new requests (so routers fail over), let in-flight ones finish up to
         ``listen.drain_timeout_seconds``, withdraw from discovery, then stop."""
         self.log.info("tfscache node {node} draining", node=self.cfg.node.id)
+        self.ready = False
+        self._set_health(False)
         self.rest.draining = True
         self.grpc.accepting = False
         yield self._withdraw()
@@ -201,6 +211,17 @@ class NodeService(service.MultiService):
         self.log.info("SIGHUP: applied {applied}; need a restart to change: {refused}",
                       applied=", ".join(applied) or "nothing", refused=", ".join(refused) or "nothing")
         return applied, refused
+
+    def _set_health(self, healthy: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if healthy and not self.rest_draining \
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", "tensorflow.serving.PredictionService", "tensorflow.serving.ModelService"):
+            self.health.set(name, status)
+
+    @property
+    def rest_draining(self) -> bool:
+        rest = getattr(self, "rest", None)
+        return bool(rest and rest.draining)
 
     # -- cluster views (the router replaces these when the node is part of a cluster) -------
     def _members(self) -> list[dict[str, Any]]:

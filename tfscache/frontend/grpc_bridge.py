@@ -13,6 +13,7 @@ from concurrent import futures
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2_grpc
 from twisted.application import service
 from twisted.internet import defer, threads
 from twisted.logger import Logger
@@ -65,8 +66,10 @@ class GrpcBridge(service.Service):
         extra_methods: dict[str, Any] | None = None,
         credentials: grpc.ServerCredentials | None = None,
         local: IRequestHandler | None = None,
+        health: Any = None,
     ) -> None:
         self.handler, self.metrics = handler, metrics
+        self.health = health  # a grpc_health HealthServicer, kept up to date by the node
         # a call another node's router forwarded here is served here, never routed again
         self.local = local or handler
         self.host, self.port = host, port
@@ -88,6 +91,8 @@ class GrpcBridge(service.Service):
                 ("grpc.so_reuseport", 0),
             ],
         )
+        if self.health is not None:
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         address = f"{self.host}:{self.port}"
         if self.credentials is not None:
             self.bound_port = self.server.add_secure_port(address, self.credentials)

@@ -385,6 +385,17 @@ class CacheManager:
             self._gauges()
             self._wake_room_waiters()
 
+    async def backend_lost(self) -> None:
+        """TF Serving restarted empty: what we believed AVAILABLE is gone.  Forget it (the next
+        request loads again) and send the list of what is still loading."""
+        for entry in self.entries.values():
+            if entry.state in (State.AVAILABLE, State.UNLOADING):
+                entry.state = State.ON_DISK if entry.mid in self.disk else State.ABSENT
+                self.backend.forget(entry.mid.name, entry.mid.version)
+        self._gauges()
+        self._wake_room_waiters()
+        await self.backend.resend()
+
     async def evict(self, mid: ModelId) -> None:
         """Admin: unload the model and delete it from disk (refused while it is in use)."""
         entry = self.entries.get(mid)
