@@ -33,7 +33,7 @@ class Reply:
 def http(method: str, url: str, body: Any = None, raw: bytes | None = None,
          headers: dict[bytes, list[bytes]] | None = None, timeout: float = 120):  # type: ignore[no-untyped-def]
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    resp = yield treq.request(method, url, data=data, headers=headers, timeout=timeout)
+    resp = yield treq.request(method, url, data=data, headers=headers, timeout=timeout, persistent=False)
     content = yield treq.content(resp)
     return Reply(resp.code, content, resp.headers)
 

@@ -7,8 +7,8 @@ import tempfile
 
 from twisted.trial import unittest
 
-from tfscache.config import ConfigError, load_config, load_config_file, parse_size, walk_schema
 from tests.harness.process import REPO_ROOT
+from tfscache.config import ConfigError, load_config, load_config_file, parse_size, walk_schema
 
 MINIMAL = {"model_provider": {"disk": {"base_path": "/models"}}, "disk_cache": {"path": "/cache"}}
 

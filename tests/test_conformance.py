@@ -28,6 +28,7 @@ def example(req: Any, xs: list[float]) -> None:
 class ConformanceTests(NodeTestCase):
     @defer.inlineCallbacks
     def setUp(self):  # type: ignore[no-untyped-def]
+        NodeTestCase.setUp(self)
         self.n = yield self.node()
         self.via = GrpcClient(self.n.grpc_target)
         self.direct = GrpcClient(self.backend.grpc_target)

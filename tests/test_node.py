@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 import urllib.request
 
@@ -13,6 +12,7 @@ from twisted.internet import defer
 from twisted.trial import unittest
 
 from tests.clients import GrpcClient, http, rest_predict
+from tests.harness import shared
 from tests.harness.devserver import DevServer
 from tests.harness.node import InProcessNode, node_config
 from tfscache.devserver.models import set_load_delay, write_corrupt_model, write_half_plus_two
@@ -30,26 +30,22 @@ def backend_loads(backend: DevServer) -> dict[str, int]:
         return json.load(resp)["loads"]
 
 
+def write_models(path: str) -> None:
+    for i in range(MODELS):
+        for v in (1, 2):
+            write_half_plus_two(path, f"m{i}", v, *coef(i, v))
+
+
 class NodeTestCase(unittest.TestCase):
-    """A DevServer and a model source shared by the class; a fresh node per test."""
+    """A DevServer and a model source shared by the test process; a fresh node per test."""
 
     timeout = 120
     backend: DevServer
     models: str
 
-    @classmethod
-    def setUpClass(cls) -> None:
-        cls.models = tempfile.mkdtemp(prefix="tfscache-models-")
-        for i in range(MODELS):
-            for v in (1, 2):
-                write_half_plus_two(cls.models, f"m{i}", v, *coef(i, v))
-        cls.backend = DevServer()
-        cls.backend.start()
-
-    @classmethod
-    def tearDownClass(cls) -> None:
-        cls.backend.stop()
-        shutil.rmtree(cls.models, ignore_errors=True)
+    def setUp(self) -> None:
+        self.backend = shared.backend()
+        self.models = shared.model_dir("m", write_models)
 
     @defer.inlineCallbacks
     def node(self, cache_dir: str | None = None, **overrides):  # type: ignore[no-untyped-def]

@@ -159,6 +159,7 @@ class NodeService(service.MultiService):
         if not idle:
             self.log.warn("drain timeout: {count} REST requests still in flight", count=self.rest.inflight.count)
         yield service.MultiService.stopService(self)  # gRPC stops with a grace period
+        yield self.local.pool.closeCachedConnections()
         self.backend.close()
         self.log.info("tfscache node {node} stopped", node=self.cfg.node.id)
 

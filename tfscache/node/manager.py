@@ -172,7 +172,7 @@ class CacheManager:
             return defer.succeed(self._lease(entry))
         if entry is None:
             entry = self.entries[mid] = ModelEntry(mid)
-        if entry.state == State.FAILED and entry.pending is None:
+        if entry.state == State.FAILED and (entry.pending is None or entry.pending.done):
             if self.now() < entry.retry_after:
                 assert entry.failure is not None
                 return defer.fail(entry.failure)

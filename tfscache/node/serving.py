@@ -147,10 +147,13 @@ class ServingController:
     # -- IServingBackend ---------------------------------------------------------------------
     def load(self, name: str, version: int, base_path: str, timeout: float) -> defer.Deferred[None]:
         started = self.now()
+        # TF Serving's reload call waits for NEW names: once it answers, their state is this
+        # attempt's.  A new version of a known name may still show an older END for a while.
+        new_name = name not in self._desired
         _bp, versions = self._desired.setdefault(name, (base_path, set()))
         versions.add(version)
         d = self._change()
-        d.addCallback(lambda _: self._wait_available(name, version, started + timeout))
+        d.addCallback(lambda _: self._wait_available(name, version, started + timeout, new_name))
         return d
 
     def unload(self, name: str, version: int) -> defer.Deferred[None]:
@@ -194,10 +197,10 @@ class ServingController:
         return self.status("__tfscache_health__", timeout=2.0).addCallbacks(lambda _: None, judge)
 
     @defer.inlineCallbacks
-    def _wait_available(self, name: str, version: int, deadline_at: float):  # type: ignore[no-untyped-def]
+    def _wait_available(self, name: str, version: int, deadline_at: float, new_name: bool = False):  # type: ignore[no-untyped-def]
         delay = self.poll_initial
         started = self.now()
-        progressed = False  # saw START/LOADING of this attempt
+        progressed = new_name  # saw START/LOADING of this attempt (or the reload waited for it)
         while True:
             remaining = deadline_at - self.now()
             if remaining <= 0:
