@@ -120,7 +120,7 @@ class NodeService(service.MultiService):
             from tfscache import logs
 
             logs.install(self.cfg.logging.level, self.cfg.logging.format)
-            signal.signal(signal.SIGHUP, lambda _s, _f: reactor.callFromThread(self.reload))
+            reactor.callWhenRunning(self._install_signals)
         d = self.cache.start(reset_backend=self.cfg.serving.reset_on_start)
 
         def backend_down(f: Any) -> None:
@@ -131,6 +131,17 @@ class NodeService(service.MultiService):
         d.addCallback(lambda _: self._listen())
         d.addErrback(lambda f: self.log.failure("tfscache failed to start", failure=f))
         self.started = d
+
+    def _install_signals(self) -> None:
+        """After the reactor's own handlers: SIGHUP reloads; SIGTERM drains and exits 0 (the
+        reactor's handler would re-raise SIGTERM at exit, which reads as a crash)."""
+
+        def terminate(_signum: int, _frame: object) -> None:
+            self.log.info("SIGTERM: draining, then exiting")
+            reactor.callFromThread(reactor.stop)
+
+        signal.signal(signal.SIGHUP, lambda _s, _f: reactor.callFromThread(self.reload))
+        signal.signal(signal.SIGTERM, terminate)
 
     def _listen(self) -> None:
         self.rest_listener.setServiceParent(self)
