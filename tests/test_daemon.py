@@ -82,7 +82,9 @@ class DaemonTests(unittest.TestCase):
         self.assertEqual(m['tfscache_requests_total{api="Predict",code="OK",protocol="grpc"}'], 1)
         self.assertEqual(m['tfscache_load_seconds_count'], 3)
         with urllib.request.urlopen(node.rest_url + "/metrics", timeout=10) as resp:
-            self.assertIn(b"tfscache_cache_hits_total", resp.read())
+            page = resp.read()
+        self.assertIn(b"tfscache_cache_hits_total", page)
+        self.assertIn(b":tensorflow:cc:saved_model:load_attempt_count", page)  # TF Serving's, relayed
 
     @defer.inlineCallbacks
     def test_admin_api_and_cli(self):  # type: ignore[no-untyped-def]

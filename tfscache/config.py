@@ -145,6 +145,7 @@ SCHEMA: dict[str, Any] = {
     "metrics": {
         "enabled": Field("bool", True),
         "per_model_labels": Field("bool", False, doc="Label metrics by model (high cardinality)."),
+        "relay_backend": Field("bool", True, doc="Append TF Serving's own metrics when it exposes them."),
     },
     "admin": {
         "enabled": Field("bool", False),

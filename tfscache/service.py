@@ -8,6 +8,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import grpc
+import treq
 from grpc_health.v1 import health, health_pb2
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from twisted.application import internet, service
@@ -245,9 +246,26 @@ class NodeService(service.MultiService):
         return self._members()
 
     # -- operational pages -------------------------------------------------------------------
-    def _metrics_page(self, request: Any) -> bytes:
+    def _metrics_page(self, request: Any) -> defer.Deferred[bytes]:
+        """Our metrics, then TF Serving's own when it exposes them (its names start with
+        ``:tensorflow:``, so they cannot collide with ours)."""
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
-        return generate_latest(self.metrics.registry)
+        ours = generate_latest(self.metrics.registry)
+        if not self.cfg.metrics.relay_backend:
+            return defer.succeed(ours)
+
+        async def relay() -> bytes:
+            try:
+                resp = await treq.get(self.cfg.serving.rest_url.rstrip("/") + "/monitoring/prometheus/metrics",
+                                      timeout=1.0, pool=self.local.pool)
+                body = await treq.content(resp)
+            except Exception:
+                return ours  # TF Serving down or slow: our own metrics still answer
+            if resp.code != 200:
+                return ours
+            return ours + b"# TF Serving's own metrics, relayed\n" + body
+
+        return defer.ensureDeferred(relay())
 
     def _healthz(self, request: Any) -> bytes:
         request.setHeader(b"content-type", b"application/json")

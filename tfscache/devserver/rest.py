@@ -124,6 +124,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         try:
+            if self.path.split("?")[0] == "/monitoring/prometheus/metrics":
+                self._metrics()
+                return
             if self.path.split("?")[0] == "/devserver/loads":
                 self._send(200, {"loads": dict(self.manager.load_counts), "available": self.manager.available()})
                 return
@@ -149,6 +152,20 @@ class Handler(BaseHTTPRequestHandler):
             self._send(200, {"model_version_status": statuses})
         except ServingError as e:
             self._error(e)
+
+    def _metrics(self) -> None:
+        """A few of TF Serving's own metric names, so the cache's relay can be tested."""
+        lines = ["# TYPE :tensorflow:cc:saved_model:load_attempt_count counter"]
+        for key, count in sorted(self.manager.load_counts.items()):
+            name, version = key.rsplit("/", 1)
+            lines.append(f':tensorflow:cc:saved_model:load_attempt_count{{model_path="{name}",'
+                         f'status="success",version="{version}"}} {count}')
+        data = ("\n".join(lines) + "\n").encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain; version=0.0.4")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
 
     def do_POST(self) -> None:
         try:
