@@ -125,7 +125,9 @@ SCHEMA: dict[str, Any] = {
     },
     "cluster": {
         "replicas_per_model": Field("int", 2, minimum=1),
-        "forward_timeout_seconds": Field("float", 60.0, minimum=0.001),
+        "forward_timeout_seconds": Field("float", 360.0, minimum=0.001,
+                                         doc="Deadline of a routed request without its own: it may "
+                                             "include a cold load on the owner."),
         "spread_inflight_threshold": Field("int", 32, minimum=1,
                                            doc="In-flight requests on the first owner before spreading."),
         "discovery": {
@@ -137,6 +139,7 @@ SCHEMA: dict[str, Any] = {
             "username": Field("str", None),
             "password": Field("str", None),
             "token": Field("str", None, doc="Consul ACL token."),
+            "service": Field("str", None, doc="consul: service name; default: the prefix without its slashes."),
             "ca_cert": Field("str", None),
             "client_cert": Field("str", None),
             "client_key": Field("str", None),

@@ -79,7 +79,11 @@ class NodeService(service.MultiService):
             self.cache, s.rest_url, self.backend.channel, self.metrics,
             request_timeout=s.request_timeout_seconds, load_timeout=s.load_timeout_seconds,
         )
+        # the router replaces the local node as the front ends' handler once the listening
+        # ports (which the member record carries) are known
         self.handler: Any = self.local
+        self.discovery: Any = None
+        self.router: Any = None
         self.admin = None
         if cfg.admin.enabled:
             from tfscache.frontend.admin import AdminApi
@@ -144,16 +148,34 @@ class NodeService(service.MultiService):
         signal.signal(signal.SIGHUP, lambda _s, _f: reactor.callFromThread(self.reload))
         signal.signal(signal.SIGTERM, terminate)
 
-    def _listen(self) -> None:
+    def _listen(self) -> defer.Deferred[None]:
         self.rest_listener.setServiceParent(self)
         self.grpc.setServiceParent(self)
         self.monitor.setServiceParent(self)
+        self._join_cluster()
         self.ready = True
         self.log.info(
             "tfscache node {node} ready: REST {rest}, gRPC {grpc}, TF Serving {backend}",
             node=self.cfg.node.id, rest=self.rest_port, grpc=self.grpc.bound_port,
             backend=self.cfg.serving.grpc_target,
         )
+        return self.discovery.publish()
+
+    def _join_cluster(self) -> None:
+        from tfscache.cluster.discovery import make_discovery
+        from tfscache.cluster.members import Member
+        from tfscache.cluster.router import Router
+
+        c = self.cfg
+        assert self.grpc.bound_port is not None
+        self.self_member = Member(c.node.id, c.node.advertise_host, self.rest_port, self.grpc.bound_port)
+        self.discovery = make_discovery(c, self.self_member, health_check=self.backend.check)
+        self.router = Router(
+            self.local, self.discovery, c.node.id, c.cluster.replicas_per_model,
+            c.cluster.forward_timeout_seconds, c.cluster.spread_inflight_threshold, self.metrics,
+        )
+        self.handler = self.rest.handler = self.grpc.handler = self.router
+        self.discovery.setServiceParent(self)
 
     @defer.inlineCallbacks
     def stopService(self):  # type: ignore[no-untyped-def]
@@ -172,11 +194,15 @@ class NodeService(service.MultiService):
             self.log.warn("drain timeout: {count} REST requests still in flight", count=self.rest.inflight.count)
         yield service.MultiService.stopService(self)  # gRPC stops with a grace period
         yield self.local.pool.closeCachedConnections()
+        if self.router is not None:
+            yield self.router.close()
         self.backend.close()
         self.log.info("tfscache node {node} stopped", node=self.cfg.node.id)
 
     def _withdraw(self) -> defer.Deferred[None]:
-        return defer.succeed(None)
+        if self.discovery is None:
+            return defer.succeed(None)
+        return self.discovery.withdraw()
 
     # -- SIGHUP ------------------------------------------------------------------------------
     RELOADABLE = {
@@ -236,14 +262,17 @@ class NodeService(service.MultiService):
         rest = getattr(self, "rest", None)
         return bool(rest and rest.draining)
 
-    # -- cluster views (the router replaces these when the node is part of a cluster) -------
+    # -- cluster views for the admin API ----------------------------------------------------
+    def _describe(self, member: Any) -> dict[str, Any]:
+        return {"id": member.id, "host": member.host, "rest_port": member.rest_port,
+                "grpc_port": member.grpc_port, "self": member.id == self.cfg.node.id,
+                "down": self.router.is_down(member.id)}
+
     def _members(self) -> list[dict[str, Any]]:
-        c = self.cfg
-        return [{"id": c.node.id, "host": c.node.advertise_host, "rest_port": self.rest_port,
-                 "grpc_port": self.grpc.bound_port, "self": True}]
+        return [self._describe(m) for m in self.router.members()] if self.router else []
 
     def _owners(self, name: str) -> list[dict[str, Any]]:
-        return self._members()
+        return [self._describe(m) for m in self.router.owners_for(name)] if self.router else []
 
     # -- operational pages -------------------------------------------------------------------
     def _metrics_page(self, request: Any) -> defer.Deferred[bytes]:
@@ -267,13 +296,19 @@ class NodeService(service.MultiService):
 
         return defer.ensureDeferred(relay())
 
+    def _published(self) -> defer.Deferred[None]:
+        if self.discovery is not None and getattr(self.discovery, "published", False):
+            return defer.succeed(None)
+        return defer.fail(RuntimeError("not registered in discovery"))
+
     def _healthz(self, request: Any) -> bytes:
         request.setHeader(b"content-type", b"application/json")
         return b'{"status":"alive"}'
 
     def _readyz(self, request: Any) -> defer.Deferred[bytes]:
         request.setHeader(b"content-type", b"application/json")
-        checks = {"tfserving": self.backend.check(), "provider": self.provider.check()}
+        checks = {"tfserving": self.backend.check(), "provider": self.provider.check(),
+                  "discovery": self._published()}
 
         def report(results: list[tuple[bool, Any]]) -> bytes:
             out = {name: ("ok" if ok else val.getErrorMessage())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import grpc
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -21,6 +22,8 @@ def as_serving_error(error: BaseException | Failure) -> ServingError:
     failure = error if isinstance(error, Failure) else Failure(error)
     if isinstance(failure.value, ServingError):
         return failure.value
+    if failure.check(defer.CancelledError):  # the client went away: nothing went wrong here
+        return ServingError(Code.CANCELLED, "Request cancelled")
     log.failure("unexpected error while serving a request", failure=failure)
     return ServingError(Code.INTERNAL, "Internal error in tfscache (see its log)")
 

@@ -1,0 +1,448 @@
+"""Discovery: static lists; etcd and Consul against the real servers (membership, withdraw,
+expiry, outage and recovery, health-gated publishing); the timing logic on a fake clock."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import defer, reactor, task, threads
+from twisted.logger import globalLogPublisher
+from twisted.trial import unittest
+
+from tests.harness import shared
+from tfscache.cluster.discovery import DiscoveryBase, make_discovery
+from tfscache.cluster.discovery.static import StaticDiscovery
+from tfscache.cluster.members import Member
+from tfscache.config import load_config
+
+try:
+    from tests.harness.servers import ConsulAgent, EtcdServer, binary_path
+except ImportError:  # pragma: no cover - the harness is part of the tree
+    ConsulAgent = EtcdServer = None  # type: ignore[assignment,misc]
+
+
+def member(node_id: str, port: int = 0) -> Member:
+    base = 20000 + (sum(node_id.encode()) % 1000) * 2 if not port else port
+    return Member(node_id, "127.0.0.1", base, base + 1)
+
+
+def ids(members: list[Member]) -> set[str]:
+    return {m.id for m in members}
+
+
+@defer.inlineCallbacks
+def wait_until(condition: Callable[[], bool], timeout: float = 15.0, what: str = "condition"):  # type: ignore[no-untyped-def]
+    """Poll ``condition`` on the reactor until it holds (fail after ``timeout`` seconds)."""
+    end = reactor.seconds() + timeout  # type: ignore[attr-defined]
+    while not condition():
+        if reactor.seconds() > end:  # type: ignore[attr-defined]
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        yield task.deferLater(reactor, 0.05, lambda: None)
+
+
+class Health:
+    """A health check the test switches on and off."""
+
+    def __init__(self, ok: bool = True) -> None:
+        self.ok = ok
+
+    def __call__(self) -> defer.Deferred[None]:
+        return defer.succeed(None) if self.ok else defer.fail(RuntimeError("TF Serving is down"))
+
+
+class LogCapture:
+    def __init__(self, test: unittest.TestCase) -> None:
+        self.events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(self.events.append)
+        test.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def count(self, source: Any, fragment: str) -> int:
+        return sum(1 for e in self.events
+                   if e.get("log_source") is source and fragment in e.get("log_format", ""))
+
+
+# -- static ---------------------------------------------------------------------------------
+class StaticTests(unittest.TestCase):
+    def test_empty_list_is_a_one_node_cluster(self) -> None:
+        me = member("me")
+        d = StaticDiscovery([], me)
+        self.assertEqual(d.members(), [me])
+
+    def test_listed_members_with_self_by_address(self) -> None:
+        me = member("me")
+        d = StaticDiscovery.from_config(
+            [{"host": "127.0.0.1", "rest_port": me.rest_port, "grpc_port": me.grpc_port},
+             {"id": "b", "host": "10.0.0.2", "rest_port": 8501, "grpc_port": 8500},
+             {"host": "10.0.0.3", "rest_port": 8501, "grpc_port": 8500}], me)
+        self.assertEqual(ids(d.members()), {"me", "b", "10.0.0.3:8501"})
+
+    def test_self_missing_is_added(self) -> None:
+        d = StaticDiscovery([member("b")], member("me"))
+        self.assertEqual(ids(d.members()), {"me", "b"})
+
+    @defer.inlineCallbacks
+    def test_factory(self):  # type: ignore[no-untyped-def]
+        base = {"disk_cache": {"path": "/tmp/x"}, "model_provider": {"disk": {"base_path": "/tmp/m"}}}
+        me = member("me")
+        self.assertIsInstance(make_discovery(load_config(base, environ={}), me), StaticDiscovery)
+        cfg = load_config(dict(base, cluster={"discovery": {
+            "type": "etcd", "endpoints": ["http://127.0.0.1:1"], "ttl_seconds": 6}}), environ={})
+        from tfscache.cluster.discovery.etcd import EtcdDiscovery
+
+        d = make_discovery(cfg, me, Health())
+        self.assertIsInstance(d, EtcdDiscovery)
+        self.assertEqual((d.lease_ttl, d.refresh_interval, d.key), (6, 2.0, "/tfscache/members/me"))
+        cfg = load_config(dict(base, cluster={"discovery": {
+            "type": "consul", "endpoints": ["http://127.0.0.1:1"], "prefix": "/tfs/prod"}}), environ={})
+        from tfscache.cluster.discovery.consul import ConsulDiscovery
+
+        d = make_discovery(cfg, me, Health())
+        self.assertIsInstance(d, ConsulDiscovery)
+        self.assertEqual(d.service, "tfs-prod")
+        cfg = load_config(dict(base, cluster={"discovery": {
+            "type": "consul", "endpoints": ["127.0.0.1:8500"], "service": "models", "token": "t"}}), environ={})
+        d = make_discovery(cfg, me, Health())
+        self.assertEqual((d.service, d.endpoints, d.token), ("models", ["http://127.0.0.1:8500"], "t"))
+        yield d._closed()
+
+    def test_member_json_round_trip(self) -> None:
+        m = Member("n\u00e9", "::1", 1, 2)
+        self.assertEqual(Member.from_json(m.to_json()), m)
+        self.assertEqual(m.rest_base, "http://[::1]:1")
+
+
+# -- timing on a fake clock -----------------------------------------------------------------
+class FakeEtcd:
+    """EtcdConnection's operations in memory; ``down`` makes them fail like a lost etcd."""
+
+    def __init__(self) -> None:
+        self.down = False
+        self.calls: list[str] = []
+        self.leases: set[int] = set()
+        self.keys: dict[str, tuple[str, int]] = {}
+        self.next_lease = 1
+
+    def _op(self, name: str) -> None:
+        self.calls.append(name)
+        if self.down:
+            from etcd3gw.exceptions import ConnectionFailedError
+
+            raise ConnectionFailedError("connection refused")
+
+    def grant(self, ttl: int) -> int:
+        self._op("grant")
+        self.next_lease += 1
+        self.leases.add(self.next_lease)
+        return self.next_lease
+
+    def keepalive(self, lease_id: int) -> int:
+        self._op("keepalive")
+        return 10 if lease_id in self.leases else -1
+
+    def put(self, key: str, value: str, lease_id: int) -> None:
+        self._op("put")
+        self.keys[key] = (value, lease_id)
+
+    def revoke(self, lease_id: int) -> None:
+        self._op("revoke")
+        self.leases.discard(lease_id)
+        self.keys = {k: v for k, v in self.keys.items() if v[1] != lease_id}
+
+
+def run_now(fn: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
+    return defer.maybeDeferred(fn, *args)
+
+
+class ClockTests(unittest.TestCase):
+    def make(self, health: Health | None = None) -> tuple[Any, FakeEtcd, task.Clock]:
+        from tfscache.cluster.discovery.etcd import EtcdDiscovery
+
+        clock, fake = task.Clock(), FakeEtcd()
+        d = EtcdDiscovery(["http://127.0.0.1:1"], member("me"), health or Health(), ttl=9.0, clock=clock,
+                          connection=fake, run_blocking=run_now, max_backoff=30.0)  # type: ignore[arg-type]
+        return d, fake, clock
+
+    def test_refresh_every_third_of_the_ttl(self) -> None:
+        d, fake, clock = self.make()
+        d.publish()
+        self.assertEqual(fake.calls, ["grant", "put"])
+        clock.advance(2.9)
+        self.assertEqual(fake.calls, ["grant", "put"])
+        clock.advance(0.1)
+        self.assertEqual(fake.calls, ["grant", "put", "keepalive"])
+        clock.pump([3.0] * 3)
+        self.assertEqual(fake.calls.count("keepalive"), 4)
+
+    def test_backoff_is_exponential_capped_and_logged_once(self) -> None:
+        logs = LogCapture(self)
+        d, fake, clock = self.make()
+        times: list[float] = []
+        op = fake._op
+
+        def timed(name: str) -> None:
+            times.append(clock.seconds())
+            op(name)
+
+        fake._op = timed  # type: ignore[method-assign]
+        d.publish()
+        fake.down = True
+        clock.pump([0.25] * 80)  # 20 s
+        gaps = [round(b - a, 2) for a, b in zip(times, times[1:], strict=False)]
+        # grant+put at 0, keepalive at 3 fails; then 0.25, 0.5, 1, 2, capped at ttl/3 = 3
+        self.assertEqual(gaps[:7], [0.0, 3.0, 0.25, 0.5, 1.0, 2.0, 3.0])
+        self.assertEqual(set(gaps[6:]), {3.0})
+        self.assertEqual(logs.count(d, "unreachable"), 1)
+        self.assertFalse(d.reachable)
+        # etcd is back, but the lease expired meanwhile: granted again and the key put again
+        fake.down = False
+        fake.leases.clear()
+        clock.advance(3.0)
+        self.assertEqual(fake.calls[-3:], ["keepalive", "grant", "put"])
+        self.assertTrue(d.reachable and d.published)
+        self.assertEqual(logs.count(d, "reachable again"), 1)
+        clock.advance(3.0)
+        self.assertEqual(fake.calls[-1], "keepalive")
+
+    def test_health_gates_publishing(self) -> None:
+        health = Health(False)
+        d, fake, clock = self.make(health)
+        d.publish()
+        self.assertEqual(fake.calls, [])  # unhealthy: nothing published
+        clock.advance(3.0)
+        self.assertEqual(fake.calls, [])
+        health.ok = True
+        clock.advance(3.0)
+        self.assertEqual(fake.calls, ["grant", "put"])
+        self.assertEqual(len(fake.keys), 1)
+        health.ok = False
+        clock.advance(3.0)
+        self.assertEqual(fake.calls[-1], "revoke")
+        self.assertEqual(fake.keys, {})
+        clock.advance(9.0)
+        self.assertEqual(fake.calls[-1], "revoke")  # no refresh while unhealthy
+        health.ok = True
+        clock.advance(3.0)
+        self.assertEqual(fake.calls[-2:], ["grant", "put"])
+        d.withdraw()
+        self.assertEqual((fake.calls[-1], fake.keys), ("revoke", {}))
+        n = len(fake.calls)
+        clock.advance(30)
+        self.assertEqual(len(fake.calls), n)  # withdrawn: the loop stopped
+
+
+# -- real servers ---------------------------------------------------------------------------
+class _RealServerTests:
+    """The same behaviour checked against etcd and against Consul."""
+
+    timeout = 60
+    server: Any
+
+    def start_server(self) -> Any:
+        raise NotImplementedError
+
+    def shared_server(self) -> Any:
+        raise NotImplementedError
+
+    def endpoint(self, server: Any) -> str:
+        raise NotImplementedError
+
+    def discovery(self, server: Any, me: Member, prefix: str, **kw: Any) -> DiscoveryBase:
+        raise NotImplementedError
+
+    def setUp(self) -> None:
+        self.prefix = f"/tfscache-test-{uuid.uuid4().hex[:8]}"
+
+    def make(self, node_id: str, server: Any = None, follow: bool = True, **kw: Any) -> DiscoveryBase:
+        kw.setdefault("ttl", 3.0)
+        kw.setdefault("max_backoff", 0.5)
+        d = self.discovery(server or self.shared_server(), member(node_id), self.prefix, **kw)
+        if follow:
+            d.startService()
+
+        @defer.inlineCallbacks
+        def cleanup():  # type: ignore[no-untyped-def]
+            if d.running:
+                yield d.stopService()
+            else:
+                yield d.withdraw()
+                yield d._closed()
+
+        self.addCleanup(cleanup)  # type: ignore[attr-defined]
+        return d
+
+    @defer.inlineCallbacks
+    def test_two_nodes_see_each_other(self):  # type: ignore[no-untyped-def]
+        a, b = self.make("a"), self.make("b")
+        seen: list[set[str]] = []
+        a.subscribe(lambda ms: seen.append(ids(ms)))
+        yield defer.gatherResults([a.publish(), b.publish()])
+        yield wait_until(lambda: ids(a.members()) == {"a", "b"} == ids(b.members()), what="a and b")
+        self.assertEqual(seen[-1], {"a", "b"})
+        self.assertEqual([m for m in a.members() if m.id == "b"], [member("b")])
+
+    @defer.inlineCallbacks
+    def test_withdraw_removes_promptly(self):  # type: ignore[no-untyped-def]
+        a, b = self.make("a", ttl=30.0), self.make("b", ttl=30.0)
+        yield defer.gatherResults([a.publish(), b.publish()])
+        yield wait_until(lambda: ids(a.members()) == {"a", "b"} == ids(b.members()), what="a and b")
+        yield b.withdraw()
+        yield wait_until(lambda: ids(a.members()) == {"a"}, timeout=5, what="b gone")  # TTL is 30 s
+        yield a.stopService()  # a graceful stop withdraws too
+        yield wait_until(lambda: ids(b.members()) == set(), timeout=5, what="a gone")
+
+    @defer.inlineCallbacks
+    def test_expired_registration_disappears(self):  # type: ignore[no-untyped-def]
+        a = self.make("a")
+        frozen = task.Clock()  # b's refresh never comes: like a node that hangs or crashed
+        b = self.make("b", follow=False, ttl=2.0, clock=frozen)
+        yield defer.gatherResults([a.publish(), b.publish()])
+        yield wait_until(lambda: ids(a.members()) == {"a", "b"}, what="a and b")
+        yield wait_until(lambda: ids(a.members()) == {"a"}, timeout=15, what="b expired")
+
+    @defer.inlineCallbacks
+    def test_health_gated_publishing(self):  # type: ignore[no-untyped-def]
+        health = Health(False)
+        a, b = self.make("a", health=health), self.make("b")
+        yield defer.gatherResults([a.publish(), b.publish()])
+        yield wait_until(lambda: "b" in ids(a.members()), what="b")
+        self.assertEqual(ids(a.members()), {"b"})  # a is not healthy: not published
+        health.ok = True
+        yield wait_until(lambda: ids(b.members()) == {"a", "b"}, what="a healthy")
+        health.ok = False
+        yield wait_until(lambda: ids(b.members()) == {"b"}, what="a unhealthy")
+        health.ok = True
+        yield wait_until(lambda: ids(b.members()) == {"a", "b"}, what="a healthy again")
+
+    def delete_record(self, server: Any, node_id: str) -> None:
+        raise NotImplementedError
+
+    @defer.inlineCallbacks
+    def test_record_removed_behind_its_back_is_restored(self):  # type: ignore[no-untyped-def]
+        a, b = self.make("a"), self.make("b")
+        yield defer.gatherResults([a.publish(), b.publish()])
+        yield wait_until(lambda: ids(a.members()) == {"a", "b"}, what="a and b")
+        yield threads.deferToThread(self.delete_record, self.shared_server(), "b")
+        yield wait_until(lambda: ids(a.members()) == {"a"}, what="b removed")
+        yield wait_until(lambda: ids(a.members()) == {"a", "b"}, what="b restored")
+
+    @defer.inlineCallbacks
+    def test_outage_keeps_members_logs_once_and_recovers(self):  # type: ignore[no-untyped-def]
+        logs = LogCapture(self)  # type: ignore[arg-type]
+        server = self.start_server()
+        a, b = self.make("a", server), self.make("b", server)
+        yield defer.gatherResults([a.publish(), b.publish()])
+        yield wait_until(lambda: ids(a.members()) == {"a", "b"}, what="a and b")
+        follows = []
+        original = a._follow
+
+        async def counting() -> None:
+            follows.append(1)
+            await original()
+
+        a._follow = counting  # type: ignore[method-assign]
+        yield threads.deferToThread(server.stop)
+        yield wait_until(lambda: not a.reachable, what="a notices the outage")
+        # several failed retries, and one warning only
+        yield wait_until(lambda: len(follows) >= 4, what="retries")
+        self.assertEqual(ids(a.members()), {"a", "b"})  # the last known members
+        self.assertEqual(logs.count(a, "unreachable"), 1)
+        yield threads.deferToThread(server.start)
+        c = self.make("c", server)
+        yield c.publish()
+        yield wait_until(lambda: ids(a.members()) == {"a", "b", "c"}, timeout=30, what="recovery")
+        yield wait_until(lambda: a.reachable and a.published and b.published, what="all published")
+        self.assertEqual(logs.count(a, "unreachable"), 1)
+        self.assertEqual(logs.count(a, "reachable again"), 1)
+
+
+class EtcdTests(_RealServerTests, unittest.TestCase):
+    def shared_server(self) -> Any:
+        return shared.shared("etcd", lambda: EtcdServer().start(), lambda s: s.stop())
+
+    def start_server(self) -> Any:
+        server = EtcdServer().start()
+        self.addCleanup(server.stop)
+        return server
+
+    def discovery(self, server: Any, me: Member, prefix: str, **kw: Any) -> DiscoveryBase:
+        from tfscache.cluster.discovery.etcd import EtcdDiscovery
+
+        return EtcdDiscovery([server.endpoint], me, kw.pop("health", None), prefix=prefix, **kw)
+
+    def delete_record(self, server: Any, node_id: str) -> None:
+        import base64
+
+        key = base64.b64encode(f"{self.prefix}/members/{node_id}".encode()).decode()
+        req = urllib.request.Request(server.endpoint + "/v3/kv/deleterange", json.dumps({"key": key}).encode())
+        urllib.request.urlopen(req, timeout=5).close()
+
+    @defer.inlineCallbacks
+    def test_username_and_password(self):  # type: ignore[no-untyped-def]
+        server = self.start_server()
+
+        def post(path: str, body: dict[str, Any], token: str | None = None) -> dict[str, Any]:
+            req = urllib.request.Request(server.endpoint + "/v3/" + path, json.dumps(body).encode(),
+                                         {"Authorization": token} if token else {})
+            with urllib.request.urlopen(req, timeout=5) as resp:
+                return json.load(resp)  # type: ignore[no-any-return]
+
+        post("auth/user/add", {"name": "root", "password": "secret"})
+        post("auth/role/add", {"name": "root"})
+        post("auth/user/grant", {"user": "root", "role": "root"})
+        post("auth/enable", {})
+        a = self.make("a", server, username="root", password="secret")
+        yield a.publish()
+        yield wait_until(lambda: ids(a.members()) == {"a"}, what="a with auth")
+        self.assertTrue(a.published)
+        # a token that etcd no longer accepts is replaced
+        for client in a.conn.clients:  # type: ignore[attr-defined]
+            client.session.headers["Authorization"] = "bogus"
+        _revision, kvs = yield threads.deferToThread(a.conn.range_prefix, a.prefix)  # type: ignore[attr-defined]
+        self.assertEqual(list(kvs), [a.key])  # type: ignore[attr-defined]
+
+
+def _consul_missing() -> str | None:
+    if ConsulAgent is None:
+        return "tests/harness/servers.py has no ConsulAgent"
+    try:
+        binary_path("consul")
+    except RuntimeError as e:
+        return str(e)
+    return None
+
+
+class ConsulTests(_RealServerTests, unittest.TestCase):
+    skip = _consul_missing()
+
+    def shared_server(self) -> Any:
+        return shared.shared("consul", lambda: ConsulAgent().start(), lambda s: s.stop())
+
+    def start_server(self) -> Any:
+        server = ConsulAgent().start()
+        self.addCleanup(server.stop)
+        return server
+
+    def discovery(self, server: Any, me: Member, prefix: str, **kw: Any) -> DiscoveryBase:
+        from tfscache.cluster.discovery.consul import ConsulDiscovery
+
+        kw.setdefault("wait_seconds", 5.0)
+        return ConsulDiscovery([server.http_addr], me, kw.pop("health", None), prefix=prefix, **kw)
+
+    def delete_record(self, server: Any, node_id: str) -> None:
+        req = urllib.request.Request(f"{server.http_addr}/v1/agent/service/deregister/{node_id}", method="PUT")
+        urllib.request.urlopen(req, timeout=5).close()
+
+    @defer.inlineCallbacks
+    def test_registration_carries_the_grpc_port(self):  # type: ignore[no-untyped-def]
+        a = self.make("a")
+        yield a.publish()
+        server = self.shared_server()
+        url = f"{server.http_addr}/v1/agent/service/a"
+        body = yield threads.deferToThread(lambda: json.load(urllib.request.urlopen(url, timeout=5)))
+        self.assertEqual((body["Service"], body["Port"], body["Meta"]["grpc_port"]),
+                         (self.prefix.strip("/"), member("a").rest_port, str(member("a").grpc_port)))
+

@@ -1,0 +1,426 @@
+"""The router over real HTTP and gRPC: small in-process nodes made of the real RestFrontend
+and GrpcBridge over a tiny request handler that answers with its node id."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import grpc
+import treq
+from twisted.internet import defer, reactor
+from twisted.trial import unittest
+from twisted.web.client import HTTPConnectionPool
+from twisted.web.server import Site
+
+from tests.harness.process import free_port
+from tfscache.cluster.discovery.static import StaticDiscovery
+from tfscache.cluster.members import Member
+from tfscache.cluster.ring import owners
+from tfscache.cluster.router import Router
+from tfscache.errors import Code, ServingError
+from tfscache.frontend.grpc_bridge import GrpcBridge
+from tfscache.frontend.rest import RestFrontend
+from tfscache.metrics import Metrics
+from tfscache.modelspec import ModelRef, RestCall, parse_rest_path
+from tfscache.node.local import HttpReply, HttpRequest
+from tfscache.proto import model_spec_pb2
+from tfscache.util.grpc_twisted import future_to_deferred
+
+PREDICT = "/tensorflow.serving.PredictionService/Predict"
+
+
+def predict_payload(name: str) -> bytes:
+    spec = model_spec_pb2.ModelSpec(name=name).SerializeToString()
+    return b"\x0a" + bytes([len(spec)]) + spec + b"\x12\x03abc"  # model_spec + opaque bytes
+
+
+class TinyHandler:
+    """An IRequestHandler that answers with its node id; modes make it fail or wait."""
+
+    def __init__(self, node_id: str) -> None:
+        self.node_id = node_id
+        self.mode = "ok"  # ok | unavailable | notfound | hold
+        self.rest_calls: list[HttpRequest] = []
+        self.grpc_calls: list[tuple[str, bytes, float | None]] = []
+        self.held: list[defer.Deferred[Any]] = []
+
+    def _answer(self, make: Any) -> defer.Deferred[Any]:
+        if self.mode == "unavailable":
+            return defer.fail(ServingError(Code.UNAVAILABLE, f"{self.node_id} is unavailable"))
+        if self.mode == "notfound":
+            return defer.fail(ServingError(Code.NOT_FOUND, "Servable not found for request: Latest(x)"))
+        if self.mode == "hold":
+            d: defer.Deferred[Any] = defer.Deferred()
+            self.held.append(d)
+            return d.addCallback(lambda _: make())
+        return defer.succeed(make())
+
+    def rest(self, call: RestCall, request: HttpRequest) -> defer.Deferred[HttpReply]:
+        self.rest_calls.append(request)
+        forwarded = any(k.lower() == b"x-tfscache-forwarded" for k, _v in request.headers)
+        body = {"node": self.node_id, "model": call.ref.name, "forwarded": forwarded,
+                "method": request.method.decode(), "path": request.path.decode(),
+                "body": request.body.decode()}
+        return self._answer(lambda: HttpReply(
+            200, json.dumps(body).encode(), [(b"content-type", b"application/json"),
+                                             (b"x-node", self.node_id.encode())]))
+
+    def grpc(self, method: str, ref: ModelRef, payload: bytes, timeout: float | None) -> defer.Deferred[bytes]:
+        self.grpc_calls.append((method, payload, timeout))
+        return self._answer(lambda: self.node_id.encode() + b"|" + payload)
+
+    def release(self) -> None:
+        held, self.held = self.held, []
+        for d in held:
+            if not d.called:
+                d.callback(None)
+
+
+class Node:
+    """A RestFrontend and a GrpcBridge: not-forwarded requests go to this node's router,
+    forwarded ones to its tiny handler."""
+
+    def __init__(self, node_id: str) -> None:
+        self.id = node_id
+        self.tiny = TinyHandler(node_id)
+        self.metrics = Metrics()
+        self.router: Router | None = None
+        self.routed = 0  # requests that reached this node's router (not forwarded ones)
+        self.rest_frontend = RestFrontend(self, self.metrics, local=self.tiny)
+        self.grpc_bridge = GrpcBridge(self, self.metrics, "127.0.0.1", 0, threads_count=8, local=self.tiny)
+        self.port: Any = None
+
+    def start(self) -> Node:
+        self.port = reactor.listenTCP(0, Site(self.rest_frontend.resource()), interface="127.0.0.1")
+        self.grpc_bridge.startService()
+        return self
+
+    @property
+    def member(self) -> Member:
+        assert self.grpc_bridge.bound_port is not None
+        return Member(self.id, "127.0.0.1", self.port.getHost().port, self.grpc_bridge.bound_port)
+
+    @property
+    def rest_url(self) -> str:
+        return f"http://127.0.0.1:{self.port.getHost().port}"
+
+    # the handler the front ends call for requests that were not forwarded
+    def rest(self, call: RestCall, request: HttpRequest) -> defer.Deferred[HttpReply]:
+        self.routed += 1
+        assert self.router is not None
+        return self.router.rest(call, request)
+
+    def grpc(self, method: str, ref: ModelRef, payload: bytes, timeout: float | None) -> defer.Deferred[bytes]:
+        self.routed += 1
+        assert self.router is not None
+        return self.router.grpc(method, ref, payload, timeout)
+
+    @defer.inlineCallbacks
+    def stop(self):  # type: ignore[no-untyped-def]
+        self.tiny.release()
+        if self.router is not None:
+            yield self.router.close()
+        yield self.port.stopListening()
+        yield self.grpc_bridge.stopService()
+
+
+def count(metrics: Metrics, target: str, outcome: str) -> float:
+    return metrics.forwards.labels(target=target, outcome=outcome)._value.get()
+
+
+class RouterTestCase(unittest.TestCase):
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def cluster(self, ids=("a", "b", "c"), dead=(), replicas=2, forward_timeout=5.0,  # type: ignore[no-untyped-def]
+                spread_threshold=100, down_seconds=3.0):
+        self.pool = HTTPConnectionPool(reactor, persistent=False)
+        nodes = {i: Node(i).start() for i in ids}
+        for n in nodes.values():
+            self.addCleanup(n.stop)
+        members = [n.member for n in nodes.values()]
+        members += [Member(d, "127.0.0.1", free_port(), free_port()) for d in dead]
+        self.members = members
+        for n in nodes.values():
+            n.router = Router(n.tiny, StaticDiscovery(members, n.member), n.id, replicas, forward_timeout,
+                              spread_threshold, n.metrics, down_seconds=down_seconds)
+        self.channels: list[grpc.Channel] = []
+        self.addCleanup(lambda: [c.close() for c in self.channels])
+        yield defer.succeed(None)
+        return nodes
+
+    def name_owned_by(self, *order: str) -> str:
+        """A model name whose rendezvous owners start with ``order``."""
+        for i in range(100000):
+            name = f"model-{i}"
+            got = [m.id for m in owners(name, self.members, len(order))]
+            if got == list(order):
+                return name
+        raise AssertionError(f"no name owned by {order}")
+
+    @defer.inlineCallbacks
+    def post(self, node: Node, name: str, body: bytes = b'{"instances": [1]}'):  # type: ignore[no-untyped-def]
+        resp = yield treq.post(f"{node.rest_url}/v1/models/{name}:predict", data=body, pool=self.pool,
+                               headers={b"content-type": [b"application/json"]})
+        content = yield treq.content(resp)
+        return resp, content
+
+    def grpc_call(self, node: Node, name: str, timeout: float = 10.0) -> defer.Deferred[bytes]:
+        channel = grpc.insecure_channel(f"127.0.0.1:{node.grpc_bridge.bound_port}")
+        self.channels.append(channel)
+        future = channel.unary_unary(PREDICT).future(predict_payload(name), timeout=timeout)
+        return future_to_deferred(future)
+
+    @defer.inlineCallbacks
+    def until(self, condition, timeout: float = 5.0):  # type: ignore[no-untyped-def]
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if time.monotonic() > deadline:
+                raise AssertionError("condition not met in time")
+            yield deferLater(0.01)
+
+    def direct(self, node: Node, name: str) -> defer.Deferred[HttpReply]:
+        """The router of ``node`` called in-process, as its front end would."""
+        path = f"/v1/models/{name}:predict"
+        assert node.router is not None
+        return node.router.rest(parse_rest_path("POST", path),
+                                HttpRequest(b"POST", path.encode(), [(b"content-type", b"application/json")],
+                                            b'{"instances": [1]}'))
+
+
+class RoutingTests(RouterTestCase):
+    @defer.inlineCallbacks
+    def test_rest_goes_to_the_owner_with_the_marker(self):  # type: ignore[no-untyped-def]
+        nodes = yield self.cluster()
+        a = nodes["a"]
+        for owner in ("b", "c"):
+            name = self.name_owned_by(owner)
+            resp, content = yield self.post(a, name, b'{"instances": [42]}')
+            self.assertEqual(resp.code, 200)
+            reply = json.loads(content)
+            self.assertEqual(reply["node"], owner)
+            self.assertTrue(reply["forwarded"])  # the marker reached the owner
+            self.assertEqual(reply["path"], f"/v1/models/{name}:predict")
+            self.assertEqual(reply["body"], '{"instances": [42]}')
+            self.assertEqual(resp.headers.getRawHeaders(b"x-node"), [owner.encode()])
+            self.assertEqual(count(a.metrics, owner, "ok"), 1)
+        # the owners served the forwarded requests themselves: their routers saw nothing
+        self.assertEqual((a.routed, nodes["b"].routed, nodes["c"].routed), (2, 0, 0))
+        self.assertEqual(a.tiny.rest_calls, [])
+        self.assertEqual(a.metrics.retries._value.get(), 0)
+
+    @defer.inlineCallbacks
+    def test_grpc_goes_to_the_owner_with_the_marker(self):  # type: ignore[no-untyped-def]
+        nodes = yield self.cluster()
+        a = nodes["a"]
+        for owner in ("b", "c"):
+            name = self.name_owned_by(owner)
+            reply = yield self.grpc_call(a, name)
+            self.assertEqual(reply, owner.encode() + b"|" + predict_payload(name))
+            self.assertEqual(count(a.metrics, owner, "ok"), 1)
+        self.assertEqual((a.routed, nodes["b"].routed, nodes["c"].routed), (2, 0, 0))
+        self.assertEqual(len(nodes["b"].tiny.grpc_calls), 1)
+        self.assertEqual(a.tiny.grpc_calls, [])
+
+    @defer.inlineCallbacks
+    def test_local_owner_is_served_without_a_hop(self):  # type: ignore[no-untyped-def]
+        nodes = yield self.cluster()
+        a = nodes["a"]
+        name = self.name_owned_by("a")
+        resp, content = yield self.post(a, name)
+        self.assertEqual(json.loads(content)["node"], "a")
+        self.assertFalse(json.loads(content)["forwarded"])
+        reply = yield self.grpc_call(a, name)
+        self.assertTrue(reply.startswith(b"a|"))
+        self.assertEqual(count(a.metrics, "local", "ok"), 2)
+        self.assertEqual(len(a.tiny.rest_calls) + len(a.tiny.grpc_calls), 2)
+        for other in ("b", "c"):
+            self.assertEqual((nodes[other].tiny.rest_calls, nodes[other].tiny.grpc_calls), ([], []))
+
+    @defer.inlineCallbacks
+    def test_owners_are_the_rendezvous_owners(self):  # type: ignore[no-untyped-def]
+        nodes = yield self.cluster(replicas=2)
+        for i in range(50):
+            name = f"m{i}"
+            expected = owners(name, self.members, 2)
+            for n in nodes.values():
+                self.assertEqual(n.router.owners_for(name), expected)
+
+    @defer.inlineCallbacks
+    def test_not_failover_errors_pass_through(self):  # type: ignore[no-untyped-def]
+        nodes = yield self.cluster()
+        a, b = nodes["a"], nodes["b"]
+        b.tiny.mode = "notfound"
+        name = self.name_owned_by("b", "c")
+        resp, content = yield self.post(a, name)
+        self.assertEqual(resp.code, 404)
+        self.assertEqual(json.loads(content), {"error": "Servable not found for request: Latest(x)"})
+        err = yield self.assertFailure(self.grpc_call(a, name), ServingError)
+        self.assertEqual((err.code, err.message), (Code.NOT_FOUND, "Servable not found for request: Latest(x)"))
+        self.assertEqual(nodes["c"].tiny.rest_calls + nodes["c"].tiny.grpc_calls, [])
+        self.assertEqual(a.metrics.retries._value.get(), 0)
+
+    @defer.inlineCallbacks
+    def test_no_members_known_serves_locally(self):  # type: ignore[no-untyped-def]
+        nodes = yield self.cluster(ids=("a",))
+        a = nodes["a"]
+
+        class Empty(StaticDiscovery):
+            def members(self) -> list[Member]:
+                return []
+
+        a.router = Router(a.tiny, Empty([], a.member), "a", 2, 5.0, 10, a.metrics)
+        reply = yield self.direct(a, "anything")
+        self.assertEqual(json.loads(reply.body)["node"], "a")
+
+
+class FailoverTests(RouterTestCase):
+    @defer.inlineCallbacks
+    def test_refused_owner_fails_over_and_is_remembered_down(self):  # type: ignore[no-untyped-def]
+        nodes = yield self.cluster(ids=("a", "b"), dead=("dead",))
+        a = nodes["a"]
+        name = self.name_owned_by("dead", "b")
+        resp, content = yield self.post(a, name)
+        self.assertEqual((resp.code, json.loads(content)["node"]), (200, "b"))
+        self.assertEqual(count(a.metrics, "dead", "failover"), 1)
+        self.assertEqual(a.metrics.retries._value.get(), 1)
+        self.assertTrue(a.router.is_down("dead"))
+        # the next requests try b first: no new retry
+        resp, content = yield self.post(a, name)
+        self.assertEqual(json.loads(content)["node"], "b")
+        reply = yield self.grpc_call(a, name)
+        self.assertTrue(reply.startswith(b"b|"))
+        self.assertEqual(a.metrics.retries._value.get(), 1)
+        self.assertEqual(count(a.metrics, "dead", "failover"), 1)
+
+    @defer.inlineCallbacks
+    def test_grpc_refused_owner_fails_over(self):  # type: ignore[no-untyped-def]
+        nodes = yield self.cluster(ids=("a", "b"), dead=("dead",))
+        a = nodes["a"]
+        name = self.name_owned_by("dead", "b")
+        reply = yield self.grpc_call(a, name)
+        self.assertTrue(reply.startswith(b"b|"))
+        self.assertEqual(count(a.metrics, "dead", "failover"), 1)
+        self.assertEqual(a.metrics.retries._value.get(), 1)
+
+    @defer.inlineCallbacks
+    def test_unavailable_and_503_fail_over(self):  # type: ignore[no-untyped-def]
+        nodes = yield self.cluster(down_seconds=0.0)
+        a = nodes["a"]
+        nodes["b"].tiny.mode = "unavailable"
+        name = self.name_owned_by("b", "c")
+        resp, content = yield self.post(a, name)  # b answers 503
+        self.assertEqual((resp.code, json.loads(content)["node"]), (200, "c"))
+        reply = yield self.grpc_call(a, name)  # b answers UNAVAILABLE
+        self.assertTrue(reply.startswith(b"c|"))
+        self.assertEqual(count(a.metrics, "b", "failover"), 2)
+        self.assertEqual(len(nodes["b"].tiny.rest_calls), 1)
+        self.assertEqual(len(nodes["b"].tiny.grpc_calls), 1)
+        self.assertEqual(a.metrics.retries._value.get(), 2)
+
+    @defer.inlineCallbacks
+    def test_local_unavailable_fails_over(self):  # type: ignore[no-untyped-def]
+        nodes = yield self.cluster()
+        a = nodes["a"]
+        a.tiny.mode = "unavailable"
+        name = self.name_owned_by("a", "b")
+        reply = yield self.direct(a, name)
+        self.assertEqual(json.loads(reply.body)["node"], "b")
+        self.assertEqual(count(a.metrics, "local", "failover"), 1)
+
+    @defer.inlineCallbacks
+    def test_at_most_replicas_tries(self):  # type: ignore[no-untyped-def]
+        nodes = yield self.cluster(ids=("a", "b", "c", "d"), replicas=2)
+        a = nodes["a"]
+        for n in ("b", "c", "d"):
+            nodes[n].tiny.mode = "unavailable"
+        name = self.name_owned_by("b", "c")
+        resp, content = yield self.post(a, name)
+        self.assertEqual(resp.code, 503)  # the last owner's own answer
+        self.assertEqual(json.loads(content), {"error": "c is unavailable"})
+        err = yield self.assertFailure(self.grpc_call(a, self.name_owned_by("c", "d")), ServingError)
+        self.assertEqual(err.code, Code.UNAVAILABLE)
+        tried = sum(len(nodes[n].tiny.rest_calls) for n in "abcd")
+        self.assertEqual(tried, 2)
+        self.assertEqual(sum(len(nodes[n].tiny.grpc_calls) for n in "abcd"), 2)
+        self.assertEqual(a.metrics.retries._value.get(), 2)
+
+    @defer.inlineCallbacks
+    def test_hanging_owner_is_deadline_exceeded(self):  # type: ignore[no-untyped-def]
+        nodes = yield self.cluster(forward_timeout=0.5)
+        a = nodes["a"]
+        nodes["b"].tiny.mode = "hold"
+        name = self.name_owned_by("b", "c")
+        started = time.monotonic()
+        err = yield self.assertFailure(self.direct(a, name), ServingError)
+        self.assertEqual(err.code, Code.DEADLINE_EXCEEDED)
+        resp, content = yield self.post(a, name)
+        self.assertEqual(resp.code, 504)
+        err = yield self.assertFailure(self.grpc_call(a, name, timeout=0.5), ServingError)
+        self.assertEqual(err.code, Code.DEADLINE_EXCEEDED)
+        self.assertLess(time.monotonic() - started, 5.0)
+        yield self.until(lambda: count(a.metrics, "b", "timeout") == 3)
+        self.assertEqual(nodes["c"].tiny.rest_calls + nodes["c"].tiny.grpc_calls, [])  # no retry
+        # b's front end ends the requests the router gave up on quietly
+        self.assertEqual(self.flushLoggedErrors(defer.CancelledError), [])
+
+
+    @defer.inlineCallbacks
+    def test_client_gone_stops_the_route(self):  # type: ignore[no-untyped-def]
+        nodes = yield self.cluster()
+        a, b = nodes["a"], nodes["b"]
+        b.tiny.mode = "hold"
+        name = self.name_owned_by("b", "c")
+        d = self.direct(a, name)
+        yield self.until(lambda: len(b.tiny.held) == 1)
+        d.cancel()
+        yield self.assertFailure(d, defer.CancelledError)
+        self.assertEqual(count(a.metrics, "b", "cancelled"), 1)
+        self.assertEqual((a.metrics.retries._value.get(), a.router.inflight(name, "b")), (0, 0))
+        self.assertFalse(a.router.is_down("b"))
+        # b's front end ends the request it was serving, quietly (no error logged)
+        yield self.until(lambda: b.rest_frontend.inflight.count == 0)
+        self.assertEqual(self.flushLoggedErrors(defer.CancelledError), [])
+
+
+class SpreadTests(RouterTestCase):
+    @defer.inlineCallbacks
+    def test_hot_model_spreads_to_the_next_owner(self):  # type: ignore[no-untyped-def]
+        nodes = yield self.cluster(spread_threshold=2)
+        a, b = nodes["a"], nodes["b"]
+        name = self.name_owned_by("b", "c")
+        b.tiny.mode = "hold"
+        first = [self.direct(a, name) for _ in range(2)]
+        yield self.until(lambda: len(b.tiny.held) == 2)
+        self.assertEqual(a.router.inflight(name, "b"), 2)
+        # b has 2 in flight from this router: the third request goes to the second owner
+        third = yield self.direct(a, name)
+        self.assertEqual(json.loads(third.body)["node"], "c")
+        grpc_reply = yield self.grpc_call(a, name)
+        self.assertTrue(grpc_reply.startswith(b"c|"))
+        b.tiny.release()
+        replies = yield defer.gatherResults(first)
+        self.assertEqual([json.loads(r.body)["node"] for r in replies], ["b", "b"])
+        self.assertEqual(a.router.inflight(name, "b"), 0)
+        # quiet again: back to one node
+        b.tiny.mode = "ok"
+        for _ in range(3):
+            reply = yield self.direct(a, name)
+            self.assertEqual(json.loads(reply.body)["node"], "b")
+        self.assertEqual(len(nodes["c"].tiny.rest_calls), 1)
+
+    @defer.inlineCallbacks
+    def test_quiet_model_stays_on_one_node(self):  # type: ignore[no-untyped-def]
+        nodes = yield self.cluster(spread_threshold=4)
+        a = nodes["a"]
+        name = self.name_owned_by("c", "b")
+        replies = yield defer.gatherResults([self.direct(a, name) for _ in range(4)])
+        self.assertEqual({json.loads(r.body)["node"] for r in replies}, {"c"})
+        self.assertEqual(nodes["b"].tiny.rest_calls, [])
+
+def deferLater(seconds: float) -> defer.Deferred[None]:
+    from twisted.internet import task
+
+    return task.deferLater(reactor, seconds, lambda: None)

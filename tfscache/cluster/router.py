@@ -1,0 +1,389 @@
+"""Router: sends each request to an owner of its model, here or on another node.
+
+The owners of a model name are the first R members by rendezvous hashing (``ring.py``) over
+the live members that discovery reports.  A request goes to the first owner that is not known
+to be down; when the owner is this node, the local node serves it with no network hop.
+
+Spreading: a hot model gets more copies.  When this router already has
+``spread_threshold`` requests in flight to the first owner for a model name, the next request
+goes to the next owner (which loads its own copy), and so on down the R owners; when all are
+that busy, to the least busy.  A quiet model stays on one node.
+
+Failover: a forward that cannot connect (refused, reset, connect timeout) or that the owner
+answers with UNAVAILABLE (gRPC) / HTTP 503 (REST) is retried on the next owner: at most R
+tries, all within the request's deadline (the gRPC call's own deadline, else
+``forward_timeout``).  Predict, classify, regress, metadata and status have no side effects,
+so a retry is safe.  A member that failed that way is remembered as down for ``down_seconds``:
+the following requests try it last.  A deadline that runs out is DEADLINE_EXCEEDED, never a
+hang.  Any other answer of an owner (NOT_FOUND, INVALID_ARGUMENT, ...) goes back unchanged.
+
+Forwards carry the marker (REST header / gRPC metadata ``x-tfscache-forwarded: 1``), so the
+receiving node serves the request itself instead of routing it again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import grpc
+from twisted.internet import defer
+from twisted.internet.error import ConnectError, ConnectionClosed
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed, readBody
+from twisted.web.iweb import IBodyProducer
+from zope.interface import implementer
+
+from tfscache.cluster.members import Member
+from tfscache.cluster.ring import Ring
+from tfscache.errors import Code, ServingError, deadline, unavailable
+from tfscache.interfaces import IDiscovery, IRequestHandler
+from tfscache.metrics import Metrics
+from tfscache.modelspec import ModelRef, RestCall
+from tfscache.node.local import HttpReply, HttpRequest, forwardable_headers
+from tfscache.util.grpc_twisted import future_to_deferred
+
+T = TypeVar("T")
+
+FORWARDED_HEADER = b"x-tfscache-forwarded"
+FORWARDED_METADATA = (("x-tfscache-forwarded", "1"),)
+DOWN_SECONDS = 3.0        # how long a member that failed to connect is tried last
+CONNECT_TIMEOUT = 2.0     # a TCP connect slower than this fails over to the next owner
+# the front end that sends the forwarded reply sets these itself
+_REPLY_SKIP = {b"date", b"server"}
+# a request that reached the owner and may have been served there is not retried after these,
+# but they say nothing about the owner's health (a stale pooled connection, for instance)
+_TRANSPORT_ERRORS = (ResponseFailed, ConnectionClosed)
+
+
+def default_channel(target: str) -> grpc.Channel:
+    """An insecure channel to another node; reconnects quickly after the node comes back."""
+    return grpc.insecure_channel(target, options=[
+        ("grpc.max_receive_message_length", -1),
+        ("grpc.max_send_message_length", -1),
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 1000),
+        ("grpc.enable_retries", 0),
+    ])
+
+
+class _RouteState:
+    """One request's route: the attempt in progress, and whether the client gave up."""
+
+    def __init__(self) -> None:
+        self.current: defer.Deferred[Any] | None = None
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        if self.current is not None:
+            self.current.cancel()
+
+
+class _Failover(Exception):
+    """A forward failed in a way that makes the next owner worth trying."""
+
+    def __init__(self, error: ServingError, mark_down: bool, reply: HttpReply | None = None) -> None:
+        super().__init__(error.message)
+        self.error, self.mark_down, self.reply = error, mark_down, reply
+
+
+@implementer(IRequestHandler)
+class Router:
+    log = Logger()
+
+    def __init__(
+        self,
+        local: IRequestHandler,
+        discovery: IDiscovery,
+        self_id: str,
+        replicas: int,
+        forward_timeout: float,
+        spread_threshold: int,
+        metrics: Metrics,
+        clock: IReactorTime | None = None,
+        pool: HTTPConnectionPool | None = None,
+        grpc_channel_factory: Callable[[str], grpc.Channel] | None = None,
+        down_seconds: float = DOWN_SECONDS,
+        connect_timeout: float = CONNECT_TIMEOUT,
+    ) -> None:
+        from twisted.internet import reactor
+
+        self.local, self.discovery, self.self_id = local, discovery, self_id
+        self.replicas = max(1, replicas)
+        self.forward_timeout = forward_timeout
+        self.spread_threshold = spread_threshold
+        self.metrics = metrics
+        self.clock: IReactorTime = clock or reactor  # type: ignore[assignment]
+        self.down_seconds = down_seconds
+        if pool is None:
+            pool = HTTPConnectionPool(reactor, persistent=True)
+            pool.maxPersistentPerHost = 64
+            # below the idle timeout of a Twisted web server (60 s): the server never closes
+            # a connection the pool is about to reuse
+            pool.cachedConnectionTimeout = 50
+        self.pool = pool
+        self.agent = Agent(reactor, connectTimeout=connect_timeout, pool=pool)
+        self._channel_factory = grpc_channel_factory or default_channel
+        self._channels: dict[str, tuple[str, grpc.Channel]] = {}
+        self._methods: dict[tuple[str, str], grpc.UnaryUnaryMultiCallable] = {}
+        self._down_until: dict[str, float] = {}
+        self._inflight: dict[tuple[str, str], int] = {}
+        self._version = 0
+        self._ring = Ring((), self.replicas)
+        self._members_changed(list(discovery.members()))
+        discovery.subscribe(self._members_changed)
+
+    # -- membership ----------------------------------------------------------------------------
+    def _members_changed(self, members: Sequence[Member]) -> None:
+        self._version += 1
+        self._ring = Ring(members, self.replicas, self._version)
+        self.metrics.members.set(len(self._ring))
+        live = {m.id: m for m in self._ring.members}
+        for mid, (target, channel) in list(self._channels.items()):
+            m = live.get(mid)
+            if m is None or m.grpc_target != target:
+                del self._channels[mid]
+                for key in [k for k in self._methods if k[0] == mid]:
+                    del self._methods[key]
+                channel.close()
+        for mid in [mid for mid in self._down_until if mid not in live]:
+            del self._down_until[mid]
+
+    def members(self) -> list[Member]:
+        return list(self._ring.members)
+
+    def owners_for(self, name: str) -> list[Member]:
+        """The owners of a model name, most preferred first (the rendezvous order)."""
+        return list(self._ring.owners(name))
+
+    def describe(self, members: Sequence[Member]) -> list[dict[str, Any]]:
+        """Members as the admin API shows them: the record plus ``self`` and ``down``."""
+        return [dict(m.to_dict(), self=m.id == self.self_id, down=self.is_down(m.id)) for m in members]
+
+    def members_view(self) -> list[dict[str, Any]]:
+        return self.describe(self.members())
+
+    def owners_view(self, name: str) -> list[dict[str, Any]]:
+        return self.describe(self.owners_for(name))
+
+    def is_down(self, member_id: str) -> bool:
+        return self._down_until.get(member_id, 0.0) > self.clock.seconds()
+
+    def inflight(self, name: str, member_id: str) -> int:
+        return self._inflight.get((name, member_id), 0)
+
+    def candidates(self, name: str) -> list[Member | None]:
+        """The order in which this request will try the owners (None: this node, when no
+        member is known at all)."""
+        owners = self._ring.owners(name)
+        if not owners:
+            return [None]
+        now = self.clock.seconds()
+        up: list[Member | None] = []
+        down: list[Member | None] = []
+        for m in owners:
+            (down if self._down_until.get(m.id, 0.0) > now else up).append(m)
+        if len(up) > 1:
+            threshold, inflight = self.spread_threshold, self._inflight
+            loads = [inflight.get((name, m.id), 0) for m in up]  # type: ignore[union-attr]
+            pick = next((i for i, n in enumerate(loads) if n < threshold), None)
+            if pick is None:
+                pick = loads.index(min(loads))
+            if pick:
+                up.insert(0, up.pop(pick))
+        return up + down
+
+    # -- IRequestHandler ------------------------------------------------------------------------
+    def rest(self, call: RestCall, request: HttpRequest) -> defer.Deferred[HttpReply]:
+        return self._start(
+            call.ref.name, self.forward_timeout,
+            lambda m, remaining: self._rest_local(call, request) if m is None or m.id == self.self_id
+            else self._rest_remote(m, request, remaining),
+        )
+
+    def grpc(self, method: str, ref: ModelRef, payload: bytes, timeout: float | None) -> defer.Deferred[bytes]:
+        return self._start(
+            ref.name, self.forward_timeout if timeout is None else timeout,
+            lambda m, remaining: self._grpc_local(method, ref, payload, remaining)
+            if m is None or m.id == self.self_id else self._grpc_remote(m, method, payload, remaining),
+        )
+
+    def _start(
+        self, name: str, budget: float, attempt: Callable[[Member | None, float], Awaitable[T]]
+    ) -> defer.Deferred[T]:
+        """Run the route; cancelling the result (the client went away) cancels the current
+        attempt and tries no other owner."""
+        state = _RouteState()
+        outer: defer.Deferred[T] = defer.Deferred(lambda _d: state.cancel())
+        defer.ensureDeferred(self._route(name, budget, attempt, state)).chainDeferred(outer)
+        return outer
+
+    def close(self) -> defer.Deferred[None]:
+        """Close the gRPC channels and the pooled HTTP connections (at shutdown)."""
+        for _target, channel in self._channels.values():
+            channel.close()
+        self._channels.clear()
+        self._methods.clear()
+        return self.pool.closeCachedConnections()
+
+    # -- the route ------------------------------------------------------------------------------
+    async def _route(
+        self, name: str, budget: float, attempt: Callable[[Member | None, float], Awaitable[T]],
+        state: _RouteState,
+    ) -> T:
+        clock = self.clock
+        end = clock.seconds() + budget
+        last: _Failover | None = None
+        for tries, member in enumerate(self.candidates(name)):
+            if state.cancelled:
+                raise defer.CancelledError()
+            remaining = end - clock.seconds()
+            if remaining <= 0:
+                break
+            if tries:
+                self.metrics.retries.inc()
+            local = member is None or member.id == self.self_id
+            mid = self.self_id if member is None else member.id
+            key = (name, mid)
+            self._inflight[key] = self._inflight.get(key, 0) + 1
+            outcome = "error"
+            d = state.current = defer.ensureDeferred(attempt(member, remaining))  # type: ignore[arg-type]
+            timer = clock.callLater(remaining, d.cancel)
+            try:
+                try:
+                    result: T = await d
+                except Exception:
+                    if state.cancelled:
+                        outcome = "cancelled"
+                        raise defer.CancelledError()
+                    if not timer.active():  # the deadline cancelled it, whatever it raised then
+                        where = "this node" if local else mid
+                        raise deadline(f"Deadline exceeded after {budget:g}s waiting for {where} to serve {name}")
+                    raise
+                outcome = "ok"
+                return result
+            except _Failover as e:
+                outcome = "failover"
+                last = e
+                if e.mark_down:
+                    self._mark_down(mid, e.error.message)
+            except ServingError as e:
+                outcome = "timeout" if e.code == Code.DEADLINE_EXCEEDED else "error"
+                raise
+            finally:
+                state.current = None
+                if timer.active():
+                    timer.cancel()
+                n = self._inflight[key] - 1
+                if n:
+                    self._inflight[key] = n
+                else:
+                    del self._inflight[key]
+                self.metrics.forwards.labels(target="local" if local else mid, outcome=outcome).inc()
+        if last is None:
+            raise deadline(f"Deadline exceeded after {budget:g}s before {name} could be served")
+        if last.reply is not None:
+            return last.reply  # type: ignore[return-value]  # the owner's own 503, unchanged
+        raise unavailable(f"No owner of model {name} could serve the request: {last.error.message}")
+
+    def _mark_down(self, member_id: str, why: str) -> None:
+        now = self.clock.seconds()
+        if self._down_until.get(member_id, 0.0) <= now:
+            self.log.info("member {member} is down for {seconds:g}s: {why}",
+                          member=member_id, seconds=self.down_seconds, why=why)
+        self._down_until[member_id] = now + self.down_seconds
+
+    # -- REST -----------------------------------------------------------------------------------
+    async def _rest_local(self, call: RestCall, request: HttpRequest) -> HttpReply:
+        try:
+            reply: HttpReply = await self.local.rest(call, request)
+        except ServingError as e:
+            if e.code == Code.UNAVAILABLE:
+                raise _Failover(e, mark_down=True)
+            raise
+        if reply.code == 503:
+            raise _Failover(unavailable("this node answered 503"), mark_down=True, reply=reply)
+        return reply
+
+    async def _rest_remote(self, member: Member, request: HttpRequest, remaining: float) -> HttpReply:
+        headers = forwardable_headers(request.headers)
+        headers.setRawHeaders(FORWARDED_HEADER, [b"1"])
+        method = request.method.upper()
+        body = None
+        if request.body or method not in (b"GET", b"HEAD", b"DELETE", b"OPTIONS"):
+            body = _BytesProducer(request.body)
+        url = member.rest_base.encode("ascii") + request.path
+        try:
+            resp = await self.agent.request(method, url, headers, body)
+            content: bytes = await readBody(resp)
+        except ConnectError as e:
+            raise _Failover(unavailable(f"{member.id} refused the connection or did not accept it "
+                                        f"in time ({type(e).__name__})"), mark_down=True)
+        except _TRANSPORT_ERRORS as e:
+            raise _Failover(unavailable(f"the connection to {member.id} failed ({type(e).__name__})"),
+                            mark_down=False)
+        out = [(k, v) for k, vs in forwardable_headers(
+            [(k, v) for k, vs in resp.headers.getAllRawHeaders() for v in vs]).getAllRawHeaders()
+            for v in vs if k.lower() not in _REPLY_SKIP]
+        reply = HttpReply(resp.code, content, out)
+        if resp.code == 503:
+            raise _Failover(unavailable(f"{member.id} answered 503"), mark_down=True, reply=reply)
+        return reply
+
+    # -- gRPC -----------------------------------------------------------------------------------
+    async def _grpc_local(self, method: str, ref: ModelRef, payload: bytes, remaining: float) -> bytes:
+        try:
+            reply: bytes = await self.local.grpc(method, ref, payload, remaining)
+        except ServingError as e:
+            if e.code == Code.UNAVAILABLE:
+                raise _Failover(e, mark_down=True)
+            raise
+        return reply
+
+    async def _grpc_remote(self, member: Member, method: str, payload: bytes, remaining: float) -> bytes:
+        call = self._method(member, method)
+        future = call.future(payload, timeout=remaining, metadata=FORWARDED_METADATA)
+        try:
+            reply: bytes = await future_to_deferred(future, member.grpc_target)
+        except ServingError as e:
+            if e.code == Code.UNAVAILABLE:
+                raise _Failover(ServingError(e.code, f"{member.id}: {e.message}"), mark_down=True)
+            raise
+        return reply
+
+    def _method(self, member: Member, method: str) -> grpc.UnaryUnaryMultiCallable:
+        call = self._methods.get((member.id, method))
+        if call is not None:
+            return call
+        entry = self._channels.get(member.id)
+        if entry is None or entry[0] != member.grpc_target:
+            if entry is not None:
+                entry[1].close()
+            entry = self._channels[member.id] = (member.grpc_target, self._channel_factory(member.grpc_target))
+        call = self._methods[(member.id, method)] = entry[1].unary_unary(method)
+        return call
+
+
+@implementer(IBodyProducer)
+class _BytesProducer:
+    """The request body, which is in memory already, written in one go."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: Any) -> defer.Deferred[None]:
+        consumer.write(self.body)
+        return defer.succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
