@@ -9,9 +9,12 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.request
 
+import grpc
 import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from twisted.internet import defer, threads
 from twisted.trial import unittest
 
@@ -20,6 +23,7 @@ from tests.harness import shared
 from tests.harness.node import NodeProcess, node_config
 from tests.harness.process import REPO_ROOT
 from tfscache.devserver.models import set_load_delay, write_corrupt_model, write_half_plus_two
+from tfscache.util.grpc_twisted import future_to_deferred
 
 TOKEN = "test-admin-token"
 
@@ -156,10 +160,21 @@ class DaemonTests(unittest.TestCase):
         self.addCleanup(node.stop)
         reply = yield http("GET", node.rest_url + "/readyz")
         self.assertEqual(reply.code, 200, reply.body)
+        health = health_pb2_grpc.HealthStub(grpc.insecure_channel(node.grpc_target))
+        check = health_pb2.HealthCheckRequest(service="tensorflow.serving.PredictionService")
+        SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+        resp = yield future_to_deferred(health.Check.future(check, timeout=10))
+        self.assertEqual(resp.status, SERVING)
         yield threads.deferToThread(own.kill)
         reply = yield http("GET", node.rest_url + "/readyz")
         self.assertEqual(reply.code, 503)
         self.assertIn("tfserving", reply.json())
+        for _ in range(200):  # the monitor probes every 0.2 s: no event reaches this process
+            resp = yield future_to_deferred(health.Check.future(check, timeout=10))
+            if resp.status == NOT_SERVING:
+                break
+            yield threads.deferToThread(time.sleep, 0.05)
+        self.assertEqual(resp.status, NOT_SERVING)
         reply = yield http("GET", node.rest_url + "/healthz")
         self.assertEqual(reply.code, 200)
 

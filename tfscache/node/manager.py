@@ -374,10 +374,14 @@ class CacheManager:
         if entry is None or entry.state != State.AVAILABLE:
             return
         entry.state = State.UNLOADING
-        self.log.info("unloading model={model} version={version} reason={reason}",
-                      model=mid.name, version=mid.version, reason=reason)
+        started = self.now()
         try:
             await self.backend.unload(mid.name, mid.version)
+            self.log.info(
+                "unloaded model={model} version={version} bytes={bytes} seconds={seconds:.3f} reason={reason}",
+                model=mid.name, version=mid.version, bytes=entry.size, seconds=self.now() - started,
+                reason=reason,
+            )
         finally:
             entry.state = State.ON_DISK if mid in self.disk else State.ABSENT
             self.unloads += 1
