@@ -1,13 +1,10 @@
-from collections.abc import Iterable as _Iterable
-from collections.abc import Mapping as _Mapping
-from typing import ClassVar as _ClassVar
-
-from google.protobuf import descriptor as _descriptor
-from google.protobuf import message as _message
+from tfscache.proto import model_spec_pb2 as _model_spec_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
-
-from tfscache.proto import model_spec_pb2 as _model_spec_pb2
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -17,13 +14,13 @@ class StatusProto(_message.Message):
     ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
     error_code: int
     error_message: str
-    def __init__(self, error_code: int | None = ..., error_message: str | None = ...) -> None: ...
+    def __init__(self, error_code: _Optional[int] = ..., error_message: _Optional[str] = ...) -> None: ...
 
 class GetModelStatusRequest(_message.Message):
     __slots__ = ("model_spec",)
     MODEL_SPEC_FIELD_NUMBER: _ClassVar[int]
     model_spec: _model_spec_pb2.ModelSpec
-    def __init__(self, model_spec: _model_spec_pb2.ModelSpec | _Mapping | None = ...) -> None: ...
+    def __init__(self, model_spec: _Optional[_Union[_model_spec_pb2.ModelSpec, _Mapping]] = ...) -> None: ...
 
 class ModelVersionStatus(_message.Message):
     __slots__ = ("version", "state", "status")
@@ -47,13 +44,13 @@ class ModelVersionStatus(_message.Message):
     version: int
     state: ModelVersionStatus.State
     status: StatusProto
-    def __init__(self, version: int | None = ..., state: ModelVersionStatus.State | str | None = ..., status: StatusProto | _Mapping | None = ...) -> None: ...
+    def __init__(self, version: _Optional[int] = ..., state: _Optional[_Union[ModelVersionStatus.State, str]] = ..., status: _Optional[_Union[StatusProto, _Mapping]] = ...) -> None: ...
 
 class GetModelStatusResponse(_message.Message):
     __slots__ = ("model_version_status",)
     MODEL_VERSION_STATUS_FIELD_NUMBER: _ClassVar[int]
     model_version_status: _containers.RepeatedCompositeFieldContainer[ModelVersionStatus]
-    def __init__(self, model_version_status: _Iterable[ModelVersionStatus | _Mapping] | None = ...) -> None: ...
+    def __init__(self, model_version_status: _Optional[_Iterable[_Union[ModelVersionStatus, _Mapping]]] = ...) -> None: ...
 
 class ServableVersionPolicy(_message.Message):
     __slots__ = ("latest", "all", "specific")
@@ -61,7 +58,7 @@ class ServableVersionPolicy(_message.Message):
         __slots__ = ("num_versions",)
         NUM_VERSIONS_FIELD_NUMBER: _ClassVar[int]
         num_versions: int
-        def __init__(self, num_versions: int | None = ...) -> None: ...
+        def __init__(self, num_versions: _Optional[int] = ...) -> None: ...
     class All(_message.Message):
         __slots__ = ()
         def __init__(self) -> None: ...
@@ -69,14 +66,14 @@ class ServableVersionPolicy(_message.Message):
         __slots__ = ("versions",)
         VERSIONS_FIELD_NUMBER: _ClassVar[int]
         versions: _containers.RepeatedScalarFieldContainer[int]
-        def __init__(self, versions: _Iterable[int] | None = ...) -> None: ...
+        def __init__(self, versions: _Optional[_Iterable[int]] = ...) -> None: ...
     LATEST_FIELD_NUMBER: _ClassVar[int]
     ALL_FIELD_NUMBER: _ClassVar[int]
     SPECIFIC_FIELD_NUMBER: _ClassVar[int]
     latest: ServableVersionPolicy.Latest
     all: ServableVersionPolicy.All
     specific: ServableVersionPolicy.Specific
-    def __init__(self, latest: ServableVersionPolicy.Latest | _Mapping | None = ..., all: ServableVersionPolicy.All | _Mapping | None = ..., specific: ServableVersionPolicy.Specific | _Mapping | None = ...) -> None: ...
+    def __init__(self, latest: _Optional[_Union[ServableVersionPolicy.Latest, _Mapping]] = ..., all: _Optional[_Union[ServableVersionPolicy.All, _Mapping]] = ..., specific: _Optional[_Union[ServableVersionPolicy.Specific, _Mapping]] = ...) -> None: ...
 
 class ModelConfig(_message.Message):
     __slots__ = ("name", "base_path", "model_platform", "model_version_policy", "version_labels")
@@ -86,7 +83,7 @@ class ModelConfig(_message.Message):
         VALUE_FIELD_NUMBER: _ClassVar[int]
         key: str
         value: int
-        def __init__(self, key: str | None = ..., value: int | None = ...) -> None: ...
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     NAME_FIELD_NUMBER: _ClassVar[int]
     BASE_PATH_FIELD_NUMBER: _ClassVar[int]
     MODEL_PLATFORM_FIELD_NUMBER: _ClassVar[int]
@@ -97,19 +94,19 @@ class ModelConfig(_message.Message):
     model_platform: str
     model_version_policy: ServableVersionPolicy
     version_labels: _containers.ScalarMap[str, int]
-    def __init__(self, name: str | None = ..., base_path: str | None = ..., model_platform: str | None = ..., model_version_policy: ServableVersionPolicy | _Mapping | None = ..., version_labels: _Mapping[str, int] | None = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., base_path: _Optional[str] = ..., model_platform: _Optional[str] = ..., model_version_policy: _Optional[_Union[ServableVersionPolicy, _Mapping]] = ..., version_labels: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class ModelConfigList(_message.Message):
     __slots__ = ("config",)
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     config: _containers.RepeatedCompositeFieldContainer[ModelConfig]
-    def __init__(self, config: _Iterable[ModelConfig | _Mapping] | None = ...) -> None: ...
+    def __init__(self, config: _Optional[_Iterable[_Union[ModelConfig, _Mapping]]] = ...) -> None: ...
 
 class ModelServerConfig(_message.Message):
     __slots__ = ("model_config_list",)
     MODEL_CONFIG_LIST_FIELD_NUMBER: _ClassVar[int]
     model_config_list: ModelConfigList
-    def __init__(self, model_config_list: ModelConfigList | _Mapping | None = ...) -> None: ...
+    def __init__(self, model_config_list: _Optional[_Union[ModelConfigList, _Mapping]] = ...) -> None: ...
 
 class ReloadConfigRequest(_message.Message):
     __slots__ = ("config", "metric_names")
@@ -117,10 +114,10 @@ class ReloadConfigRequest(_message.Message):
     METRIC_NAMES_FIELD_NUMBER: _ClassVar[int]
     config: ModelServerConfig
     metric_names: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, config: ModelServerConfig | _Mapping | None = ..., metric_names: _Iterable[str] | None = ...) -> None: ...
+    def __init__(self, config: _Optional[_Union[ModelServerConfig, _Mapping]] = ..., metric_names: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ReloadConfigResponse(_message.Message):
     __slots__ = ("status",)
     STATUS_FIELD_NUMBER: _ClassVar[int]
     status: StatusProto
-    def __init__(self, status: StatusProto | _Mapping | None = ...) -> None: ...
+    def __init__(self, status: _Optional[_Union[StatusProto, _Mapping]] = ...) -> None: ...

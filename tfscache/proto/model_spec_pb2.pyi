@@ -1,11 +1,9 @@
-from collections.abc import Iterable as _Iterable
-from collections.abc import Mapping as _Mapping
-from typing import ClassVar as _ClassVar
-
-from google.protobuf import descriptor as _descriptor
-from google.protobuf import message as _message
 from google.protobuf import wrappers_pb2 as _wrappers_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -19,22 +17,22 @@ class ModelSpec(_message.Message):
     version: _wrappers_pb2.Int64Value
     version_label: str
     signature_name: str
-    def __init__(self, name: str | None = ..., version: _wrappers_pb2.Int64Value | _Mapping | None = ..., version_label: str | None = ..., signature_name: str | None = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[_Union[_wrappers_pb2.Int64Value, _Mapping]] = ..., version_label: _Optional[str] = ..., signature_name: _Optional[str] = ...) -> None: ...
 
 class ModelSpecCarrier(_message.Message):
     __slots__ = ("model_spec",)
     MODEL_SPEC_FIELD_NUMBER: _ClassVar[int]
     model_spec: ModelSpec
-    def __init__(self, model_spec: ModelSpec | _Mapping | None = ...) -> None: ...
+    def __init__(self, model_spec: _Optional[_Union[ModelSpec, _Mapping]] = ...) -> None: ...
 
 class InferenceTaskCarrier(_message.Message):
     __slots__ = ("model_spec",)
     MODEL_SPEC_FIELD_NUMBER: _ClassVar[int]
     model_spec: ModelSpec
-    def __init__(self, model_spec: ModelSpec | _Mapping | None = ...) -> None: ...
+    def __init__(self, model_spec: _Optional[_Union[ModelSpec, _Mapping]] = ...) -> None: ...
 
 class MultiInferenceCarrier(_message.Message):
     __slots__ = ("tasks",)
     TASKS_FIELD_NUMBER: _ClassVar[int]
     tasks: _containers.RepeatedCompositeFieldContainer[InferenceTaskCarrier]
-    def __init__(self, tasks: _Iterable[InferenceTaskCarrier | _Mapping] | None = ...) -> None: ...
+    def __init__(self, tasks: _Optional[_Iterable[_Union[InferenceTaskCarrier, _Mapping]]] = ...) -> None: ...
