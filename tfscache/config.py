@@ -75,6 +75,8 @@ SCHEMA: dict[str, Any] = {
         "grpc_threads": Field("int", 32, minimum=1, doc="grpcio worker threads."),
         "max_request_bytes": Field("size", 64 * 1024 * 1024, minimum=1,
                                    doc="Largest REST body or gRPC message accepted."),
+        "tls_cert": Field("str", None, doc="PEM certificate (chain): serve REST and gRPC over TLS."),
+        "tls_key": Field("str", None, doc="PEM private key of tls_cert."),
         "drain_timeout_seconds": Field("float", 30.0, minimum=0,
                                        doc="On SIGTERM, how long in-flight requests may finish."),
     },
@@ -128,6 +130,8 @@ SCHEMA: dict[str, Any] = {
         "forward_timeout_seconds": Field("float", 360.0, minimum=0.001,
                                          doc="Deadline of a routed request without its own: it may "
                                              "include a cold load on the owner."),
+        "tls_ca_cert": Field("str", None, doc="PEM CA that signs the other nodes' certificates "
+                                                  "(when listen.tls_cert is set); default: system roots."),
         "spread_inflight_threshold": Field("int", 32, minimum=1,
                                            doc="In-flight requests on the first owner before spreading."),
         "discovery": {
@@ -240,6 +244,12 @@ def _cross_checks(cfg: SimpleNamespace) -> None:
         raise ConfigError("model_provider.disk.base_path: a value is required for type disk")
     if p.type == "s3" and not p.s3.bucket:
         raise ConfigError("model_provider.s3.bucket: a value is required for type s3")
+    if bool(cfg.listen.tls_cert) != bool(cfg.listen.tls_key):
+        raise ConfigError("listen.tls_key: tls_cert and tls_key go together")
+    for key in ("tls_cert", "tls_key"):
+        path = getattr(cfg.listen, key)
+        if path and not os.access(path, os.R_OK):
+            raise ConfigError(f"listen.{key}: cannot read {path}")
     if cfg.admin.enabled and not cfg.admin.token:
         raise ConfigError("admin.token: a value is required when admin.enabled is true")
     d = cfg.cluster.discovery

@@ -100,15 +100,21 @@ class NodeService(service.MultiService):
             local=self.local,
             admin=self.admin,
         )
-        self.rest_listener = internet.TCPServer(
-            cfg.listen.rest_port, QuietSite(self.rest.resource()), interface=cfg.listen.host
-        )
+        site = QuietSite(self.rest.resource())
+        if cfg.listen.tls_cert:
+            self.rest_listener = internet.SSLServer(
+                cfg.listen.rest_port, site, tls_options(cfg.listen.tls_cert, cfg.listen.tls_key),
+                interface=cfg.listen.host,
+            )
+        else:
+            self.rest_listener = internet.TCPServer(cfg.listen.rest_port, site, interface=cfg.listen.host)
         self.health = health.HealthServicer()
         self._set_health(False)
         self.grpc = GrpcBridge(
             self.handler, self.metrics, cfg.listen.host, cfg.listen.grpc_port,
             threads_count=cfg.listen.grpc_threads, max_message_bytes=cfg.listen.max_request_bytes,
             local=self.local, health=self.health,
+            credentials=grpc_credentials(cfg.listen.tls_cert, cfg.listen.tls_key),
         )
         self.monitor = BackendMonitor(self.cache, self.backend, interval=cfg.serving.health_interval_seconds)
         self.monitor.subscribe(self._set_health)
@@ -173,6 +179,7 @@ class NodeService(service.MultiService):
         self.router = Router(
             self.local, self.discovery, c.node.id, c.cluster.replicas_per_model,
             c.cluster.forward_timeout_seconds, c.cluster.spread_inflight_threshold, self.metrics,
+            tls=bool(c.listen.tls_cert), tls_ca=read_file(c.cluster.tls_ca_cert),
         )
         self.handler = self.rest.handler = self.grpc.handler = self.router
         self.discovery.setServiceParent(self)
@@ -321,8 +328,22 @@ class NodeService(service.MultiService):
         return defer.DeferredList(list(checks.values()), consumeErrors=True).addCallback(report)
 
 
+def read_file(path: str | None) -> bytes | None:
+    if not path:
+        return None
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def grpc_credentials(cert: str | None, key: str | None) -> grpc.ServerCredentials | None:
     if not cert or not key:
         return None
-    with open(key, "rb") as k, open(cert, "rb") as c:
-        return grpc.ssl_server_credentials([(k.read(), c.read())])
+    return grpc.ssl_server_credentials([(read_file(key), read_file(cert))])
+
+
+def tls_options(cert: str, key: str) -> Any:
+    """Twisted's modern TLS defaults (CertificateOptions) for the REST port."""
+    from twisted.internet import ssl
+
+    pem = (read_file(cert) or b"") + b"\n" + (read_file(key) or b"")
+    return ssl.PrivateCertificate.loadPEM(pem).options()

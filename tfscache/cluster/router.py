@@ -27,11 +27,11 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import grpc
-from twisted.internet import defer
+from twisted.internet import defer, ssl
 from twisted.internet.error import ConnectError, ConnectionClosed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed, readBody
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, ResponseFailed, readBody
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
@@ -57,16 +57,24 @@ _REPLY_SKIP = {b"date", b"server"}
 _TRANSPORT_ERRORS = (ResponseFailed, ConnectionClosed)
 
 
+# reconnect quickly after a node comes back
+_CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", -1),
+    ("grpc.max_send_message_length", -1),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.enable_retries", 0),
+]
+
+
 def default_channel(target: str) -> grpc.Channel:
-    """An insecure channel to another node; reconnects quickly after the node comes back."""
-    return grpc.insecure_channel(target, options=[
-        ("grpc.max_receive_message_length", -1),
-        ("grpc.max_send_message_length", -1),
-        ("grpc.initial_reconnect_backoff_ms", 100),
-        ("grpc.min_reconnect_backoff_ms", 100),
-        ("grpc.max_reconnect_backoff_ms", 1000),
-        ("grpc.enable_retries", 0),
-    ])
+    """An insecure channel to another node."""
+    return grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
+
+
+def secure_channel(target: str, credentials: grpc.ChannelCredentials) -> grpc.Channel:
+    return grpc.secure_channel(target, credentials, options=_CHANNEL_OPTIONS)
 
 
 class _RouteState:
@@ -108,6 +116,8 @@ class Router:
         grpc_channel_factory: Callable[[str], grpc.Channel] | None = None,
         down_seconds: float = DOWN_SECONDS,
         connect_timeout: float = CONNECT_TIMEOUT,
+        tls_ca: bytes | None = None,
+        tls: bool = False,
     ) -> None:
         from twisted.internet import reactor
 
@@ -125,7 +135,18 @@ class Router:
             # a connection the pool is about to reuse
             pool.cachedConnectionTimeout = 50
         self.pool = pool
-        self.agent = Agent(reactor, connectTimeout=connect_timeout, pool=pool)
+        # TLS between nodes when the cluster serves TLS: peers are verified against tls_ca (or
+        # the system's roots)
+        self.scheme = b"https://" if tls else b"http://"
+        if tls:
+            trust = ssl.Certificate.loadPEM(tls_ca) if tls_ca else None
+            policy = BrowserLikePolicyForHTTPS(trustRoot=trust) if trust else BrowserLikePolicyForHTTPS()
+            self.agent = Agent(reactor, contextFactory=policy, connectTimeout=connect_timeout, pool=pool)
+        else:
+            self.agent = Agent(reactor, connectTimeout=connect_timeout, pool=pool)
+        if grpc_channel_factory is None and tls:
+            credentials = grpc.ssl_channel_credentials(root_certificates=tls_ca)
+            grpc_channel_factory = lambda target: secure_channel(target, credentials)  # noqa: E731
         self._channel_factory = grpc_channel_factory or default_channel
         self._channels: dict[str, tuple[str, grpc.Channel]] = {}
         self._methods: dict[tuple[str, str], grpc.UnaryUnaryMultiCallable] = {}
@@ -315,7 +336,7 @@ class Router:
         body = None
         if request.body or method not in (b"GET", b"HEAD", b"DELETE", b"OPTIONS"):
             body = _BytesProducer(request.body)
-        url = member.rest_base.encode("ascii") + request.path
+        url = self.scheme + member.rest_base.encode("ascii").split(b"://", 1)[1] + request.path
         try:
             resp = await self.agent.request(method, url, headers, body)
             content: bytes = await readBody(resp)
