@@ -7,10 +7,18 @@ import os
 import shutil
 import tempfile
 
-from tests.harness.process import PYTHON, REPO_ROOT, ManagedProcess, free_port, http_ready, tcp_ready
+from tests.harness.process import (
+    PYTHON,
+    REPO_ROOT,
+    ManagedProcess,
+    ProcessFixture,
+    free_port,
+    http_ready,
+    tcp_ready,
+)
 
 
-class DevServer:
+class DevServer(ProcessFixture):
     def __init__(self, extra_args: tuple[str, ...] = ()) -> None:
         self.grpc_port, self.rest_port = free_port(), free_port()
         self.dir = tempfile.mkdtemp(prefix="tfscache-backend-")
@@ -43,16 +51,5 @@ class DevServer:
     def rest_url(self) -> str:
         return f"http://127.0.0.1:{self.rest_port}"
 
-    def start(self, timeout: float = 90.0) -> DevServer:
-        self.process.start(timeout)
-        return self
-
-    def stop(self) -> int | None:
-        return self.process.stop()
-
-    def kill(self) -> None:
-        self.process.kill()
-
-    def restart(self, timeout: float = 90.0) -> DevServer:
-        self.process.stop()
-        return self.start(timeout)
+    def start(self, timeout: float = 90.0) -> DevServer:  # TensorFlow takes a few seconds to import
+        return super().start(timeout)  # type: ignore[no-any-return]

@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 from twisted.internet import defer
 
-from tests.harness.process import REPO_ROOT, ManagedProcess, free_port, http_ready, tcp_ready
+from tests.harness.process import REPO_ROOT, ManagedProcess, ProcessFixture, free_port, http_ready, tcp_ready
 from tfscache.config import load_config
 from tfscache.service import NodeService
 
@@ -72,7 +72,7 @@ class InProcessNode:
         return f"127.0.0.1:{self.service.grpc.bound_port}"
 
 
-class NodeProcess:
+class NodeProcess(ProcessFixture):
     """``twistd -n tfscache --config FILE`` as a child process, as an operator runs it."""
 
     def __init__(self, config: dict[str, Any], name: str = "tfscache") -> None:
@@ -101,12 +101,3 @@ class NodeProcess:
     def grpc_target(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
 
-    def start(self, timeout: float = 60.0) -> NodeProcess:
-        self.process.start(timeout)
-        return self
-
-    def stop(self) -> int | None:
-        return self.process.stop()
-
-    def kill(self) -> None:
-        self.process.kill()

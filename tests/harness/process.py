@@ -151,3 +151,24 @@ class ManagedProcess:
                 return "".join(f.readlines()[-lines:])
         except OSError:
             return "(no log)"
+
+
+class ProcessFixture:
+    """A server process a test starts and stops: subclasses set ``self.process``."""
+
+    process: ManagedProcess
+
+    def start(self, timeout: float = 60.0):  # type: ignore[no-untyped-def]
+        self.process.start(timeout)
+        return self
+
+    def stop(self) -> int | None:
+        return self.process.stop()
+
+    def kill(self) -> None:
+        self.process.kill()
+
+    def restart(self, timeout: float = 60.0):  # type: ignore[no-untyped-def]
+        """Stop, then start again on the same ports with the same data."""
+        self.process.stop()
+        return self.start(timeout)

@@ -16,7 +16,7 @@ import tempfile
 import urllib.request
 from typing import Any
 
-from tests.harness.process import CACHE_DIR, ManagedProcess, free_port, http_ready
+from tests.harness.process import CACHE_DIR, ManagedProcess, ProcessFixture, free_port, http_ready
 
 
 def binary_path(name: str) -> str:
@@ -26,25 +26,7 @@ def binary_path(name: str) -> str:
     return path
 
 
-class _Server:
-    process: ManagedProcess
-
-    def start(self, timeout: float = 60.0) -> Any:
-        self.process.start(timeout)
-        return self
-
-    def stop(self) -> None:
-        self.process.stop()
-
-    def kill(self) -> None:
-        self.process.kill()
-
-    def restart(self, timeout: float = 60.0) -> Any:
-        self.process.stop()
-        return self.start(timeout)
-
-
-class EtcdServer(_Server):
+class EtcdServer(ProcessFixture):
     def __init__(self) -> None:
         self.host = "127.0.0.1"
         self.port, self.peer_port = free_port(), free_port()
@@ -67,7 +49,7 @@ class EtcdServer(_Server):
         return f"http://127.0.0.1:{self.port}"
 
 
-class ConsulAgent(_Server):
+class ConsulAgent(ProcessFixture):
     def __init__(self) -> None:
         self.host = "127.0.0.1"
         self.port = free_port()
@@ -96,7 +78,7 @@ class ConsulAgent(_Server):
             return False
 
 
-class S3Server(_Server):
+class S3Server(ProcessFixture):
     access_key = "tfscache-test"
     secret_key = "tfscache-test-secret-key"
 

@@ -222,11 +222,7 @@ class ServableManager:
         if version is not None and label:
             raise invalid("Only one of version and version_label may be set")
         with self.lock:
-            if label:
-                mc = self.configs.get(name)
-                if mc is None or label not in mc.labels:
-                    raise invalid(f"Unrecognized servable version label: {label}")
-                version = mc.labels[label]
+            version = self._labelled(name, version, label)
             if version is not None:
                 ver = self.versions.get((name, version))
                 if ver is None or ver.state != AVAILABLE:
@@ -239,11 +235,7 @@ class ServableManager:
 
     def status(self, name: str, version: int | None, label: str | None) -> list[Version]:
         with self.lock:
-            if label:
-                mc = self.configs.get(name)
-                if mc is None or label not in mc.labels:
-                    raise invalid(f"Unrecognized servable version label: {label}")
-                version = mc.labels[label]
+            version = self._labelled(name, version, label)
             vs = sorted((v for (n, _), v in self.versions.items() if n == name),
                         key=lambda v: -v.version)
             if not vs:
@@ -253,6 +245,14 @@ class ServableManager:
                 if not vs:
                     raise not_found(f"Could not find version {version} of model {name}")
             return vs
+
+    def _labelled(self, name: str, version: int | None, label: str | None) -> int | None:
+        if not label:
+            return version
+        mc = self.configs.get(name)
+        if mc is None or label not in mc.labels:
+            raise invalid(f"Unrecognized servable version label: {label}")
+        return mc.labels[label]
 
     def available(self) -> list[str]:
         with self.lock:
