@@ -18,12 +18,14 @@ from twisted.logger import (
     formatEvent,
     globalLogPublisher,
 )
+from zope.interface import implementer
 
 LEVELS = {"debug": LogLevel.debug, "info": LogLevel.info, "warn": LogLevel.warn, "error": LogLevel.error}
 _predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)
 _installed: list[ILogObserver] = []
 
 
+@implementer(ILogObserver)
 class JsonLinesObserver:
     """One compact JSON object per event: time, level, namespace, message, and the event's
     own scalar fields (model, version, bytes, seconds...), so lines can be queried by model.
@@ -50,7 +52,7 @@ class JsonLinesObserver:
 
 
 def set_level(level: str) -> None:
-    _predicate.setLogLevelForNamespace(None, LEVELS[level])
+    _predicate.setLogLevelForNamespace("", LEVELS[level])  # "": the default level
 
 
 def install(level: str, fmt: str, stream: IO[str] | None = None) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import signal
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import treq
@@ -13,6 +13,7 @@ from grpc_health.v1 import health, health_pb2
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from twisted.application import internet, service
 from twisted.internet import defer, reactor
+from twisted.internet.interfaces import IReactorCore, IReactorFromThreads
 from twisted.logger import Logger
 from twisted.web.server import Site
 
@@ -101,6 +102,7 @@ class NodeService(service.MultiService):
             admin=self.admin,
         )
         site = QuietSite(self.rest.resource())
+        self.rest_listener: Any
         if cfg.listen.tls_cert:
             self.rest_listener = internet.SSLServer(
                 cfg.listen.rest_port, site, tls_options(cfg.listen.tls_cert, cfg.listen.tls_key),
@@ -147,11 +149,14 @@ class NodeService(service.MultiService):
         """After the reactor's own handlers: SIGHUP reloads; SIGTERM drains and exits 0 (the
         reactor's handler would re-raise SIGTERM at exit, which reads as a crash)."""
 
+        threads_reactor = cast(IReactorFromThreads, reactor)
+        core = cast(IReactorCore, reactor)
+
         def terminate(_signum: int, _frame: object) -> None:
             self.log.info("SIGTERM: draining, then exiting")
-            reactor.callFromThread(reactor.stop)
+            threads_reactor.callFromThread(core.stop)
 
-        signal.signal(signal.SIGHUP, lambda _s, _f: reactor.callFromThread(self.reload))
+        signal.signal(signal.SIGHUP, lambda _s, _f: threads_reactor.callFromThread(self.reload))
         signal.signal(signal.SIGTERM, terminate)
 
     def _listen(self) -> defer.Deferred[None]:

@@ -70,8 +70,8 @@ def classify(ver: Version, sig_name: str, examples: list[bytes]) -> tuple[str, l
     classes = out.get("classes")
     rows = []
     for i in range(len(examples)):
-        s = np.reshape(scores[i], [-1]) if scores is not None else []
-        c = np.reshape(classes[i], [-1]) if classes is not None else [b""] * len(s)
+        s: Any = np.reshape(scores[i], [-1]) if scores is not None else []
+        c: Any = np.reshape(classes[i], [-1]) if classes is not None else [b""] * len(s)
         rows.append([(lbl.decode() if isinstance(lbl, bytes) else str(lbl), float(sc))
                      for lbl, sc in zip(c, s, strict=False)])
     return sig_name, rows
@@ -103,7 +103,7 @@ def to_tensor_proto(arr: np.ndarray) -> tensor_pb2.TensorProto:
         proto.string_val.extend(v if isinstance(v, bytes) else str(v).encode() for v in arr.flat)
         return proto
     dtype, field = _FIELDS.get(arr.dtype.type, (None, None))
-    if dtype is None:
+    if dtype is None or field is None:
         return tf.make_tensor_proto(arr)
     proto.dtype = dtype
     getattr(proto, field).extend(arr.flatten().tolist())

@@ -181,4 +181,8 @@ class DiskCache:
             self.on_evict(mid, size)
         if not paths:
             return defer.succeed(None)
-        return threads.deferToThread(lambda: [_remove(p) for p in paths]).addCallback(lambda _: None)
+        def remove_all() -> None:
+            for path in paths:
+                _remove(path)
+
+        return threads.deferToThread(remove_all)

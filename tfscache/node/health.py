@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from tfscache.errors import Code, ServingError
 from tfscache.node.manager import CacheManager
 from tfscache.node.serving import ServingController, State
+from tfscache.util.deferreds import SharedResult
 
 
 class BackendMonitor(service.Service):
@@ -33,7 +34,7 @@ class BackendMonitor(service.Service):
         self.healthy: bool | None = None
         self._listeners: list[Callable[[bool], None]] = []
         self._loop: task.LoopingCall | None = None
-        self._checking: defer.Deferred[None] | None = None
+        self._checking: SharedResult | None = None
 
     def subscribe(self, listener: Callable[[bool], None]) -> None:
         self._listeners.append(listener)
@@ -52,15 +53,9 @@ class BackendMonitor(service.Service):
 
     def check(self) -> defer.Deferred[None]:
         """One probe; concurrent callers share it."""
-        if self._checking is None:
-            self._checking = defer.ensureDeferred(self._probe())
-            self._checking.addBoth(self._done)
-        d: defer.Deferred[None] = defer.Deferred()
-        self._checking.addBoth(lambda r: (d.callback(None), r)[1])
-        return d
-
-    def _done(self, result: object) -> None:
-        self._checking = None
+        if self._checking is None or self._checking.done:
+            self._checking = SharedResult(defer.ensureDeferred(self._probe()))
+        return self._checking.observe()
 
     async def _probe(self) -> None:
         loaded = self.cache.loaded()

@@ -30,7 +30,7 @@ from tfscache.interfaces import IModelCache, IModelProvider, IServingBackend
 from tfscache.metrics import Metrics
 from tfscache.modelspec import ModelId
 from tfscache.node.disk_cache import DiskCache
-from tfscache.util.deferreds import SharedResult, with_timeout
+from tfscache.util.deferreds import SharedResult, cancel_when_done, with_timeout
 
 
 class State(enum.Enum):
@@ -133,7 +133,7 @@ class CacheManager:
         d.addCallback(lambda _: self._adopt_disk())
         if reset_backend:
             d.addCallback(lambda _: self.backend.reset())
-        return d
+        return d.addCallback(lambda _: None)
 
     def _adopt_disk(self) -> None:
         for mid in self.disk.model_ids():
@@ -355,9 +355,11 @@ class CacheManager:
         wake_in = timeout
         if busy:
             wake_in = min(timeout, max(min(busy) + self.limits.churn_guard - self.now(), 0) + 0.001)
-        call = self.clock.callLater(wake_in, lambda: d.called or d.callback(None))
-        d.addBoth(lambda r: (call.active() and call.cancel(), r)[1])
-        return d
+        def wake() -> None:
+            if not d.called:
+                d.callback(None)
+
+        return cancel_when_done(d, self.clock.callLater(wake_in, wake))
 
     def _wake_room_waiters(self) -> None:
         waiters, self._room_waiters = self._room_waiters, []

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 import grpc
 from twisted.internet import defer, task
@@ -35,7 +36,7 @@ def _code(value: int) -> Code:
 
 
 class _Method:
-    def __init__(self, channel: grpc.Channel, name: str, request: type, response: type) -> None:
+    def __init__(self, channel: grpc.Channel, name: str, request: Any, response: Any) -> None:
         self._call = channel.unary_unary(
             MODEL_SERVICE + name,
             request_serializer=request.SerializeToString,

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
 
@@ -47,6 +47,17 @@ class SharedResult:
         return None  # the shared operation's own failure is handled by its observers
 
 
+def cancel_when_done(d: defer.Deferred[Any], call: IDelayedCall) -> defer.Deferred[Any]:
+    """Cancel the delayed ``call`` (a timer set for ``d``) once ``d`` has a result."""
+
+    def done(result: Any) -> Any:
+        if call.active():
+            call.cancel()
+        return result
+
+    return d.addBoth(done)
+
+
 def with_timeout(
     d: defer.Deferred[Any], seconds: float | None, clock: IReactorTime,
     on_timeout: Callable[[], Exception],
@@ -63,12 +74,9 @@ def with_timeout(
 
     call = clock.callLater(max(seconds, 0), expire)
 
-    def done(result: Any) -> Any:
-        if call.active():
-            call.cancel()
+    def translate(result: Any) -> Any:
         if timed_out and isinstance(result, Failure) and result.check(defer.CancelledError):
             raise on_timeout()
         return result
 
-    d.addBoth(done)
-    return d
+    return cancel_when_done(d, call).addBoth(translate)

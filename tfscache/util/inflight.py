@@ -5,6 +5,8 @@ from __future__ import annotations
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 
+from tfscache.util.deferreds import cancel_when_done
+
 
 class InFlight:
     def __init__(self) -> None:
@@ -33,6 +35,4 @@ class InFlight:
                 self._idle.remove(d)
                 d.callback(False)
 
-        call = clock.callLater(timeout, give_up)
-        d.addBoth(lambda r: (call.active() and call.cancel(), r)[1])
-        return d
+        return cancel_when_done(d, clock.callLater(timeout, give_up))
