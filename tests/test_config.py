@@ -68,6 +68,10 @@ class ConfigTests(unittest.TestCase):
         self.assertEqual((cfg.serving.max_models, cfg.logging.format), (3, "json"))
         self.assertConfigError(MINIMAL, "serving.max_models", {"TFSCACHE_SERVING__MAX_MODELS": "many"})
         self.assertConfigError(MINIMAL, "serving.bogus", {"TFSCACHE_SERVING__BOGUS": "1"})
+        # the dev tools' and the CLI's own variables are not configuration
+        cfg = load_config(MINIMAL, environ={"TFSCACHE_CACHE": "/x", "TFSCACHE_ADMIN_TOKEN": "t",
+                                            "TFSCACHE_TEST_PIDS": "/tmp/p"})
+        self.assertEqual(cfg.serving.max_models, 10)
 
     def test_files(self) -> None:
         err = self.assertRaises(ConfigError, load_config_file, "/nonexistent/tfscache.yaml", {})

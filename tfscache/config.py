@@ -2,7 +2,8 @@
 
 Any problem stops the daemon with ONE line naming the key (``ConfigError``).  Environment
 variables override keys: ``TFSCACHE_SERVING__MAX_MODELS=20`` sets ``serving.max_models``
-(the value is read as YAML, so numbers, booleans and lists work).
+(the value is read as YAML, so numbers, booleans and lists work); ``__`` separates the levels,
+and a ``TFSCACHE_`` variable without it is not configuration.
 """
 
 from __future__ import annotations
@@ -221,7 +222,9 @@ def _build(schema: Mapping[str, Any], data: Any, prefix: str) -> SimpleNamespace
 
 def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
     for var, raw in environ.items():
-        if not var.startswith(ENV_PREFIX) or var == ENV_PREFIX + "CONFIG":
+        # only TFSCACHE_SECTION__KEY: other TFSCACHE_* variables (TFSCACHE_CACHE for the dev
+        # tools, TFSCACHE_ADMIN_TOKEN for the CLI) are not configuration
+        if not var.startswith(ENV_PREFIX) or "__" not in var:
             continue
         path = var[len(ENV_PREFIX):].lower().split("__")
         if not all(path):
