@@ -40,7 +40,13 @@ def make_provider(cfg: SimpleNamespace) -> IModelProvider:
 
 
 class QuietSite(Site):
-    """No access-log line per request: metrics count requests; logs are for events."""
+    """No access-log line per request: metrics count requests; logs are for events.
+
+    Form bodies are not parsed: TF Serving's API takes JSON only, and Twisted would answer a
+    broken multipart body with a bare 400 before the resource could give TF Serving's error."""
+
+    def __init__(self, resource: Any) -> None:
+        super().__init__(resource, parsePOSTFormSubmission=False)
 
     def log(self, request: Any) -> None:
         pass

@@ -112,7 +112,7 @@ class Handler(BaseHTTPRequestHandler):
         if (self.headers.get("Content-Encoding") or "").lower() == "gzip":
             try:
                 raw = gzip.decompress(raw)
-            except OSError:
+            except (OSError, EOFError):  # EOFError: a truncated stream
                 raise invalid("Failed to decompress gzip request body")
         try:
             body = json.loads(raw or b"null")

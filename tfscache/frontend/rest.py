@@ -1,20 +1,26 @@
 """The client-facing REST API: TF Serving's paths, answered through the request handler.
 
-Klein routes the fixed paths (metrics, health); everything under ``/v1/`` is matched with TF
-Serving's own case-insensitive expressions (``tfscache.modelspec``), which Klein's
-case-sensitive routing cannot express.
+The root resource dispatches every request itself: the fixed paths (metrics, health) by exact
+match, ``/admin`` to the admin API, and everything else to TF Serving's own case-insensitive
+expressions (``tfscache.modelspec``).  No web framework routes the model API: Klein/werkzeug
+would answer some requests in their own formats (an HTML 405 for a method outside a route's
+list, an HTML 404 for a decoded path with a newline, a plain-text 400 and a logged traceback for
+a path that is not UTF-8 once percent-decoded), where TF Serving answers ``{"error": ...}``.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from typing import Any
 
-from klein import Klein
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource, Resource
+from twisted.web.server import NOT_DONE_YET
 
 from tfscache.errors import Code, ServingError, invalid
 from tfscache.frontend.errors import as_serving_error, rest_error_body
@@ -26,11 +32,12 @@ from tfscache.util.inflight import InFlight
 
 JSON = b"application/json"
 FORWARDED_HEADER = b"x-tfscache-forwarded"
+# what the admin API's router (werkzeug) cannot route in a percent-decoded path
+_UNROUTABLE = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class RestFrontend:
     log = Logger()
-    app = Klein()
 
     def __init__(
         self,
@@ -52,11 +59,12 @@ class RestFrontend:
         self.draining = False
 
     def resource(self) -> Any:
-        return self.app.resource()
+        return _Root(self)
 
     # ---------------------------------------------------------------------------------------
-    @app.route("/", branch=True, methods=["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"])
     def any_path(self, request: IRequest) -> Any:
+        """Dispatch one request, whatever its method and path: bytes, a Deferred of bytes, or
+        the admin API's resource."""
         path = request.path.decode("latin-1")
         extra = self.extra_routes.get(path)
         if extra is not None:
@@ -64,6 +72,12 @@ class RestFrontend:
         if path == "/admin" or path.startswith("/admin/"):
             if self.admin_resource is None:
                 return self._error(request, ServingError(Code.NOT_FOUND, "The admin API is disabled"))
+            try:
+                decoded = b"/".join(request.postpath).decode("utf-8")
+            except UnicodeDecodeError:
+                decoded = "\x00"
+            if _UNROUTABLE.search(decoded):
+                return self._error(request, ServingError(Code.NOT_FOUND, f"No admin API at {path}"))
             return self.admin_resource
         return defer.ensureDeferred(self._model_call(request, path))
 
@@ -129,3 +143,38 @@ class RestFrontend:
         request.setResponseCode(err.http_status)
         request.responseHeaders.setRawHeaders(b"content-type", [JSON])
         return rest_error_body(err)
+
+
+class _Root(Resource):
+    """The REST port's root resource: every method, every path, through ``any_path``."""
+
+    isLeaf = True
+
+    def __init__(self, frontend: RestFrontend) -> None:
+        super().__init__()
+        self.frontend = frontend
+
+    def render(self, request: IRequest) -> Any:
+        try:
+            result = self.frontend.any_path(request)
+        except Exception as e:  # the dispatch itself answers errors; this is a last resort
+            return self.frontend._error(request, as_serving_error(e))
+        if IResource.providedBy(result):
+            return result.render(request)
+        if not isinstance(result, defer.Deferred):
+            return result
+        finished: list[bool] = []
+        request.notifyFinish().addBoth(lambda _: finished.append(True))
+
+        def write(body: bytes) -> None:
+            if not finished:
+                request.write(body)
+                request.finish()
+
+        def failed(f: Failure) -> None:
+            if not finished:
+                write(self.frontend._error(request, as_serving_error(f)))
+
+        result.addCallbacks(write, failed)
+        request.notifyFinish().addErrback(lambda _: result.cancel())
+        return NOT_DONE_YET
