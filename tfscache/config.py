@@ -145,9 +145,10 @@ SCHEMA: dict[str, Any] = {
             "password": Field("str", None),
             "token": Field("str", None, doc="Consul ACL token."),
             "service": Field("str", None, doc="consul: service name; default: the prefix without its slashes."),
-            "ca_cert": Field("str", None),
-            "client_cert": Field("str", None),
-            "client_key": Field("str", None),
+            "ca_cert": Field("str", None, doc="etcd / consul: PEM CA that signs the server's certificate; "
+                                              "default: system roots."),
+            "client_cert": Field("str", None, doc="etcd / consul: PEM client certificate (with client_key)."),
+            "client_key": Field("str", None, doc="etcd / consul: PEM key of client_cert."),
         },
     },
     "metrics": {
@@ -258,6 +259,17 @@ def _cross_checks(cfg: SimpleNamespace) -> None:
     d = cfg.cluster.discovery
     if d.type in ("etcd", "consul") and not d.endpoints:
         raise ConfigError(f"cluster.discovery.endpoints: a value is required for type {d.type}")
+    if d.type in ("etcd", "consul"):
+        if bool(d.client_cert) != bool(d.client_key):
+            raise ConfigError("cluster.discovery.client_key: client_cert and client_key go together")
+        for key in ("ca_cert", "client_cert", "client_key"):
+            path = getattr(d, key)
+            if path and not os.access(path, os.R_OK):
+                raise ConfigError(f"cluster.discovery.{key}: cannot read {path}")
+        for endpoint in d.endpoints if d.ca_cert or d.client_cert else ():
+            if str(endpoint).lower().startswith("http://"):  # TLS was asked for: never plaintext
+                raise ConfigError(f"cluster.discovery.endpoints: {endpoint!r} is plain http, but ca_cert / "
+                                  "client_cert ask for TLS: use https://")
     for i, m in enumerate(d.members):
         if not isinstance(m, dict) or not {"host", "rest_port", "grpc_port"} <= set(m):
             raise ConfigError(

@@ -16,14 +16,17 @@ than once per retry.  All timing goes through an injectable ``clock`` (IReactorT
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable
 from types import SimpleNamespace
 from typing import Any
+from urllib.parse import SplitResult, urlsplit
 
 from twisted.application import service
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tfscache.cluster.members import Member
@@ -41,6 +44,52 @@ def _always_healthy() -> defer.Deferred[Any]:
 
 class _HealthTimeout(Exception):
     pass
+
+
+def tls_requested(ca_cert: str | None, client_cert: str | None, client_key: str | None) -> bool:
+    """Whether the discovery client must use TLS; a certificate without its key is an error."""
+    if bool(client_cert) != bool(client_key):
+        raise ValueError("cluster.discovery.client_key: client_cert and client_key go together")
+    return bool(ca_cert or client_cert)
+
+
+def endpoint_url(endpoint: str, backend: str, tls: bool) -> SplitResult:
+    """The parts of an endpoint URL (``host:port`` means https when ``tls``, else http).  An
+    ``http://`` endpoint with TLS options is refused: it would send everything in plaintext."""
+    url = endpoint if "://" in endpoint else ("https://" if tls else "http://") + endpoint
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"cluster.discovery.endpoints: not a {backend} URL: {endpoint!r}")
+    if tls and parts.scheme != "https":
+        raise ValueError(f"cluster.discovery.endpoints: {endpoint!r} is plain http, but ca_cert / client_cert "
+                         "ask for TLS: use https://")
+    return parts
+
+
+TLS_FAILURE = "TLS handshake failed"
+_SSL_REASON = re.compile(r"\[SSL(?:: [A-Z0-9_]+)?\] ([^'\"()]+)")
+
+
+def describe_error(error: BaseException | Failure) -> str:
+    """One line saying why a call to the backend failed, for the logs: the TLS reason of a
+    handshake failure rather than the wrappers around it (requests', twisted.web's)."""
+    if isinstance(error, Failure):
+        error = error.value
+    reasons = getattr(error, "reasons", None)  # twisted.web's ResponseNeverReceived and co.
+    if isinstance(reasons, list) and reasons:
+        return "; ".join(dict.fromkeys(describe_error(r) for r in reasons))
+    try:
+        from OpenSSL import SSL
+    except ImportError:  # pragma: no cover - Twisted's TLS needs it
+        SSL = None  # type: ignore[assignment]
+    if SSL is not None and isinstance(error, SSL.Error) and error.args and isinstance(error.args[0], list):
+        why = [str(r[-1]) for r in error.args[0] if isinstance(r, tuple) and r and r[-1]]
+        return f"{TLS_FAILURE}: " + (", ".join(why) or str(error))
+    text = str(getattr(error, "detail_text", None) or error)  # etcd3gw keeps its text in detail_text
+    match = _SSL_REASON.search(text)
+    if match:
+        return f"{TLS_FAILURE}: " + match.group(1).strip()
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 @implementer(IDiscovery)
@@ -80,6 +129,9 @@ class DiscoveryBase(service.Service):
         self._members: tuple[Member, ...] = ()
         self._subscribers: list[Callable[[list[Member]], None]] = []
         self.reachable = True          # logged once per change, not per retry
+        self._tls_logged = False       # a TLS failure was logged during this outage
+        self._events = 0               # orders attempts and successes: see _stale()
+        self._reached_by = {"publish": 0, "follow": 0}
         self.healthy: bool | None = None
         self.published = False         # our record is live in the backend, as far as we know
         self._want_published = False
@@ -139,16 +191,38 @@ class DiscoveryBase(service.Service):
 
     # -- reachability, logged once per outage -------------------------------------------------
     def _unreachable(self, doing: str, error: BaseException | Any) -> None:
+        why = describe_error(error)
+        tls = why.startswith(TLS_FAILURE)
         if self.reachable:
             self.reachable = False
-            message = getattr(error, "getErrorMessage", None)
-            why = message() if message else f"{type(error).__name__}: {error}"
+            self._tls_logged = tls
             self.log.warn(
                 "{backend} unreachable from {node} ({doing}: {why}); keeping the last {count} known "
                 "members and retrying with backoff", backend=self.backend, node=self.self_member.id,
                 doing=doing, why=why, count=len(self._members))
+        elif tls and not self._tls_logged:
+            # an outage that began otherwise (the server restarting) and goes on as a TLS failure
+            # (it came back with a certificate this node does not trust): retrying will not fix
+            # that, so say it once
+            self._tls_logged = True
+            self.log.warn("{backend} from {node}: the outage goes on as a TLS failure ({doing}: {why}); "
+                          "check cluster.discovery.ca_cert / client_cert / client_key", backend=self.backend,
+                          node=self.self_member.id, doing=doing, why=why)
 
-    def _reached(self) -> None:
+    def _tick(self) -> int:
+        self._events += 1
+        return self._events
+
+    def _stale(self, started: int, loop: str) -> bool:
+        """Whether a failure of ``loop``'s attempt begun at ``started`` is older news than the
+        other loop's last success: the attempt began in an outage that is already over (a
+        refused connection can surface late: Twisted's HostnameEndpoint reports it after its
+        0.3 s attempt delay).  Such a failure starts no new outage: it is retried, not logged."""
+        other = "follow" if loop == "publish" else "publish"
+        return self._reached_by[other] > started > self._reached_by[loop]
+
+    def _reached(self, loop: str = "follow") -> None:
+        self._reached_by[loop] = self._tick()
         if not self.reachable:
             self.reachable = True
             self.log.info("{backend} reachable again from {node}", backend=self.backend, node=self.self_member.id)
@@ -173,6 +247,7 @@ class DiscoveryBase(service.Service):
         """One round: check health, then refresh (or suspend) this node's record.  Never
         fails: a backend error is logged once and the next round comes after a backoff."""
         delay = self.refresh_interval
+        started = self._events
         try:
             healthy = await self._check_health()
             if not self._want_published:
@@ -186,17 +261,21 @@ class DiscoveryBase(service.Service):
                                   "not publishing {node} until it passes", backend=self.backend,
                                   node=self.self_member.id)
                 self.healthy = healthy
+            started = self._tick()
             if healthy:
                 await self._refresh()
             else:
                 await self._suspend()
         except Exception as e:
-            self._unreachable("publishing this node", e)
-            self._publish_backoff = self._next_backoff(self._publish_backoff)
-            delay = min(self._publish_backoff, self.refresh_interval)
+            if self._stale(started, "publish"):
+                self._publish_backoff, delay = 0.0, self.min_backoff
+            else:
+                self._unreachable("publishing this node", e)
+                self._publish_backoff = self._next_backoff(self._publish_backoff)
+                delay = min(self._publish_backoff, self.refresh_interval)
         else:
             if self._want_published:
-                self._reached()
+                self._reached("publish")
             self._publish_backoff = 0.0
         finally:
             if self._want_published and self._publish_call is None:
@@ -221,13 +300,14 @@ class DiscoveryBase(service.Service):
             await self._remove()
         except Exception as e:
             self.log.warn("{backend}: could not withdraw {node} ({error}); its record will expire",
-                          backend=self.backend, node=self.self_member.id, error=str(e) or type(e).__name__)
+                          backend=self.backend, node=self.self_member.id, error=describe_error(e))
         self.published = False
 
     # -- the follow loop ---------------------------------------------------------------------------
     async def _follow_forever(self) -> None:
         backoff = 0.0
         while self.running:
+            started = self._tick()
             try:
                 await self._follow()
                 backoff = 0.0
@@ -237,9 +317,12 @@ class DiscoveryBase(service.Service):
             except Exception as e:
                 if not self.running:
                     return  # stopping: the error is the cancelled request
-                self._unreachable("reading the member list", e)
-                backoff = self._next_backoff(backoff)
-                delay = backoff
+                if self._stale(started, "follow"):
+                    backoff, delay = 0.0, self.min_backoff
+                else:
+                    self._unreachable("reading the member list", e)
+                    backoff = self._next_backoff(backoff)
+                    delay = backoff
             if not self.running:
                 return
             await task.deferLater(self.clock, delay)
@@ -301,4 +384,4 @@ def make_discovery(
     raise ValueError(f"cluster.discovery.type: unknown type {d.type!r}")
 
 
-__all__ = ["DiscoveryBase", "HealthCheck", "make_discovery"]
+__all__ = ["DiscoveryBase", "HealthCheck", "describe_error", "endpoint_url", "make_discovery", "tls_requested"]

@@ -19,7 +19,9 @@ again.
 
 Following: ``GET /v1/health/service/<name>?passing=true&index=N&wait=...`` in a loop; the last
 known members are kept while the agent is unreachable (capped exponential backoff, the outage
-logged once).  TLS: ``https://`` endpoints, ``ca_cert``, ``client_cert``/``client_key``.
+logged once).  TLS: ``https://`` endpoints (``host:port`` means https when a TLS option is set;
+``http://`` is refused then), ``ca_cert`` to verify the agent (default: the system's roots),
+``client_cert``/``client_key`` (both) for an agent with ``verify_incoming``.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import re
 import time
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 import treq
 from treq.client import HTTPClient
@@ -39,7 +41,7 @@ from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionP
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
-from tfscache.cluster.discovery import MAX_BACKOFF, MIN_BACKOFF, DiscoveryBase, HealthCheck
+from tfscache.cluster.discovery import MAX_BACKOFF, MIN_BACKOFF, DiscoveryBase, HealthCheck, endpoint_url, tls_requested
 from tfscache.cluster.members import Member, MemberError
 
 DEREGISTER_CRITICAL_AFTER = "10m"   # the agent drops an instance left critical (a crashed node)
@@ -102,14 +104,10 @@ class ConsulDiscovery(DiscoveryBase):
         super().__init__(self_member, health_check, ttl, clock, min_backoff, max_backoff)
         if not endpoints:
             raise ValueError("cluster.discovery.endpoints: a value is required for type consul")
-        tls = bool(ca_cert or client_cert)
+        tls = tls_requested(ca_cert, client_cert, client_key)
         self.endpoints = []
         for endpoint in endpoints:
-            if "://" not in endpoint:
-                endpoint = ("https://" if tls else "http://") + endpoint
-            parts = urlsplit(endpoint)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise ValueError(f"cluster.discovery.endpoints: not a Consul URL: {endpoint!r}")
+            parts = endpoint_url(endpoint, "Consul", tls)
             self.endpoints.append(f"{parts.scheme}://{parts.netloc}")
         self.current = 0
         self.service = service_name(prefix, service)

@@ -18,7 +18,9 @@ The last known members are kept meanwhile.  The outage is logged once, and its e
 
 Auth: ``username``/``password`` get a token from ``/v3/auth/authenticate``, sent in the
 ``Authorization`` header and renewed when etcd says it is invalid.  TLS: ``https://``
-endpoints, ``ca_cert`` to verify etcd, ``client_cert``/``client_key`` for client auth.
+endpoints (``host:port`` means https when a TLS option is set; ``http://`` is refused then),
+``ca_cert`` to verify etcd (default: the system's roots), ``client_cert``/``client_key`` (both)
+for etcd's ``--client-cert-auth``.
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ import socket
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
 import requests
 from etcd3gw import exceptions as etcd_errors
@@ -40,7 +41,7 @@ from etcd3gw.utils import _decode, _encode, _increment_last_byte
 from twisted.internet import defer, threads
 from twisted.internet.interfaces import IReactorTime
 
-from tfscache.cluster.discovery import MAX_BACKOFF, MIN_BACKOFF, DiscoveryBase, HealthCheck
+from tfscache.cluster.discovery import MAX_BACKOFF, MIN_BACKOFF, DiscoveryBase, HealthCheck, endpoint_url, tls_requested
 from tfscache.cluster.members import Member, MemberError
 
 T = TypeVar("T")
@@ -67,12 +68,22 @@ def _is_lease_gone(e: BaseException) -> bool:
 
 def parse_endpoint(endpoint: str, tls: bool) -> tuple[str, str, int]:
     """``http://host:2379`` -> (protocol, host, port)."""
-    if "://" not in endpoint:
-        endpoint = ("https://" if tls else "http://") + endpoint
-    parts = urlsplit(endpoint)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"cluster.discovery.endpoints: not an etcd URL: {endpoint!r}")
+    parts = endpoint_url(endpoint, "etcd", tls)
+    assert parts.hostname is not None
     return parts.scheme, parts.hostname, parts.port or 2379
+
+
+class _Session(requests.Session):
+    """A session whose ``verify`` (our ``ca_cert``) wins over the environment: plain requests
+    lets REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE replace a session's CA for every request that does
+    not pass ``verify`` itself (psf/requests#3829), and etcd3gw never does."""
+
+    def merge_environment_settings(self, url: Any, proxies: Any, stream: Any, verify: Any,
+                                   cert: Any) -> dict[str, Any]:
+        if verify is None and self.verify is not True:
+            verify = self.verify
+        settings: dict[str, Any] = super().merge_environment_settings(url, proxies, stream, verify, cert)
+        return settings
 
 
 class EtcdConnection:
@@ -91,10 +102,10 @@ class EtcdConnection:
     ) -> None:
         if not endpoints:
             raise ValueError("cluster.discovery.endpoints: a value is required for type etcd")
-        tls = bool(ca_cert or client_cert)
+        tls = tls_requested(ca_cert, client_cert, client_key)
         self.timeout = timeout
         self.username, self.password = username, password
-        self.verify: Any = ca_cert if ca_cert else True
+        self.verify: Any = ca_cert if ca_cert else True  # True: the system's roots, never unverified
         self.cert = (client_cert, client_key) if client_cert and client_key else None
         self.clients: list[Etcd3Client] = []
         for endpoint in endpoints:
@@ -106,7 +117,7 @@ class EtcdConnection:
         self._lock = threading.Lock()
 
     def _session(self) -> requests.Session:
-        session = requests.Session()
+        session = _Session()
         session.verify = self.verify
         if self.cert is not None:
             session.cert = self.cert
