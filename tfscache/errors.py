@@ -66,6 +66,12 @@ class ServingError(Exception):
         return f"ServingError({self.code.name}, {self.message!r})"
 
 
+class ModelLoadError(ServingError):
+    """TF Serving tried the model and it failed to load (a broken SavedModel, a wrong layout):
+    the model's fault whatever the code (TF Serving says NOT_FOUND for a missing
+    saved_model.pb), so it is negatively cached, unlike a NOT_FOUND from the model source."""
+
+
 def invalid(message: str) -> ServingError:
     return ServingError(Code.INVALID_ARGUMENT, message)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+from collections.abc import Callable
 from typing import Any
 
 import yaml
@@ -75,7 +76,8 @@ class InProcessNode:
 class NodeProcess(ProcessFixture):
     """``twistd -n tfscache --config FILE`` as a child process, as an operator runs it."""
 
-    def __init__(self, config: dict[str, Any], name: str = "tfscache") -> None:
+    def __init__(self, config: dict[str, Any], name: str = "tfscache",
+                 preexec_fn: Callable[[], None] | None = None) -> None:
         self.rest_port = config["listen"]["rest_port"] = config["listen"].get("rest_port") or free_port()
         self.grpc_port = config["listen"]["grpc_port"] = config["listen"].get("grpc_port") or free_port()
         self.config = config
@@ -91,6 +93,7 @@ class NodeProcess(ProcessFixture):
             env={"PYTHONPATH": REPO_ROOT},
             cwd=self.dir,
             log_dir=self.dir,
+            preexec_fn=preexec_fn,
         )
 
     @property

@@ -65,8 +65,10 @@ class ManagedProcess:
         env: dict[str, str] | None = None,
         cwd: str | None = None,
         log_dir: str | None = None,
+        preexec_fn: Callable[[], None] | None = None,
     ) -> None:
         self.name = name
+        self.preexec_fn = preexec_fn  # runs in the child before exec (resource limits)
         self.argv = list(argv)
         self.ready = ready
         self.env = dict(os.environ, **(env or {}))
@@ -84,6 +86,7 @@ class ManagedProcess:
             env=self.env,
             cwd=self.cwd,
             start_new_session=True,
+            preexec_fn=self.preexec_fn,
         )
         log.close()
         pids = os.environ.get("TFSCACHE_TEST_PIDS")

@@ -91,6 +91,9 @@ def _example(features: dict[str, Any]) -> bytes:
 class Handler(BaseHTTPRequestHandler):
     manager: ServableManager
     protocol_version = "HTTP/1.1"
+    # headers and body go out in two writes: with Nagle on, a keep-alive client waits for the
+    # delayed ACK (~40 ms) before the body
+    disable_nagle_algorithm = True
 
     def log_message(self, format: str, *args: Any) -> None:  # no access log
         pass
@@ -221,8 +224,12 @@ class Handler(BaseHTTPRequestHandler):
                 self._send(200, {"outputs": {k: _json_value(v) for k, v in outputs.items()}})
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 128  # the default 5 drops SYNs when many clients connect at once
+
+
 def make_server(manager: ServableManager, host: str, port: int) -> ThreadingHTTPServer:
     handler = type("BoundHandler", (Handler,), {"manager": manager})
-    server = ThreadingHTTPServer((host, port), handler)
+    server = _Server((host, port), handler)
     server.daemon_threads = True
     return server

@@ -1,13 +1,16 @@
 """The client-facing gRPC API: TF Serving's method names, payloads forwarded as raw bytes.
 
 grpcio runs its server in its own thread pool.  Each call reads only the ``model_spec`` of the
-request, then hands over to the reactor (``blockingCallFromThread``), where the request handler
-does the asynchronous work; the grpc thread waits for the answer.  A generic handler registers
-the method names, so no TF Serving generated code is needed.
+request, then hands over to the reactor, where the request handler does the asynchronous work;
+the grpc thread waits for the answer.  When the client cancels or its deadline passes, the
+handler's Deferred is cancelled (a load other requests wait for goes on) and the thread is
+free at once.  A generic handler registers the method names, so no TF Serving generated code
+is needed.
 """
 
 from __future__ import annotations
 
+import queue
 import time
 from concurrent import futures
 from typing import Any
@@ -17,6 +20,7 @@ from grpc_health.v1 import health_pb2_grpc
 from twisted.application import service
 from twisted.internet import defer, threads
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from tfscache.errors import Code, ServingError
 from tfscache.frontend.errors import as_serving_error, grpc_status
@@ -124,10 +128,7 @@ class GrpcBridge(service.Service):
             timeout = None if remaining is None or remaining > 1e9 else remaining
             forwarded = any(k == FORWARDED_METADATA for k, _v in context.invocation_metadata() or ())
             handler = self.local if forwarded else self.handler
-            reply: bytes = blockingCallFromThread(
-                reactor, self._in_reactor, handler, method, ref, payload, timeout
-            )
-            return reply
+            return self._run(context, handler, method, ref, payload, timeout)
         except Exception as e:
             err = e if isinstance(e, ServingError) else None
             if err is None:
@@ -139,6 +140,40 @@ class GrpcBridge(service.Service):
             self.metrics.requests.labels(protocol="grpc", api=short, code=code).inc()
             elapsed = time.monotonic() - started
             self.metrics.request_seconds.labels(protocol="grpc", api=short).observe(elapsed)
+
+    def _run(
+        self, context: grpc.ServicerContext, handler: IRequestHandler, method: str, ref: Any,
+        payload: bytes, timeout: float | None,
+    ) -> bytes:
+        """Run the handler on the reactor and wait here for its result, like
+        blockingCallFromThread, but cancel it when the RPC ends first (the client cancelled, its
+        deadline passed): the grpc thread must not wait for a result nobody will read."""
+        from twisted.internet import reactor
+
+        outcome: queue.Queue[Any] = queue.Queue(maxsize=1)
+        running: list[defer.Deferred[bytes]] = []
+
+        def start() -> None:
+            d = defer.maybeDeferred(self._in_reactor, handler, method, ref, payload, timeout)
+            running.append(d)
+            d.addBoth(outcome.put)
+
+        def cancel() -> None:
+            for d in running:
+                d.cancel()  # no effect once it has its result
+
+        reactor.callFromThread(start)  # type: ignore[attr-defined]
+        # callFromThread keeps order: cancel() always runs after start()
+        if not context.add_callback(lambda: reactor.callFromThread(cancel)):  # type: ignore[attr-defined]
+            reactor.callFromThread(cancel)  # type: ignore[attr-defined]  # the RPC is over already
+        result = outcome.get()
+        if isinstance(result, Failure):
+            remaining = context.time_remaining()
+            if result.check(defer.CancelledError) and remaining is not None and remaining <= 0:
+                raise ServingError(Code.DEADLINE_EXCEEDED, "Deadline Exceeded")
+            result.raiseException()
+        reply: bytes = result
+        return reply
 
     def _in_reactor(
         self, handler: IRequestHandler, method: str, ref: Any, payload: bytes, timeout: float | None

@@ -25,7 +25,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from tfscache.errors import Code, ServingError, deadline, invalid, not_found
+from tfscache.errors import Code, ModelLoadError, ServingError, deadline, invalid, not_found
 from tfscache.interfaces import IModelCache, IModelProvider, IServingBackend
 from tfscache.metrics import Metrics
 from tfscache.modelspec import ModelId
@@ -162,7 +162,14 @@ class CacheManager:
                 raise not_found(f"Servable not found for request: Specific({name}, {version})")
             return ModelId(name, version)
 
-        return self.provider.list_versions(name).addCallback(pick)
+        listing = self.provider.list_versions(name)
+        if not listing.called:  # a source that does not answer must not hold the request forever
+            listing = with_timeout(
+                listing, self.limits.fetch_timeout, self.clock,
+                lambda: deadline(f"Listing the versions of model {name} timed out after "
+                                 f"{self.limits.fetch_timeout:g}s: the model source did not answer"),
+            )
+        return listing.addCallback(pick)
 
     def acquire(self, mid: ModelId, timeout: float | None = None) -> defer.Deferred[Lease]:
         entry = self.entries.get(mid)
@@ -226,6 +233,11 @@ class CacheManager:
             err = e if isinstance(e, ServingError) else ServingError(
                 Code.INTERNAL, f"Model {mid.name} version {mid.version}: {type(e).__name__}: {e}")
             self._fail(entry, err)
+            if entry.state == State.FAILED and mid in self.disk and not entry.pinned:
+                # a copy that does not load is bad data: delete it, so the retry after the
+                # back-off copies the source again (which may have been fixed meanwhile)
+                await self.disk.evict(mid)
+                self._gauges()
             raise err
         finally:
             self._wake_room_waiters()
@@ -235,12 +247,17 @@ class CacheManager:
         entry.state = State.FETCHING
         started = self.now()
         try:
-            size = await self.provider.version_size(mid.name, mid.version)
+            size = await with_timeout(
+                self.provider.version_size(mid.name, mid.version), self.limits.fetch_timeout, self.clock,
+                lambda: deadline(f"Sizing model {mid.name} version {mid.version} in the model source "
+                                 f"timed out after {self.limits.fetch_timeout:g}s"),
+            )
             await self.disk.make_room(mid, size, self._protected())
             copy = self.provider.fetch(mid.name, mid.version, self.disk.path(mid))
             copied = await with_timeout(
                 copy, self.limits.fetch_timeout, self.clock,
-                lambda: deadline(f"Copy of model {mid.name} version {mid.version} timed out"),
+                lambda: deadline(f"Copy of model {mid.name} version {mid.version} timed out after "
+                                 f"{self.limits.fetch_timeout:g}s"),
             )
         except Exception:
             self.metrics.fetches.labels(outcome="error").inc()
@@ -291,8 +308,9 @@ class CacheManager:
 
     def _fail(self, entry: ModelEntry, err: ServingError) -> None:
         mid = entry.mid
-        if err.code in (Code.DEADLINE_EXCEEDED, Code.RESOURCE_EXHAUSTED, Code.UNAVAILABLE,
-                        Code.NOT_FOUND, Code.INVALID_ARGUMENT):
+        if not isinstance(err, ModelLoadError) and err.code in (
+                Code.DEADLINE_EXCEEDED, Code.RESOURCE_EXHAUSTED, Code.UNAVAILABLE, Code.NOT_FOUND,
+                Code.INVALID_ARGUMENT, Code.CANCELLED):
             # not the model's fault: no negative caching, the next request tries again
             entry.state = State.ON_DISK if mid in self.disk else State.ABSENT
             if entry.state == State.ABSENT and not entry.pinned and entry.inflight == 0:

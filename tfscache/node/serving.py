@@ -19,7 +19,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from tfscache.errors import Code, ServingError, deadline, unavailable
+from tfscache.errors import Code, ModelLoadError, ServingError, deadline, unavailable
 from tfscache.interfaces import IServingBackend
 from tfscache.proto import model_service_pb2 as pb
 from tfscache.util.grpc_twisted import future_to_deferred
@@ -70,7 +70,12 @@ class ServingController:
         self.poll_initial, self.poll_max, self.rpc_timeout = poll_initial, poll_max, rpc_timeout
         self.channel = grpc.insecure_channel(
             grpc_target, options=[("grpc.max_receive_message_length", 2**31 - 1),
-                                  ("grpc.max_send_message_length", 2**31 - 1)]
+                                  ("grpc.max_send_message_length", 2**31 - 1),
+                                  # TF Serving is this node's own, nearby: after it restarts,
+                                  # reconnect within a second, not after gRPC's default back-off
+                                  # (up to 120 s), so the node notices it is back at once
+                                  ("grpc.initial_reconnect_backoff_ms", 200),
+                                  ("grpc.max_reconnect_backoff_ms", 1000)]
         )
         self._reload = _Method(self.channel, "HandleReloadConfigRequest",
                                pb.ReloadConfigRequest, pb.ReloadConfigResponse)
@@ -226,7 +231,7 @@ class ServingController:
                     # after this attempt started (or a grace period), is this load's failure.
                     stale = not progressed and self.now() - started < self.stale_end_grace
                     if st.state == State.END and st.status.error_code and not stale:
-                        raise ServingError(
+                        raise ModelLoadError(
                             _code(st.status.error_code),
                             f"Model {name} version {version} failed to load: {st.status.error_message}",
                         )

@@ -68,13 +68,13 @@ class DiskModelProvider:
         def fill(tmp: str) -> int:
             if not os.path.isdir(src):
                 raise not_found(f"Servable not found for request: Specific({name}, {version})")
-            # copytree wants a fresh target: copy the children into the staging directory
-            for child in os.listdir(src):
-                s, d = os.path.join(src, child), os.path.join(tmp, child)
-                if os.path.isdir(s):
-                    shutil.copytree(s, d, symlinks=False)
-                else:
-                    shutil.copy2(s, d)
+            # file by file rather than copytree, which would gather a full disk's OSError into a
+            # shutil.Error without its errno; links are followed, as TF Serving reads through them
+            for root, _dirs, files in os.walk(src, followlinks=True):
+                target = os.path.join(tmp, os.path.relpath(root, src))
+                os.makedirs(target, exist_ok=True)
+                for f in files:
+                    shutil.copy2(os.path.join(root, f), os.path.join(target, f))
             return tree_size(tmp)
 
         def copy() -> int:
