@@ -17,8 +17,10 @@ import shutil
 DELAY_FILE = os.path.join("assets.extra", "devserver_load_delay_seconds")
 
 
-def write_half_plus_two(base_path: str, name: str, version: int, a: float = 0.5, b: float = 2.0) -> str:
-    """Write the model; return its version directory."""
+def write_half_plus_two(base_path: str, name: str, version: int, a: float = 0.5, b: float = 2.0,
+                        padding_bytes: int = 0) -> str:
+    """Write the model; return its version directory. ``padding_bytes`` adds an unused float
+    variable of about that size, so the copy and the restore take measurable time (benchmarks)."""
     import tensorflow as tf
 
     export_dir = os.path.join(base_path, name, str(version))
@@ -29,6 +31,8 @@ def write_half_plus_two(base_path: str, name: str, version: int, a: float = 0.5,
     with tf.Graph().as_default() as graph:
         a_var = v1.Variable(float(a), name="a", dtype=tf.float32)
         b_var = v1.Variable(float(b), name="b", dtype=tf.float32)
+        if padding_bytes > 0:  # a Fill op in the graph, the bytes only in the checkpoint
+            v1.Variable(tf.fill([padding_bytes // 4], 1.0), name="padding", dtype=tf.float32)
         # predict: x is one float per instance
         x = v1.placeholder(tf.float32, shape=[None], name="x")
         y = tf.add(tf.multiply(a_var, x), b_var, name="y")

@@ -1,0 +1,170 @@
+"""Routing decisions per second and memory of the cluster router, in process (no network).
+
+For every member count, over ``--names`` model names (``tfscache/cluster/ring.py`` and
+``router.py``):
+
+  cold           ``Ring.owners(name)`` on a fresh Ring, each name once: one BLAKE2b per member
+                 per name plus a top-R selection (what the first request for a model costs after
+                 a membership change).
+  cached         ``Ring.owners(name)`` again, ``--passes`` times over all names in a shuffled
+                 order: a dict lookup (the Ring caches owner lists, up to 65,536 names).
+  router         ``Router.candidates(name)`` on the warm ring: the full per-request decision
+                 (owners, members marked down, in-flight spreading).
+  reference      the uncached module function ``ring.owners()`` (one ``sorted()`` over all
+                 members with an int weight each), on a sample of names: what the Ring's
+                 cache and byte-wise top-R save.
+
+Memory: tracemalloc of the Ring's owner cache over the first 2,000 names (bytes per cached name)
+and the peak while filling it; the deep size of the full cache (dict, owner tuples, the name
+strings it keeps alive); the RSS growth of the process over the timed cold pass (no tracemalloc
+there, it would slow the timing; the allocator's reuse makes it coarse).
+
+    python -m bench.router_scale            # 10,000 names; 100 and 1,000 members
+    python -m bench.router_scale --quick    # 1,000 names; 10 and 100 members
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import random
+import sys
+import time
+import tracemalloc
+from typing import Any
+
+from bench.common import parse_args, print_table, write_report
+from tfscache.cluster.discovery.static import StaticDiscovery
+from tfscache.cluster.members import Member
+from tfscache.cluster.ring import Ring, owners
+from tfscache.cluster.router import Router
+from tfscache.metrics import Metrics
+
+REFERENCE_SAMPLE = 500
+TRACED = 2000
+
+
+def _extra(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--names", type=int, help="model names (default 10000, quick 1000)")
+    ap.add_argument("--members", type=int, nargs="+", help="member counts (default 100 1000, quick 10 100)")
+    ap.add_argument("--replicas", type=int, default=2, help="owners per name (cluster.replicas_per_model)")
+    ap.add_argument("--passes", type=int, default=5, help="cached lookups: passes over all names")
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process now (Linux /proc)."""
+    import os
+
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def make_members(n: int) -> list[Member]:
+    return [Member(f"node-{i:04d}", f"10.0.{i // 250}.{i % 250 + 1}", 8501, 8500) for i in range(n)]
+
+
+def _rate(count: int, seconds: float) -> dict[str, float]:
+    return {"decisions": count, "seconds": round(seconds, 6),
+            "per_second": round(count / seconds, 1) if seconds > 0 else float("inf"),
+            "us_per_decision": round(1e6 * seconds / count, 3) if count else 0.0}
+
+
+def measure(n_members: int, names: list[str], replicas: int, passes: int, seed: int = 0) -> dict[str, Any]:
+    members = make_members(n_members)
+    rng = random.Random(seed)
+    out: dict[str, Any] = {"members": n_members, "names": len(names), "replicas": replicas}
+
+    # cold, timed, with the RSS growth over the pass
+    gc.collect()
+    ring = Ring(members, replicas)
+    rss0 = rss_bytes()
+    t0 = time.perf_counter()
+    for name in names:
+        ring.owners(name)
+    out["cold"] = _rate(len(names), time.perf_counter() - t0)
+    out["rss_delta_bytes"] = rss_bytes() - rss0
+
+    # cached: the same ring, every name again in a shuffled order
+    order = names * passes
+    rng.shuffle(order)
+    t0 = time.perf_counter()
+    for name in order:
+        ring.owners(name)
+    out["cached"] = _rate(len(order), time.perf_counter() - t0)
+
+    # the router's whole decision on a warm ring
+    discovery = StaticDiscovery(members, members[0])
+    router = Router(None, discovery, members[0].id, replicas, forward_timeout=30.0,  # type: ignore[arg-type]
+                    spread_threshold=32, metrics=Metrics())
+    for name in names:
+        router.candidates(name)
+    t0 = time.perf_counter()
+    for name in order:
+        router.candidates(name)
+    out["router_candidates"] = _rate(len(order), time.perf_counter() - t0)
+
+    # the uncached reference function, on a sample
+    sample = names[:REFERENCE_SAMPLE]
+    t0 = time.perf_counter()
+    for name in sample:
+        owners(name, members, replicas)
+    out["reference_uncached"] = _rate(len(sample), time.perf_counter() - t0)
+    # both compute the same owners (a benchmark of a wrong answer would be worthless)
+    fresh = Ring(members, replicas)
+    out["agrees_with_reference"] = all(
+        list(fresh.owners(n)) == owners(n, members, replicas) for n in sample[:100])
+
+    # memory of the owner cache: tracemalloc on a fresh ring over the first TRACED names (the
+    # tracing slows every allocation; per-name cost and the fill's transient peak do not depend
+    # on how many names), and the deep size of the full cache of the timed ring
+    deep = sys.getsizeof(ring._cache) + sum(sys.getsizeof(k) + sys.getsizeof(v) for k, v in ring._cache.items())
+    del ring, router
+    gc.collect()
+    traced = names[:TRACED]
+    tracemalloc.start()
+    ring = Ring(members, replicas)
+    base, _ = tracemalloc.get_traced_memory()
+    tracemalloc.reset_peak()
+    for name in traced:
+        ring.owners(name)
+    filled, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    out["memory"] = {
+        "traced_names": len(traced),
+        "traced_cache_bytes": filled - base,
+        "cache_bytes_per_name": round((filled - base) / len(traced), 1),
+        "fill_peak_bytes": peak - base,
+        "ring_bytes_before_cache": base,
+        # dict + owner tuples + the name strings the cache keeps alive (members are shared)
+        "full_cache_deep_bytes": deep,
+    }
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(__doc__ or "", _extra, argv)
+    n_names = args.names or (1000 if args.quick else 10_000)
+    member_counts = args.members or ([10, 100] if args.quick else [100, 1000])
+    names = [f"tenant-{i:05d}-model" for i in range(n_names)]
+    runs = [measure(n, names, args.replicas, args.passes) for n in member_counts]
+    report = {
+        "settings": {"names": n_names, "members": member_counts, "replicas": args.replicas,
+                     "passes": args.passes, "quick": args.quick},
+        "runs": runs,
+    }
+    print_table(
+        f"Routing decisions per second, {n_names} names, R={args.replicas}",
+        ["members", "cold/s", "cold us", "cached/s", "router/s", "uncached ref/s", "cache B/name",
+         "cache KiB", "fill peak KiB", "RSS delta KiB"],
+        [[r["members"], r["cold"]["per_second"], r["cold"]["us_per_decision"], r["cached"]["per_second"],
+          r["router_candidates"]["per_second"], r["reference_uncached"]["per_second"],
+          r["memory"]["cache_bytes_per_name"], r["memory"]["full_cache_deep_bytes"] // 1024,
+          r["memory"]["fill_peak_bytes"] // 1024, r["rss_delta_bytes"] // 1024] for r in runs],
+    )
+    path = write_report("router_scale", report, args.out)
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

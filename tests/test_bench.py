@@ -1,0 +1,178 @@
+"""The benchmarks keep working: the cache simulators are right, and ``bench/run --quick`` (on even
+smaller settings) runs every benchmark against real processes and writes sane reports."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Hashable, Sequence
+from functools import cache
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet import defer, utils
+from twisted.trial import unittest
+
+from bench.cachesim import belady_min, lru, next_uses, zipf_trace
+from tests.harness.process import REPO_ROOT
+
+TEXTBOOK = [7, 0, 1, 2, 0, 3, 0, 4, 2, 3, 0, 3, 2, 1, 2, 0, 1, 7, 0, 1]
+
+
+def optimal_loads(trace: Sequence[Hashable], capacity: int) -> int:
+    """The fewest loads of any demand cache on ``trace``: every eviction choice tried."""
+
+    @cache
+    def best(i: int, held: frozenset[Hashable]) -> int:
+        if i == len(trace):
+            return 0
+        item = trace[i]
+        if item in held:
+            return best(i + 1, held)
+        if len(held) < capacity:
+            return 1 + best(i + 1, held | {item})
+        return 1 + min(best(i + 1, (held - {victim}) | {item}) for victim in held)
+
+    return best(0, frozenset())
+
+
+class CacheSimTests(unittest.TestCase):
+    def test_min_on_a_hand_computed_trace(self) -> None:
+        # capacity 2, trace 1 2 3 1 4 1 2 3:
+        #   1 miss {1}; 2 miss {1,2}; 3 miss: next 1 at 3, next 2 at 6 -> evict 2 {1,3}; 1 hit;
+        #   4 miss: next 1 at 5, next 3 at 7 -> evict 3 {1,4}; 1 hit; 2 miss; 3 miss
+        r = belady_min([1, 2, 3, 1, 4, 1, 2, 3], 2)
+        self.assertEqual((r.hits, r.loads, r.evictions), (2, 6, 4))
+
+    def test_lru_on_a_hand_computed_trace(self) -> None:
+        # a miss {a}; b miss {a,b}; a hit (a most recent); c miss, evict b {a,c};
+        # b miss, evict a {c,b}; a miss, evict c {b,a}
+        r = lru(["a", "b", "a", "c", "b", "a"], 2)
+        self.assertEqual((r.hits, r.loads, r.evictions), (1, 5, 3))
+        # 1 2 3 1 4 1 2 3 (MIN's trace above): 3 evicts 1, 1 evicts 2, 4 evicts 3, 1 hits,
+        # 2 evicts 4, 3 evicts 1
+        r = lru([1, 2, 3, 1, 4, 1, 2, 3], 2)
+        self.assertEqual((r.hits, r.loads), (1, 7))
+
+    def test_textbook_reference_string(self) -> None:
+        # Silberschatz's reference string with 3 frames: 9 faults with OPT, 12 with LRU
+        self.assertEqual(belady_min(TEXTBOOK, 3).loads, 9)
+        self.assertEqual(lru(TEXTBOOK, 3).loads, 12)
+
+    def test_next_uses(self) -> None:
+        self.assertEqual(next_uses(["a", "b", "a", "c", "b"]), [2, 4, 5, 5, 5])
+
+    def test_counts_and_ratios(self) -> None:
+        r = lru([1, 1, 1, 2], 1)
+        self.assertEqual((r.requests, r.hits, r.loads, r.evictions), (4, 2, 2, 1))
+        self.assertEqual(r.hit_ratio, 0.5)
+        self.assertEqual(r.loads_per_1000, 500.0)
+        self.assertEqual(r.to_dict()["hit_ratio"], 0.5)
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.lists(st.integers(0, 9), max_size=120), st.integers(1, 6))
+    def test_min_never_worse_than_lru(self, trace: list[int], capacity: int) -> None:
+        m, r = belady_min(trace, capacity), lru(trace, capacity)
+        self.assertGreaterEqual(m.hits, r.hits)
+        for res in (m, r):
+            self.assertEqual(res.hits + res.loads, len(trace))
+            self.assertGreaterEqual(res.loads, len(set(trace)))  # every first request is a load
+            self.assertEqual(res.evictions, max(0, res.loads - capacity))
+
+    @settings(max_examples=150, deadline=None)
+    @given(st.lists(st.integers(0, 4), max_size=11), st.integers(1, 3))
+    def test_min_is_optimal(self, trace: list[int], capacity: int) -> None:
+        self.assertEqual(belady_min(trace, capacity).loads, optimal_loads(trace, capacity))
+
+    def test_zipf_trace(self) -> None:
+        t = zipf_trace(50, 5000, 1.0, seed=7)
+        self.assertEqual(t, zipf_trace(50, 5000, 1.0, seed=7))  # seeded: the same trace
+        self.assertNotEqual(t, zipf_trace(50, 5000, 1.0, seed=8))
+        self.assertTrue(all(0 <= k < 50 for k in t))
+        counts = [t.count(k) for k in range(50)]
+        # item k is drawn with p ~ 1/(k+1): item 0 is ~2x item 1 and ~10x item 9 (binomial slack)
+        self.assertEqual(max(range(50), key=counts.__getitem__), 0)
+        self.assertTrue(1.6 < counts[0] / counts[1] < 2.5, counts[:2])
+        self.assertTrue(6 < counts[0] / counts[9] < 16, (counts[0], counts[9]))
+        # a larger skew concentrates the requests on fewer models
+        self.assertLess(len(set(zipf_trace(500, 2000, 1.2, 1))), len(set(zipf_trace(500, 2000, 0.8, 1))))
+
+
+# bench/run --quick with even smaller settings: about 30 s on 2 cores
+TINY = {
+    "TFSCACHE_BENCH_ARGS_WARM_OVERHEAD": "--seconds 0.3 --concurrency 2 --scenarios one_node",
+    "TFSCACHE_BENCH_ARGS_COLD_PATH": "--models 1 --padding-mb 1 --herd 8",
+    # 2 in flight: see the report on the unload race with churn_guard_seconds 0 and more requests
+    # in flight than capacity
+    "TFSCACHE_BENCH_ARGS_ZIPF_WORKLOAD": "--models 20 --capacity 3 --requests 60 --concurrency 2 "
+                                         "--sim-requests 500 --capacities 2 5 10 --skews 0.8 1.0",
+    "TFSCACHE_BENCH_ARGS_ROUTER_SCALE": "--names 300 --members 5 50",
+}
+
+
+class BenchRunTests(unittest.TestCase):
+    timeout = 240  # the run takes ~30 s alone; other test processes share the CPUs
+
+    @defer.inlineCallbacks
+    def test_quick_run_writes_sane_reports(self):  # type: ignore[no-untyped-def]
+        out = os.path.abspath(self.mktemp())
+        env = dict(os.environ, PYTHONPATH=REPO_ROOT, TF_CPP_MIN_LOG_LEVEL="2", TFSCACHE_BENCH_NO_SETUP="1",
+                   # the venv the tests run in
+                   PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""), **TINY)
+        stdout, stderr, code = yield utils.getProcessOutputAndValue(
+            os.path.join(REPO_ROOT, "bench", "run"), ["--quick", "--out", out], env=env, path=REPO_ROOT)
+        text = stdout.decode(errors="replace")
+        self.assertEqual(code, 0, text[-3000:] + stderr.decode(errors="replace")[-3000:])
+        self.assertIn("all benchmarks succeeded", text)
+
+        def report(name: str) -> dict:  # type: ignore[type-arg]
+            path = os.path.join(out, f"{name}.json")
+            self.assertIn(path, text)  # the closing summary lists it
+            with open(path) as f:
+                data: dict = json.load(f)  # type: ignore[type-arg]
+            self.assertEqual(data["benchmark"], name)
+            self.assertIn("cpus", data["machine"])
+            return data
+
+        zipf = report("zipf_workload")
+        rows = zipf["simulation"]["rows"]
+        self.assertEqual(len(rows), 2 * 3)
+        for row in rows:
+            self.assertGreaterEqual(row["min"]["hit_ratio"], row["lru"]["hit_ratio"], row)
+            self.assertEqual(row["lru"]["hits"] + row["lru"]["loads"], 500)
+        # a bigger cache never does worse under MIN
+        for skew in (0.8, 1.0):
+            mins = [r["min"]["hit_ratio"] for r in sorted(rows, key=lambda r: r["capacity"]) if r["skew"] == skew]
+            self.assertEqual(mins, sorted(mins))
+        replay = zipf["replay"]
+        self.assertEqual(replay["errors"], 0, replay["error_samples"])
+        daemon = replay["daemon"]
+        self.assertEqual(daemon["hits"] + daemon["misses"], 60)  # every request looked up once
+        # the daemon is a demand cache too: never fewer loads than the optimum, nor than models
+        self.assertGreaterEqual(daemon["loads"], replay["min"]["loads"])
+        self.assertGreaterEqual(daemon["loads"], replay["distinct_models"])
+        self.assertEqual(daemon["unloads"], daemon["loads"] - 3)  # all slots full at the end
+        self.assertEqual(daemon["load_errors"], 0)
+        self.assertGreater(replay["latency_ms"]["p50"], 0)
+
+        scale = report("router_scale")
+        self.assertEqual([r["members"] for r in scale["runs"]], [5, 50])
+        for r in scale["runs"]:
+            self.assertTrue(r["agrees_with_reference"])
+            for key in ("cold", "cached", "router_candidates", "reference_uncached"):
+                self.assertGreater(r[key]["per_second"], 0, key)
+            self.assertGreater(r["memory"]["cache_bytes_per_name"], 0)
+
+        warm = report("warm_overhead")
+        self.assertTrue(warm["cells"])
+        for cell in warm["cells"]:
+            self.assertGreater(cell["requests"], 0, cell)
+            self.assertGreater(cell["p50_ms"], 0, cell)
+        cold = report("cold_path")
+        self.assertTrue(cold["herd"]["passed"], cold["herd"])
+        self.assertGreater(cold["medians"]["cold_s"], 0)
+
+        for png in ("hit_ratio_vs_capacity.png", "latency_vs_concurrency.png"):
+            with open(os.path.join(out, png), "rb") as f:
+                self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n", png)
