@@ -4,6 +4,8 @@ models would otherwise explode the series count."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LOAD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -49,6 +51,29 @@ class Metrics:
                                 ("target", "outcome"), registry=r)
         self.retries = Counter("tfscache_router_retries", "Forwards retried on the next owner", registry=r)
         self.members = Gauge("tfscache_discovery_members", "Live members known to this node", registry=r)
+        self._request_counters: dict[tuple[str, str, str], Any] = {}
+        self._request_histograms: dict[tuple[str, str], Any] = {}
+        self._forward_counters: dict[tuple[str, str], Any] = {}
+
+    # Per-request updates with labels: a child looked up once per label set (``labels()``
+    # takes a lock and validates the labels on every call; profiled on the warm path).
+    def request_done(self, protocol: str, api: str, code: str, seconds: float) -> None:
+        key = (protocol, api, code)
+        counter = self._request_counters.get(key)
+        if counter is None:
+            counter = self._request_counters[key] = self.requests.labels(protocol=protocol, api=api, code=code)
+        counter.inc()
+        histogram = self._request_histograms.get(key[:2])
+        if histogram is None:
+            histogram = self._request_histograms[key[:2]] = self.request_seconds.labels(protocol=protocol, api=api)
+        histogram.observe(seconds)
+
+    def forward_done(self, target: str, outcome: str) -> None:
+        key = (target, outcome)
+        counter = self._forward_counters.get(key)
+        if counter is None:
+            counter = self._forward_counters[key] = self.forwards.labels(target=target, outcome=outcome)
+        counter.inc()
 
     def model(self, counter: Counter, name: str) -> Counter:
         return counter.labels(model=name) if self.per_model_labels else counter

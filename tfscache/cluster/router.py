@@ -31,8 +31,7 @@ from twisted.internet import defer, ssl
 from twisted.internet.error import ConnectError, ConnectionClosed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, ResponseFailed, readBody
-from twisted.web.iweb import IBodyProducer
+from twisted.web.client import BrowserLikePolicyForHTTPS, HTTPConnectionPool, ResponseFailed, readBody
 from zope.interface import implementer
 
 from tfscache.cluster.members import Member
@@ -41,7 +40,7 @@ from tfscache.errors import Code, ServingError, deadline, unavailable
 from tfscache.interfaces import IDiscovery, IRequestHandler
 from tfscache.metrics import Metrics
 from tfscache.modelspec import ModelRef, RestCall
-from tfscache.node.local import HttpReply, HttpRequest, forwardable_headers
+from tfscache.node.local import BytesProducer, HttpReply, HttpRequest, forwardable_headers, http_agent
 from tfscache.util.grpc_twisted import future_to_deferred
 
 T = TypeVar("T")
@@ -138,12 +137,11 @@ class Router:
         # TLS between nodes when the cluster serves TLS: peers are verified against tls_ca (or
         # the system's roots)
         self.scheme = b"https://" if tls else b"http://"
+        policy = None
         if tls:
             trust = ssl.Certificate.loadPEM(tls_ca) if tls_ca else None
             policy = BrowserLikePolicyForHTTPS(trustRoot=trust) if trust else BrowserLikePolicyForHTTPS()
-            self.agent = Agent(reactor, contextFactory=policy, connectTimeout=connect_timeout, pool=pool)
-        else:
-            self.agent = Agent(reactor, connectTimeout=connect_timeout, pool=pool)
+        self.agent = http_agent(reactor, pool, connect_timeout, policy)
         if grpc_channel_factory is None and tls:
             credentials = grpc.ssl_channel_credentials(root_certificates=tls_ca)
             grpc_channel_factory = lambda target: secure_channel(target, credentials)  # noqa: E731
@@ -303,7 +301,7 @@ class Router:
                     self._inflight[key] = n
                 else:
                     del self._inflight[key]
-                self.metrics.forwards.labels(target="local" if local else mid, outcome=outcome).inc()
+                self.metrics.forward_done("local" if local else mid, outcome)
         if last is None:
             raise deadline(f"Deadline exceeded after {budget:g}s before {name} could be served")
         if last.reply is not None:
@@ -335,7 +333,7 @@ class Router:
         method = request.method.upper()
         body = None
         if request.body or method not in (b"GET", b"HEAD", b"DELETE", b"OPTIONS"):
-            body = _BytesProducer(request.body)
+            body = BytesProducer(request.body)
         url = self.scheme + member.rest_base.encode("ascii").split(b"://", 1)[1] + request.path
         try:
             resp = await self.agent.request(method, url, headers, body)
@@ -386,25 +384,3 @@ class Router:
             entry = self._channels[member.id] = (member.grpc_target, self._channel_factory(member.grpc_target))
         call = self._methods[(member.id, method)] = entry[1].unary_unary(method)
         return call
-
-
-@implementer(IBodyProducer)
-class _BytesProducer:
-    """The request body, which is in memory already, written in one go."""
-
-    def __init__(self, body: bytes) -> None:
-        self.body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer: Any) -> defer.Deferred[None]:
-        consumer.write(self.body)
-        return defer.succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass

@@ -137,9 +137,7 @@ class GrpcBridge(service.Service):
             context.abort(grpc_status(err), err.message)
             raise  # unreachable: abort raises
         finally:
-            self.metrics.requests.labels(protocol="grpc", api=short, code=code).inc()
-            elapsed = time.monotonic() - started
-            self.metrics.request_seconds.labels(protocol="grpc", api=short).observe(elapsed)
+            self.metrics.request_done("grpc", short, code, time.monotonic() - started)
 
     def _run(
         self, context: grpc.ServicerContext, handler: IRequestHandler, method: str, ref: Any,

@@ -114,8 +114,7 @@ class RestFrontend:
         finally:
             self.inflight.exit()
             self.metrics.inflight.dec()
-            self.metrics.requests.labels(protocol="rest", api=api, code=code).inc()
-            self.metrics.request_seconds.labels(protocol="rest", api=api).observe(time.monotonic() - started)
+            self.metrics.request_done("rest", api, code, time.monotonic() - started)
 
     def _body(self, request: IRequest) -> bytes:
         content = request.content
@@ -164,10 +163,18 @@ class _Root(Resource):
         if not isinstance(result, defer.Deferred):
             return result
         finished: list[bool] = []
-        request.notifyFinish().addBoth(lambda _: finished.append(True))
+
+        def gone(reason: Any) -> None:
+            finished.append(True)
+            if isinstance(reason, Failure):  # the client went away before the answer
+                result.cancel()
+
+        request.notifyFinish().addBoth(gone)
 
         def write(body: bytes) -> None:
             if not finished:
+                # a length, not chunked encoding: the answer goes out in one piece, as TF Serving's
+                request.setHeader(b"content-length", b"%d" % len(body))
                 request.write(body)
                 request.finish()
 
@@ -176,5 +183,4 @@ class _Root(Resource):
                 write(self.frontend._error(request, as_serving_error(f)))
 
         result.addCallbacks(write, failed)
-        request.notifyFinish().addErrback(lambda _: result.cancel())
         return NOT_DONE_YET

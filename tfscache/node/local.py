@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
-import treq
 from twisted.internet import defer
-from twisted.web.client import HTTPConnectionPool
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.web.client import URI, Agent, HTTPConnectionPool, readBody
+from twisted.web.error import SchemeNotSupported
 from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IPolicyForHTTPS
 from zope.interface import implementer
 
 from tfscache.errors import Code, ServingError, deadline, unavailable
@@ -51,6 +55,63 @@ def forwardable_headers(headers: list[tuple[bytes, bytes]]) -> Headers:
     return out
 
 
+@implementer(IAgentEndpointFactory)
+class CachedEndpoints:
+    """An Agent's endpoints, one per (scheme, host, port), built once: the Agent's own factory
+    makes a new HostnameEndpoint for every request, and its IDNA host check alone costs about
+    a tenth of a warm request's CPU (profiled; bench/profile_warm.py)."""
+
+    def __init__(self, reactor: Any, connect_timeout: float | None = None,
+                 tls_policy: IPolicyForHTTPS | None = None) -> None:
+        self.reactor, self.connect_timeout, self.tls_policy = reactor, connect_timeout, tls_policy
+        self._endpoints: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        key = (uri.scheme, uri.host, uri.port)
+        endpoint = self._endpoints.get(key)
+        if endpoint is None:
+            if len(self._endpoints) >= 1024:  # a bound; only the members and the backend are here
+                self._endpoints.clear()
+            kw = {} if self.connect_timeout is None else {"timeout": self.connect_timeout}
+            endpoint = HostnameEndpoint(self.reactor, uri.host.decode("ascii"), uri.port, **kw)
+            if uri.scheme == b"https" and self.tls_policy is not None:
+                endpoint = wrapClientTLS(self.tls_policy.creatorForNetloc(uri.host, uri.port), endpoint)
+            elif uri.scheme != b"http":
+                raise SchemeNotSupported(f"Unsupported scheme: {uri.scheme!r}")
+            self._endpoints[key] = endpoint
+        return endpoint
+
+
+@implementer(IBodyProducer)
+class BytesProducer:
+    """A request body that is in memory already, written in one go (a FileBodyProducer would
+    write it from a cooperative task, a reactor iteration later)."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: Any) -> defer.Deferred[None]:
+        consumer.write(self.body)
+        return defer.succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+def http_agent(reactor: Any, pool: HTTPConnectionPool, connect_timeout: float | None = None,
+               tls_policy: IPolicyForHTTPS | None = None) -> Agent:
+    """A plain Agent (no redirects, cookies or content decoding: bytes pass through as they
+    are) over ``pool``, with endpoints built once per host."""
+    return Agent.usingEndpointFactory(reactor, CachedEndpoints(reactor, connect_timeout, tls_policy), pool=pool)
+
+
 @implementer(IRequestHandler)
 class LocalNode:
     def __init__(
@@ -69,8 +130,10 @@ class LocalNode:
         self.rest_base = rest_base.rstrip("/").encode()
         self.channel = grpc_channel
         self.request_timeout, self.load_timeout = request_timeout, load_timeout
+        self.clock = reactor
         self.pool = pool or HTTPConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = 64
+        self.agent = http_agent(reactor, self.pool)
         self._grpc_methods: dict[str, grpc.UnaryUnaryMultiCallable] = {}
 
     async def _lease(self, ref: ModelRef, timeout: float | None):  # type: ignore[no-untyped-def]
@@ -84,21 +147,23 @@ class LocalNode:
     async def _rest(self, call: RestCall, request: HttpRequest) -> HttpReply:
         lease = await self._lease(call.ref, self.load_timeout)
         try:
-            url = self.rest_base + request.path
+            producer = BytesProducer(request.body) if request.body else None
+            d = self.agent.request(request.method, self.rest_base + request.path,
+                                   forwardable_headers(request.headers), producer)
+            # the deadline covers the answer and its body (cancelling d cancels readBody too)
+            d.addCallback(lambda resp: readBody(resp).addCallback(lambda body: (resp, body)))
+            timer = self.clock.callLater(self.request_timeout, d.cancel)
             try:
-                d = treq.request(
-                    request.method.decode("ascii"), url.decode("latin-1"),
-                    data=request.body or None, headers=forwardable_headers(request.headers),
-                    pool=self.pool, timeout=self.request_timeout,
-                )
-                resp = await d
-                body = await treq.content(resp)
+                resp, body = await d
             except defer.CancelledError:
                 raise deadline(f"TF Serving did not answer within {self.request_timeout:g}s")
             except ServingError:
                 raise
             except Exception as e:
                 raise unavailable(f"TF Serving REST API is unreachable: {type(e).__name__}")
+            finally:
+                if timer.active():
+                    timer.cancel()
             headers = [(k, v) for k, vs in resp.headers.getAllRawHeaders() for v in vs
                        if k.lower() not in _SKIP_HEADERS]
             return HttpReply(resp.code, body, headers)
