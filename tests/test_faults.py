@@ -191,11 +191,8 @@ class BackendCrashTests(FaultTestCase):
         yield down  # the node's readiness follows (test_daemon checks /readyz itself)
 
         up = health.next(True)
-        t0 = time.monotonic()
         yield threads.deferToThread(backend.start)  # same ports, nothing loaded
-        t1 = time.monotonic()
         yield up
-        print("TIMING start", t1 - t0, "noticed", time.monotonic() - t1)
         self.assertEqual(node.cache.loaded(), [])
         self.assertEqual(node.cache.entries[ModelId("f-warm", 1)].state, State.ON_DISK)
         self.assertEqual(node.service.backend.served(), {})

@@ -45,6 +45,7 @@ from tensorflow_serving.apis import (
 )
 from twisted.internet import defer, reactor, task, tcp, threads
 from twisted.logger import formatEvent, globalLogPublisher
+from twisted.trial import unittest
 
 from tests.clients import GrpcClient, http, predict_request, rest_predict
 from tests.test_node import NodeTestCase
@@ -293,6 +294,13 @@ class HostileRestTests(NodeTestCase):
             self.assertIn(reply.status, code if isinstance(code, set) else {code}, (data[:40], hdrs, reply))
             if message:
                 self.assertIn(message, json.loads(reply.body)["error"])
+        # chunked, so no length up front: the limit applies as the chunks arrive
+        chunk = b"x" * 1000
+        data = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(10)) + b"0\r\n\r\n"
+        raw = request_bytes("POST", path, None, [("Transfer-Encoding", "chunked")]) + data
+        reply = yield threads.deferToThread(raw_http, port, raw, "POST")
+        self.assertEqual(reply.status, 400, reply)
+        self.assertIn("exceeds the limit", json.loads(reply.body)["error"])
         yield self.assertHealthy(node)
 
     @defer.inlineCallbacks
@@ -698,3 +706,45 @@ class SecretTests(NodeTestCase):
             if failure is not None:
                 text += failure.getTraceback()
             self.assertNotIn(token, text, event)
+
+
+class BoundedBodyTests(unittest.TestCase):
+    """A body over listen.max_request_bytes is counted, not kept: neither in memory nor in the
+    temporary file Twisted spools large bodies to (one huge upload could fill the disk)."""
+
+    def request(self, limit: int) -> Any:
+        from twisted.web.test.requesthelper import DummyChannel
+
+        from tfscache.frontend.rest import bounded_request
+
+        return bounded_request(limit)(DummyChannel())
+
+    def test_declared_length_over_the_limit_keeps_nothing(self) -> None:
+        req = self.request(100)
+        req.gotLength(10 * 1024**3)
+        for _ in range(10):
+            req.handleContentChunk(b"x" * 1000)
+        req.content.seek(0, 2)
+        self.assertEqual(req.content.tell(), 10_000)  # counted, for the error message
+        req.content.seek(0)
+        self.assertEqual(req.content.read(), b"")
+
+    def test_chunked_body_that_grows_past_the_limit_is_dropped(self) -> None:
+        req = self.request(100)
+        req.gotLength(None)  # chunked: no length up front
+        req.handleContentChunk(b"a" * 60)
+        req.content.seek(0)
+        self.assertEqual(req.content.read(), b"a" * 60)  # under the limit: kept
+        req.handleContentChunk(b"b" * 60)
+        req.handleContentChunk(b"c" * 5000)
+        req.content.seek(0, 2)
+        self.assertEqual(req.content.tell(), 5120)
+        req.content.seek(0)
+        self.assertEqual(req.content.read(), b"")
+
+    def test_body_at_the_limit_is_kept(self) -> None:
+        req = self.request(100)
+        req.gotLength(100)
+        req.handleContentChunk(b"z" * 100)
+        req.content.seek(0)
+        self.assertEqual(req.content.read(), b"z" * 100)

@@ -18,7 +18,7 @@ from twisted.logger import Logger
 from twisted.web.server import Site
 
 from tfscache.frontend.grpc_bridge import GrpcBridge
-from tfscache.frontend.rest import RestFrontend
+from tfscache.frontend.rest import RestFrontend, bounded_request
 from tfscache.interfaces import IModelProvider
 from tfscache.metrics import Metrics
 from tfscache.node.disk_cache import DiskCache
@@ -45,8 +45,8 @@ class QuietSite(Site):
     Form bodies are not parsed: TF Serving's API takes JSON only, and Twisted would answer a
     broken multipart body with a bare 400 before the resource could give TF Serving's error."""
 
-    def __init__(self, resource: Any) -> None:
-        super().__init__(resource, parsePOSTFormSubmission=False)
+    def __init__(self, resource: Any, max_body: int = 64 * 1024 * 1024) -> None:
+        super().__init__(resource, requestFactory=bounded_request(max_body), parsePOSTFormSubmission=False)
 
     def log(self, request: Any) -> None:
         pass
@@ -107,7 +107,7 @@ class NodeService(service.MultiService):
             local=self.local,
             admin=self.admin,
         )
-        site = QuietSite(self.rest.resource())
+        site = QuietSite(self.rest.resource(), cfg.listen.max_request_bytes)
         self.rest_listener: Any
         if cfg.listen.tls_cert:
             self.rest_listener = internet.SSLServer(

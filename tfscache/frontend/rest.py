@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
-from twisted.web.server import NOT_DONE_YET
+from twisted.web.server import NOT_DONE_YET, Request
 
 from tfscache.errors import Code, ServingError, invalid
 from tfscache.frontend.errors import as_serving_error, rest_error_body
@@ -34,6 +34,57 @@ JSON = b"application/json"
 FORWARDED_HEADER = b"x-tfscache-forwarded"
 # what the admin API's router (werkzeug) cannot route in a percent-decoded path
 _UNROUTABLE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class _Discarded:
+    """The body of a request over the limit: counted as it arrives, not kept (Twisted would
+    otherwise spool any body to a temporary file, so one huge upload could fill the disk)."""
+
+    def __init__(self, size: int = 0) -> None:
+        self.size = size
+
+    def write(self, data: bytes) -> None:
+        self.size += len(data)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return 0
+
+    def tell(self) -> int:
+        return self.size
+
+    def read(self, size: int = -1) -> bytes:
+        return b""
+
+    def close(self) -> None:
+        pass
+
+
+class BoundedRequest(Request):
+    """A request whose body is kept only up to ``max_body`` bytes: past that (by Content-Length
+    at once, or as chunks arrive) the rest is read and dropped, and the frontend answers
+    TF Serving's error once the request is complete.  Reading on rather than closing at once
+    lets the client see the answer instead of a reset."""
+
+    max_body = 64 * 1024 * 1024
+
+    def gotLength(self, length: int | None) -> None:
+        if length is not None and length > self.max_body:
+            self.content = _Discarded()
+        else:
+            super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        content = self.content
+        if not isinstance(content, _Discarded) and content.tell() + len(data) > self.max_body:
+            size = content.tell()
+            content.close()
+            self.content = content = _Discarded(size)
+        content.write(data)
+
+
+def bounded_request(max_body: int) -> type[BoundedRequest]:
+    """A request factory for a Site, with this body limit."""
+    return type("BoundedRequest", (BoundedRequest,), {"max_body": max_body})
 
 
 class RestFrontend:
