@@ -31,6 +31,7 @@ from tfscache.modelspec import PREDICTION_METHODS, parse_grpc_request
 PREDICTION_SERVICE = "tensorflow.serving.PredictionService"
 MODEL_SERVICE = "tensorflow.serving.ModelService"
 FORWARDED_METADATA = "x-tfscache-forwarded"
+DEADLINE_SLACK = 0.25  # seconds: see GrpcBridge._run
 
 # full method path -> short name used for parsing and metrics
 FORWARDED_METHODS = {f"/{PREDICTION_SERVICE}/{m}": m for m in PREDICTION_METHODS}
@@ -167,7 +168,10 @@ class GrpcBridge(service.Service):
         result = outcome.get()
         if isinstance(result, Failure):
             remaining = context.time_remaining()
-            if result.check(defer.CancelledError) and remaining is not None and remaining <= 0:
+            # a client whose deadline passes cancels the call itself, which can reach us a
+            # little before our copy of its deadline (sent as a relative grpc-timeout, so ours
+            # is later by the transit time): that is still its deadline, not a cancel
+            if result.check(defer.CancelledError) and remaining is not None and remaining <= DEADLINE_SLACK:
                 raise ServingError(Code.DEADLINE_EXCEEDED, "Deadline Exceeded")
             result.raiseException()
         reply: bytes = result
