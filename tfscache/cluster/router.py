@@ -373,7 +373,7 @@ class Router:
             raise
         return reply
 
-    def _method(self, member: Member, method: str) -> grpc.UnaryUnaryMultiCallable:
+    def _method(self, member: Member, method: str) -> Any:  # a grpc.UnaryUnaryMultiCallable
         call = self._methods.get((member.id, method))
         if call is not None:
             return call

@@ -133,7 +133,7 @@ class GrpcBridge(service.Service):
         except Exception as e:
             err = e if isinstance(e, ServingError) else None
             if err is None:
-                err = blockingCallFromThread(reactor, as_serving_error, e)
+                err = blockingCallFromThread(reactor, as_serving_error, e)  # type: ignore[arg-type]
             code = err.code.name
             context.abort(grpc_status(err), err.message)
             raise  # unreachable: abort raises
@@ -182,4 +182,8 @@ class GrpcBridge(service.Service):
     ) -> defer.Deferred[bytes]:
         self.metrics.inflight.inc()
         d = handler.grpc(method, ref, payload, timeout)
-        return d.addBoth(lambda r: (self.metrics.inflight.dec(), r)[1])
+        def done(result: Any) -> Any:
+            self.metrics.inflight.dec()
+            return result
+
+        return d.addBoth(done)

@@ -66,6 +66,7 @@ class BoundedRequest(Request):
     lets the client see the answer instead of a reset."""
 
     max_body = 64 * 1024 * 1024
+    content: Any
 
     def gotLength(self, length: int | None) -> None:
         if length is not None and length > self.max_body:
@@ -220,7 +221,7 @@ class _Root(Resource):
             if isinstance(reason, Failure):  # the client went away before the answer
                 result.cancel()
 
-        request.notifyFinish().addBoth(gone)
+        request.notifyFinish().addBoth(gone)  # type: ignore[attr-defined]  # twisted.web's Request has it
 
         def write(body: bytes) -> None:
             if not finished:

@@ -72,8 +72,8 @@ class CachedEndpoints:
         if endpoint is None:
             if len(self._endpoints) >= 1024:  # a bound; only the members and the backend are here
                 self._endpoints.clear()
-            kw = {} if self.connect_timeout is None else {"timeout": self.connect_timeout}
-            endpoint = HostnameEndpoint(self.reactor, uri.host.decode("ascii"), uri.port, **kw)
+            timeout = 30 if self.connect_timeout is None else self.connect_timeout  # 30: Twisted's default
+            endpoint = HostnameEndpoint(self.reactor, uri.host.decode("ascii"), uri.port, timeout=timeout)
             if uri.scheme == b"https" and self.tls_policy is not None:
                 endpoint = wrapClientTLS(self.tls_policy.creatorForNetloc(uri.host, uri.port), endpoint)
             elif uri.scheme != b"http":
@@ -148,7 +148,7 @@ class LocalNode:
         lease = await self._lease(call.ref, self.load_timeout)
         try:
             producer = BytesProducer(request.body) if request.body else None
-            d = self.agent.request(request.method, self.rest_base + request.path,
+            d: defer.Deferred[Any] = self.agent.request(request.method, self.rest_base + request.path,
                                    forwardable_headers(request.headers), producer)
             # the deadline covers the answer and its body (cancelling d cancels readBody too)
             d.addCallback(lambda resp: readBody(resp).addCallback(lambda body: (resp, body)))

@@ -124,8 +124,8 @@ class ConsulDiscovery(DiscoveryBase):
         self._watching: defer.Deferred[Any] | None = None
 
     # -- HTTP -------------------------------------------------------------------------------------
-    def _headers(self) -> dict[bytes, list[bytes]]:
-        headers = {b"content-type": [b"application/json"]}
+    def _headers(self) -> dict[bytes | str, list[bytes | str]]:
+        headers: dict[bytes | str, list[bytes | str]] = {b"content-type": [b"application/json"]}
         if self.token:
             headers[b"x-consul-token"] = [self.token.encode()]
         return headers

@@ -207,7 +207,7 @@ class EtcdConnection:
     def open_watch(self, prefix: str, start_revision: int) -> requests.Response:
         """A streaming watch response on ``prefix`` from ``start_revision`` (blocking)."""
         key = prefix.encode()
-        create = {"key": _encode(key), "range_end": _encode(_increment_last_byte(key).encode()),
+        create: dict[str, Any] = {"key": _encode(key), "range_end": _encode(_increment_last_byte(key).encode()),
                   "start_revision": start_revision}
 
         def op(client: Etcd3Client) -> requests.Response:
