@@ -25,13 +25,13 @@ from twisted.trial import unittest
 
 from tests.harness import shared
 from tests.harness.certs import make_tls_files
-from tests.test_discovery import LogCapture, ids, member, wait_until
+from tests.test_discovery import LogCapture, _consul_missing, ids, member, wait_until
 from tfscache.cluster.discovery import DiscoveryBase
 from tfscache.cluster.members import Member
 from tfscache.config import ConfigError, load_config
 
 try:
-    from tests.harness.servers import ConsulAgent, EtcdServer, binary_path, tls_context
+    from tests.harness.servers import ConsulAgent, EtcdServer, tls_context
 except ImportError:  # pragma: no cover - the harness is part of the tree
     ConsulAgent = EtcdServer = None  # type: ignore[assignment,misc]
 
@@ -333,16 +333,6 @@ class EtcdTlsTests(_TlsTests, unittest.TestCase):
         self.assertEqual(ids(refused.members()), set())
         self.assertGreaterEqual(len(tokens), 2)
         self.assert_never_logged([password, wrong_password, admin_token, *tokens])
-
-
-def _consul_missing() -> str | None:
-    if ConsulAgent is None:
-        return "tests/harness/servers.py has no ConsulAgent"
-    try:
-        binary_path("consul")
-    except RuntimeError as e:
-        return str(e)
-    return None
 
 
 class ConsulTlsTests(_TlsTests, unittest.TestCase):
