@@ -393,6 +393,31 @@ class DiskFullTests(FaultTestCase):
         self.assertEqual(os.path.getsize(copied), BIG_PADDING)
 
 
+    @defer.inlineCallbacks
+    def test_unwritable_model_directory(self):  # type: ignore[no-untyped-def]
+        """The cache cannot hold a model's directory (a file where it should go; as root,
+        permissions would not stop the write): a clear error naming the model, nothing
+        written, nothing negatively cached, other models serve; once the path is free, the
+        same model loads."""
+        cache_dir = tempfile.mkdtemp(prefix="tfscache-faults-unwritable-")
+        self.addCleanup(shutil.rmtree, cache_dir, True)
+        node = yield self.node(cache_dir=cache_dir)
+        blocker = os.path.join(cache_dir, "f-small")
+        with open(blocker, "wb") as f:
+            f.write(b"not a directory")
+        reply = yield rest_predict(node.rest_url, "f-small", [1.0])
+        self.assertEqual(reply.code, 503, reply.body)
+        self.assertIn("Could not copy model f-small version 1 into the cache", reply.json()["error"])
+        with open(blocker, "rb") as f:
+            self.assertEqual(f.read(), b"not a directory")
+        self.assertEqual(sorted(os.listdir(cache_dir)), ["f-small"])
+        reply = yield rest_predict(node.rest_url, "f-warm", [1.0])
+        self.assertPredicts(reply, [3.0])
+        os.remove(blocker)
+        reply = yield rest_predict(node.rest_url, "f-small", [2.0])
+        self.assertPredicts(reply, [7.0])
+
+
 # -- 4. the model source is slow or unreachable -----------------------------------------------------------
 class BlackHole:
     """A TCP port that accepts connections (the kernel does, from the backlog) and never
