@@ -44,6 +44,7 @@ class TinyHandler:
         self.mode = "ok"  # ok | unavailable | notfound | hold
         self.rest_calls: list[HttpRequest] = []
         self.grpc_calls: list[tuple[str, bytes, float | None]] = []
+        self.grpc_metadata: list[tuple[tuple[str, Any], ...]] = []
         self.held: list[defer.Deferred[Any]] = []
 
     def _answer(self, make: Any) -> defer.Deferred[Any]:
@@ -67,8 +68,10 @@ class TinyHandler:
             200, json.dumps(body).encode(), [(b"content-type", b"application/json"),
                                              (b"x-node", self.node_id.encode())]))
 
-    def grpc(self, method: str, ref: ModelRef, payload: bytes, timeout: float | None) -> defer.Deferred[bytes]:
+    def grpc(self, method: str, ref: ModelRef, payload: bytes, timeout: float | None,
+             metadata: Any = ()) -> defer.Deferred[bytes]:
         self.grpc_calls.append((method, payload, timeout))
+        self.grpc_metadata.append(tuple(metadata))
         return self._answer(lambda: self.node_id.encode() + b"|" + payload)
 
     def release(self) -> None:
@@ -112,10 +115,11 @@ class Node:
         assert self.router is not None
         return self.router.rest(call, request)
 
-    def grpc(self, method: str, ref: ModelRef, payload: bytes, timeout: float | None) -> defer.Deferred[bytes]:
+    def grpc(self, method: str, ref: ModelRef, payload: bytes, timeout: float | None,
+             metadata: Any = ()) -> defer.Deferred[bytes]:
         self.routed += 1
         assert self.router is not None
-        return self.router.grpc(method, ref, payload, timeout)
+        return self.router.grpc(method, ref, payload, timeout, metadata)
 
     @defer.inlineCallbacks
     def stop(self):  # type: ignore[no-untyped-def]
@@ -167,10 +171,11 @@ class RouterTestCase(unittest.TestCase):
         content = yield treq.content(resp)
         return resp, content
 
-    def grpc_call(self, node: Node, name: str, timeout: float = 10.0) -> defer.Deferred[bytes]:
+    def grpc_call(self, node: Node, name: str, timeout: float = 10.0,
+                  metadata: Any = None) -> defer.Deferred[bytes]:
         channel = grpc.insecure_channel(f"127.0.0.1:{node.grpc_bridge.bound_port}")
         self.channels.append(channel)
-        future = channel.unary_unary(PREDICT).future(predict_payload(name), timeout=timeout)
+        future = channel.unary_unary(PREDICT).future(predict_payload(name), timeout=timeout, metadata=metadata)
         return future_to_deferred(future)
 
     @defer.inlineCallbacks
@@ -223,6 +228,23 @@ class RoutingTests(RouterTestCase):
         self.assertEqual((a.routed, nodes["b"].routed, nodes["c"].routed), (2, 0, 0))
         self.assertEqual(len(nodes["b"].tiny.grpc_calls), 1)
         self.assertEqual(a.tiny.grpc_calls, [])
+
+    @defer.inlineCallbacks
+    def test_grpc_client_metadata_travels_with_the_call(self):  # type: ignore[no-untyped-def]
+        """The client's own metadata (text and binary) reaches the owner's handler, locally and
+        after a hop, as REST headers do; the transport's keys and the hop marker do not."""
+        nodes = yield self.cluster()
+        a = nodes["a"]
+        sent = (("x-request-id", "req-42"), ("authorization", "Bearer for-a-proxy"),
+                ("trace-bin", b"\x00\x01\xff"))
+        for owner in ("a", "b"):
+            name = self.name_owned_by(owner)
+            yield self.grpc_call(a, name, metadata=sent)
+            received = nodes[owner].tiny.grpc_metadata[-1]
+            self.assertEqual([kv for kv in received if kv[0] in dict(sent)], list(sent), owner)
+            keys = {k for k, _v in received}
+            self.assertFalse(keys & {"x-tfscache-forwarded", "user-agent"}, received)
+            self.assertFalse([k for k in keys if k.startswith(("grpc-", ":"))], received)
 
     @defer.inlineCallbacks
     def test_local_owner_is_served_without_a_hop(self):  # type: ignore[no-untyped-def]

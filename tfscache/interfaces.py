@@ -106,5 +106,6 @@ class IRequestHandler(Interface):
         """Answer a parsed TF Serving REST call (``tfscache.modelspec.RestCall``) whose raw
         request (``tfscache.node.local.HttpRequest``) is passed on unchanged."""
 
-    def grpc(method: str, ref, payload: bytes, timeout: float | None):  # -> Deferred[bytes]
-        """Answer a gRPC call (full method path) whose serialized request is ``payload``."""
+    def grpc(method: str, ref, payload: bytes, timeout: float | None, metadata=()):  # -> Deferred[bytes]
+        """Answer a gRPC call (full method path) whose serialized request is ``payload``;
+        ``metadata``: the client's own (key, value) pairs, passed on like REST headers."""

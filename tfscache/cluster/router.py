@@ -40,7 +40,7 @@ from tfscache.errors import Code, ServingError, deadline, unavailable
 from tfscache.interfaces import IDiscovery, IRequestHandler
 from tfscache.metrics import Metrics
 from tfscache.modelspec import ModelRef, RestCall
-from tfscache.node.local import BytesProducer, HttpReply, HttpRequest, forwardable_headers, http_agent
+from tfscache.node.local import BytesProducer, HttpReply, HttpRequest, Metadata, forwardable_headers, http_agent
 from tfscache.util.grpc_twisted import future_to_deferred
 
 T = TypeVar("T")
@@ -223,11 +223,12 @@ class Router:
             else self._rest_remote(m, request, remaining),
         )
 
-    def grpc(self, method: str, ref: ModelRef, payload: bytes, timeout: float | None) -> defer.Deferred[bytes]:
+    def grpc(self, method: str, ref: ModelRef, payload: bytes, timeout: float | None,
+             metadata: Metadata = ()) -> defer.Deferred[bytes]:
         return self._start(
             ref.name, self.forward_timeout if timeout is None else timeout,
-            lambda m, remaining: self._grpc_local(method, ref, payload, remaining)
-            if m is None or m.id == self.self_id else self._grpc_remote(m, method, payload, remaining),
+            lambda m, remaining: self._grpc_local(method, ref, payload, remaining, metadata)
+            if m is None or m.id == self.self_id else self._grpc_remote(m, method, payload, remaining, metadata),
         )
 
     def _start(
@@ -353,18 +354,20 @@ class Router:
         return reply
 
     # -- gRPC -----------------------------------------------------------------------------------
-    async def _grpc_local(self, method: str, ref: ModelRef, payload: bytes, remaining: float) -> bytes:
+    async def _grpc_local(self, method: str, ref: ModelRef, payload: bytes, remaining: float,
+                          metadata: Metadata) -> bytes:
         try:
-            reply: bytes = await self.local.grpc(method, ref, payload, remaining)
+            reply: bytes = await self.local.grpc(method, ref, payload, remaining, metadata)
         except ServingError as e:
             if e.code == Code.UNAVAILABLE:
                 raise _Failover(e, mark_down=True)
             raise
         return reply
 
-    async def _grpc_remote(self, member: Member, method: str, payload: bytes, remaining: float) -> bytes:
+    async def _grpc_remote(self, member: Member, method: str, payload: bytes, remaining: float,
+                           metadata: Metadata) -> bytes:
         call = self._method(member, method)
-        future = call.future(payload, timeout=remaining, metadata=FORWARDED_METADATA)
+        future = call.future(payload, timeout=remaining, metadata=FORWARDED_METADATA + tuple(metadata))
         try:
             reply: bytes = await future_to_deferred(future, member.grpc_target)
         except ServingError as e:

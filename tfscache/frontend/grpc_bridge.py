@@ -27,6 +27,7 @@ from tfscache.frontend.errors import as_serving_error, grpc_status
 from tfscache.interfaces import IRequestHandler
 from tfscache.metrics import Metrics
 from tfscache.modelspec import PREDICTION_METHODS, parse_grpc_request
+from tfscache.node.local import Metadata, forwardable_metadata
 
 PREDICTION_SERVICE = "tensorflow.serving.PredictionService"
 MODEL_SERVICE = "tensorflow.serving.ModelService"
@@ -127,9 +128,11 @@ class GrpcBridge(service.Service):
             ref = parse_grpc_request(short, payload)
             remaining = context.time_remaining()
             timeout = None if remaining is None or remaining > 1e9 else remaining
-            forwarded = any(k == FORWARDED_METADATA for k, _v in context.invocation_metadata() or ())
+            received = context.invocation_metadata() or ()
+            forwarded = any(k == FORWARDED_METADATA for k, _v in received)
             handler = self.local if forwarded else self.handler
-            return self._run(context, handler, method, ref, payload, timeout)
+            metadata = forwardable_metadata(received)
+            return self._run(context, handler, method, ref, payload, timeout, metadata)
         except Exception as e:
             err = e if isinstance(e, ServingError) else None
             if err is None:
@@ -142,7 +145,7 @@ class GrpcBridge(service.Service):
 
     def _run(
         self, context: grpc.ServicerContext, handler: IRequestHandler, method: str, ref: Any,
-        payload: bytes, timeout: float | None,
+        payload: bytes, timeout: float | None, metadata: Metadata,
     ) -> bytes:
         """Run the handler on the reactor and wait here for its result, like
         blockingCallFromThread, but cancel it when the RPC ends first (the client cancelled, its
@@ -153,7 +156,7 @@ class GrpcBridge(service.Service):
         running: list[defer.Deferred[bytes]] = []
 
         def start() -> None:
-            d = defer.maybeDeferred(self._in_reactor, handler, method, ref, payload, timeout)
+            d = defer.maybeDeferred(self._in_reactor, handler, method, ref, payload, timeout, metadata)
             running.append(d)
             d.addBoth(outcome.put)
 
@@ -178,10 +181,12 @@ class GrpcBridge(service.Service):
         return reply
 
     def _in_reactor(
-        self, handler: IRequestHandler, method: str, ref: Any, payload: bytes, timeout: float | None
+        self, handler: IRequestHandler, method: str, ref: Any, payload: bytes, timeout: float | None,
+        metadata: Metadata,
     ) -> defer.Deferred[bytes]:
         self.metrics.inflight.inc()
-        d = handler.grpc(method, ref, payload, timeout)
+        d = handler.grpc(method, ref, payload, timeout, metadata)
+
         def done(result: Any) -> Any:
             self.metrics.inflight.dec()
             return result

@@ -7,6 +7,7 @@ unchanged and its answer back unchanged, release the lease.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +46,18 @@ class HttpReply:
     code: int
     body: bytes
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+
+
+Metadata = Sequence[tuple[str, str | bytes]]
+# what a gRPC client sends that is not its own metadata: the transport's, and our marker
+_SKIP_METADATA = frozenset({"user-agent", "te", "content-type", "x-tfscache-forwarded"})
+
+
+def forwardable_metadata(metadata: Sequence[tuple[str, str | bytes]] | None) -> tuple[tuple[str, str | bytes], ...]:
+    """A gRPC client's own metadata, to pass on as REST headers are (tracing ids, auth for a
+    proxy in front of TF Serving); gRPC's reserved keys stay behind."""
+    return tuple((k, v) for k, v in metadata or ()
+                 if k not in _SKIP_METADATA and not k.startswith(("grpc-", ":")))
 
 
 def forwardable_headers(headers: list[tuple[bytes, bytes]]) -> Headers:
@@ -172,11 +185,12 @@ class LocalNode:
 
     # -- gRPC --------------------------------------------------------------------------------
     def grpc(
-        self, method: str, ref: ModelRef, payload: bytes, timeout: float | None
+        self, method: str, ref: ModelRef, payload: bytes, timeout: float | None, metadata: Metadata = ()
     ) -> defer.Deferred[bytes]:
-        return defer.ensureDeferred(self._grpc(method, ref, payload, timeout))
+        return defer.ensureDeferred(self._grpc(method, ref, payload, timeout, metadata))
 
-    async def _grpc(self, method: str, ref: ModelRef, payload: bytes, timeout: float | None) -> bytes:
+    async def _grpc(self, method: str, ref: ModelRef, payload: bytes, timeout: float | None,
+                    metadata: Metadata) -> bytes:
         started = time.monotonic()
         lease = await self._lease(ref, timeout if timeout is not None else self.load_timeout)
         try:
@@ -189,7 +203,8 @@ class LocalNode:
             if call is None:
                 call = self._grpc_methods[method] = self.channel.unary_unary(method)
             try:
-                reply: bytes = await future_to_deferred(call.future(payload, timeout=remaining))
+                reply: bytes = await future_to_deferred(
+                    call.future(payload, timeout=remaining, metadata=tuple(metadata) or None))
             except ServingError as e:
                 if e.code == Code.UNAVAILABLE:
                     raise unavailable(f"TF Serving gRPC API is unavailable: {e.message}")
