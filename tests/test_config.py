@@ -73,6 +73,70 @@ class ConfigTests(unittest.TestCase):
                                             "TFSCACHE_TEST_PIDS": "/tmp/p"})
         self.assertEqual(cfg.serving.max_models, 10)
 
+    def test_environment_strings_are_kept_as_written(self) -> None:
+        """A string key takes the variable's text as it is: YAML would read a token 0123 as
+        octal (83), 0x1F as 31, 12:30 as sexagesimal 750, and true as a boolean."""
+        for raw in ("0123", "0x1F", "12:30", "true", "null", "1e3", "~"):
+            cfg = load_config(with_(MINIMAL, admin={"enabled": True}),
+                              environ={"TFSCACHE_ADMIN__TOKEN": raw})
+            self.assertEqual(cfg.admin.token, raw)
+        cfg = load_config(MINIMAL, environ={"TFSCACHE_SERVING__GRPC_TARGET": "10.0.0.1:0123",
+                                            "TFSCACHE_NODE__ID": "007",
+                                            "TFSCACHE_LOGGING__LEVEL": "debug"})
+        self.assertEqual((cfg.serving.grpc_target, cfg.node.id, cfg.logging.level),
+                         ("10.0.0.1:0123", "007", "debug"))
+        # the other kinds are still read as YAML
+        cfg = load_config(MINIMAL, environ={"TFSCACHE_SERVING__RESET_ON_START": "false",
+                                            "TFSCACHE_SERVING__MEMORY_FACTOR": "1.5",
+                                            "TFSCACHE_DISK_CACHE__CAPACITY_BYTES": "1GiB"})
+        self.assertEqual((cfg.serving.reset_on_start, cfg.serving.memory_factor, cfg.disk_cache.capacity_bytes),
+                         (False, 1.5, 1024**3))
+        # an empty variable is null: fine where null is the default, refused elsewhere
+        cfg = load_config(MINIMAL, environ={"TFSCACHE_LISTEN__TLS_CERT": ""})
+        self.assertIsNone(cfg.listen.tls_cert)
+        msg = self.assertConfigError(MINIMAL, "serving.grpc_target", {"TFSCACHE_SERVING__GRPC_TARGET": ""})
+        self.assertEqual(msg, "serving.grpc_target: a value is required")
+
+    def test_explicit_null_is_refused_where_a_value_is_needed(self) -> None:
+        for section, key in (("serving", "max_models"), ("serving", "rest_url"), ("listen", "rest_port"),
+                             ("serving", "reset_on_start"), ("disk_cache", "capacity_bytes"),
+                             ("logging", "level"), ("cluster", "replicas_per_model")):
+            msg = self.assertConfigError(with_(MINIMAL, **{section: {key: None}}), f"{section}.{key}")
+            self.assertEqual(msg, f"{section}.{key}: a value is required")
+        msg = self.assertConfigError(with_(MINIMAL, cluster={"discovery": {"members": None}}),
+                                     "cluster.discovery.members")
+        self.assertEqual(msg, "cluster.discovery.members: a value is required")
+        # keys whose default is null take null
+        cfg = load_config(with_(MINIMAL, node={"id": None}, listen={"tls_cert": None}), environ={})
+        self.assertTrue(cfg.node.id)
+        self.assertIsNone(cfg.listen.tls_cert)
+
+    def test_ports(self) -> None:
+        self.assertConfigError(with_(MINIMAL, listen={"rest_port": 65536}), "listen.rest_port")
+        self.assertConfigError(with_(MINIMAL, listen={"grpc_port": -1}), "listen.grpc_port")
+        self.assertConfigError(with_(MINIMAL, listen={"grpc_port": "8500"}), "listen.grpc_port")
+        cfg = load_config(with_(MINIMAL, listen={"rest_port": 0, "grpc_port": 65535}), environ={})
+        self.assertEqual((cfg.listen.rest_port, cfg.listen.grpc_port), (0, 65535))
+
+    def test_static_members(self) -> None:
+        good = {"id": "n1", "host": "10.0.0.1", "rest_port": 8501, "grpc_port": 8500}
+
+        def members(*entries: object) -> dict:
+            return with_(MINIMAL, cluster={"discovery": {"type": "static", "members": list(entries)}})
+
+        cfg = load_config(members(good, {"host": "10.0.0.2", "rest_port": 1, "grpc_port": 65535}), environ={})
+        self.assertEqual(len(cfg.cluster.discovery.members), 2)
+        key = "cluster.discovery.members[1]"
+        for bad, where in (
+            (dict(good, id=7), ".id"), (dict(good, id=""), ".id"), (dict(good, host=None), ".host"),
+            (dict(good, host=["a"]), ".host"), (dict(good, rest_port="8501"), ".rest_port"),
+            (dict(good, grpc_port=True), ".grpc_port"), (dict(good, rest_port=70000), ".rest_port"),
+            (dict(good, grpc_port=0), ".grpc_port"), (dict(good, grcp_port=1), ".grcp_port"),
+            ({"id": "x", "host": "h"}, ""), ("h:1", ""),
+        ):
+            msg = self.assertConfigError(members(good, bad), key + where)
+            self.assertNotIn("Traceback", msg)
+
     def test_files(self) -> None:
         err = self.assertRaises(ConfigError, load_config_file, "/nonexistent/tfscache.yaml", {})
         self.assertIn("/nonexistent/tfscache.yaml", str(err))

@@ -2,8 +2,9 @@
 
 Any problem stops the daemon with ONE line naming the key (``ConfigError``).  Environment
 variables override keys: ``TFSCACHE_SERVING__MAX_MODELS=20`` sets ``serving.max_models``
-(the value is read as YAML, so numbers, booleans and lists work); ``__`` separates the levels,
-and a ``TFSCACHE_`` variable without it is not configuration.
+(the value is read as YAML, so numbers, booleans and lists work, except for string keys, whose
+value is kept as it is: a token ``0123`` stays ``0123``); ``__`` separates the levels, and a
+``TFSCACHE_`` variable without it is not configuration.  An empty variable means null.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class Field:
     choices: tuple[str, ...] = ()
     minimum: float | None = None
     doc: str = ""
+    maximum: float | None = None
 
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
@@ -71,8 +73,8 @@ SCHEMA: dict[str, Any] = {
     },
     "listen": {
         "host": Field("str", "0.0.0.0", doc="Interface for the client-facing ports."),
-        "rest_port": Field("int", 8501, minimum=0),
-        "grpc_port": Field("int", 8500, minimum=0),
+        "rest_port": Field("int", 8501, minimum=0, maximum=65535),
+        "grpc_port": Field("int", 8500, minimum=0, maximum=65535),
         "grpc_threads": Field("int", 32, minimum=1, doc="grpcio worker threads."),
         "max_request_bytes": Field("size", 64 * 1024 * 1024, minimum=1,
                                    doc="Largest REST body or gRPC message accepted."),
@@ -169,7 +171,9 @@ SCHEMA: dict[str, Any] = {
 
 def _check(key: str, f: Field, value: Any) -> Any:
     if value is None:
-        if f.default is _REQUIRED:
+        # an explicit null (or an empty variable) where the code expects a value: say so here,
+        # not with a traceback later
+        if f.default is _REQUIRED or f.default is not None:
             raise ConfigError(f"{key}: a value is required")
         return None
     try:
@@ -199,6 +203,8 @@ def _check(key: str, f: Field, value: Any) -> Any:
         raise ConfigError(f"{key}: {e}")
     if f.minimum is not None and isinstance(value, int | float) and value < f.minimum:
         raise ConfigError(f"{key}: must be at least {f.minimum:g}, got {value}")
+    if f.maximum is not None and isinstance(value, int | float) and value > f.maximum:
+        raise ConfigError(f"{key}: must be at most {f.maximum:g}, got {value}")
     return value
 
 
@@ -236,10 +242,48 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
             if not isinstance(child, dict):
                 raise ConfigError(f"{'.'.join(path)}: expected a mapping")
             node = child
-        try:
-            node[path[-1]] = yaml.safe_load(raw) if raw != "" else None
-        except yaml.YAMLError:
+        field = _field_at(path)
+        if raw == "":
+            node[path[-1]] = None
+        elif field is not None and field.kind in ("str", "choice"):
+            # as written: YAML would turn a token 0123 into 83, 0x1F into 31, 12:30 into 750,
+            # and refuse true
             node[path[-1]] = raw
+        else:
+            try:
+                node[path[-1]] = yaml.safe_load(raw)
+            except yaml.YAMLError:
+                node[path[-1]] = raw
+
+
+def _field_at(path: list[str]) -> Field | None:
+    spec: Any = SCHEMA
+    for part in path:
+        if not isinstance(spec, dict) or part not in spec:
+            return None
+        spec = spec[part]
+    return spec if isinstance(spec, Field) else None
+
+
+_MEMBER_KEYS = ("id", "host", "rest_port", "grpc_port")
+
+
+def _check_member(i: int, m: Any) -> None:
+    key = f"cluster.discovery.members[{i}]"
+    if not isinstance(m, dict) or not {"host", "rest_port", "grpc_port"} <= set(m):
+        raise ConfigError(f"{key}: expected a mapping with host, rest_port, grpc_port")
+    for k in m:
+        if k not in _MEMBER_KEYS:
+            raise ConfigError(f"{key}.{k}: unknown key")
+    for k in ("id", "host"):
+        if k in m and (not isinstance(m[k], str) or not m[k]):
+            raise ConfigError(f"{key}.{k}: expected a non-empty string, got {m[k]!r}")
+    for k in ("rest_port", "grpc_port"):
+        v = m[k]
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ConfigError(f"{key}.{k}: expected an integer, got {v!r}")
+        if not 0 < v <= 65535:  # port 0 (any free port) only makes sense for listening
+            raise ConfigError(f"{key}.{k}: expected a TCP port 1..65535, got {v}")
 
 
 def _cross_checks(cfg: SimpleNamespace) -> None:
@@ -271,10 +315,7 @@ def _cross_checks(cfg: SimpleNamespace) -> None:
                 raise ConfigError(f"cluster.discovery.endpoints: {endpoint!r} is plain http, but ca_cert / "
                                   "client_cert ask for TLS: use https://")
     for i, m in enumerate(d.members):
-        if not isinstance(m, dict) or not {"host", "rest_port", "grpc_port"} <= set(m):
-            raise ConfigError(
-                f"cluster.discovery.members[{i}]: expected a mapping with host, rest_port, grpc_port"
-            )
+        _check_member(i, m)
     if cfg.node.id is None:
         cfg.node.id = _default_node_id()
 
