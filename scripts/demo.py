@@ -1,7 +1,10 @@
-"""The demo: a TF Serving backend, a tfscache node with room for fewer models than it is asked
-for, REST and gRPC traffic over all of them, and a summary of what the cache did.
+"""The demo: a small cluster on loopback -- N TF Serving backends, each with its tfscache node
+beside it, every node with room for fewer models than the traffic asks for -- REST and gRPC
+traffic sent to ANY node over all the models, and a summary of what the cache did.
 
-    scripts/demo [--models 12] [--max-models 4] [--requests 400] [--concurrency 8]
+    scripts/demo [--nodes 2] [--models 12] [--max-models 4] [--requests 400] [--concurrency 8]
+
+With ``--nodes 1`` it is a single node in front of a single backend.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc  # 
 
 from tests.harness.devserver import DevServer  # noqa: E402
 from tests.harness.node import NodeProcess, node_config  # noqa: E402
+from tests.harness.process import free_port  # noqa: E402
 from tfscache.devserver.models import write_half_plus_two  # noqa: E402
 
 
@@ -73,14 +77,33 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))] * 1000
 
 
+def node_figures(m: dict[str, float]) -> dict[str, float]:
+    return {
+        "hits": total(m, "tfscache_cache_hits_total"),
+        "misses": total(m, "tfscache_cache_misses_total"),
+        "copies": total(m, "tfscache_fetches_total"),
+        "loads": total(m, "tfscache_loads_total"),
+        "unloads": total(m, "tfscache_unloads_total"),
+        "loaded": total(m, "tfscache_models_loaded"),
+        # requests this node's router sent on to another node (the model's owner)
+        "forwards": sum(v for k, v in m.items()
+                        if k.startswith("tfscache_router_forwards_total{") and 'target="local"' not in k),
+        "load_seconds_sum": total(m, "tfscache_load_seconds_sum"),
+        "load_seconds_count": total(m, "tfscache_load_seconds_count"),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--nodes", type=int, default=2, help="cache nodes, each with its own backend")
     ap.add_argument("--models", type=int, default=12)
-    ap.add_argument("--max-models", type=int, default=4)
+    ap.add_argument("--max-models", type=int, default=4, help="models loaded at once, per node")
     ap.add_argument("--requests", type=int, default=400)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--seed", type=int, default=7)
     args = ap.parse_args(argv)
+    if args.nodes < 1:
+        ap.error("--nodes must be at least 1")
     rng = random.Random(args.seed)
 
     work = tempfile.mkdtemp(prefix="tfscache-demo-")
@@ -91,56 +114,74 @@ def main(argv: list[str] | None = None) -> int:
             a, b = coefficients(i, version)
             write_half_plus_two(models, f"tenant-{i:02d}", version, a=a, b=b)
 
-    backend = DevServer()
-    print("demo: starting the TF Serving backend (DevServer) ...")
-    backend.start()
-    node = NodeProcess(node_config(models, backend, os.path.join(work, "cache"), serving={
-        "max_models": args.max_models, "churn_guard_seconds": 0.2}))
-    print(f"demo: starting tfscache (max_models={args.max_models}) ...")
+    # Every node knows every other one from a static member list (the ports are chosen first).
+    ids = [f"node-{n + 1}" for n in range(args.nodes)]
+    ports = [(free_port(), free_port()) for _ in ids]
+    members = [{"id": i, "host": "127.0.0.1", "rest_port": r, "grpc_port": g}
+               for i, (r, g) in zip(ids, ports, strict=True)]
+    backends = [DevServer() for _ in ids]
+    nodes: list[NodeProcess] = []
+    print(f"demo: starting {args.nodes} TF Serving backend(s) (DevServer) ...")
     try:
-        node.start()
-        channel = grpc.insecure_channel(node.grpc_target)
-        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
-        # a skewed workload: a few tenants are hot, most are cold
+        for backend in backends:
+            backend.start()
+        for n, (node_id, (rest_port, grpc_port)) in enumerate(zip(ids, ports, strict=True)):
+            cfg = node_config(models, backends[n], os.path.join(work, f"cache-{node_id}"), node_id=node_id,
+                              listen={"rest_port": rest_port, "grpc_port": grpc_port},
+                              serving={"max_models": args.max_models, "churn_guard_seconds": 0.2},
+                              cluster={"replicas_per_model": min(2, args.nodes),
+                                       "discovery": {"type": "static", "members": members}})
+            nodes.append(NodeProcess(cfg, name=node_id))
+        print(f"demo: starting {args.nodes} tfscache node(s) (max_models={args.max_models} each) ...")
+        for node in nodes:
+            node.start()
+        stubs = [prediction_service_pb2_grpc.PredictionServiceStub(grpc.insecure_channel(node.grpc_target))
+                 for node in nodes]
+        # a skewed workload: a few tenants are hot, most are cold; each request goes to any node
         weights = [1.0 / (i + 1) ** 1.1 for i in range(args.models)]
-        plan = [(rng.choices(range(args.models), weights)[0], rng.random() < 0.5, rng.uniform(-5, 5))
-                for _ in range(args.requests)]
+        plan = [(rng.choices(range(args.models), weights)[0], rng.random() < 0.5, rng.uniform(-5, 5),
+                 rng.randrange(args.nodes)) for _ in range(args.requests)]
         latencies: dict[str, list[float]] = {"rest": [], "grpc": []}
         wrong = []
 
-        def one(item: tuple[int, bool, float]) -> None:
-            i, use_grpc, x = item
+        def one(item: tuple[int, bool, float, int]) -> None:
+            i, use_grpc, x, n = item
             name = f"tenant-{i:02d}"
             started = time.monotonic()
-            y = grpc_predict(stub, name, x) if use_grpc else rest_predict(node.rest_url, name, x)
+            y = grpc_predict(stubs[n], name, x) if use_grpc else rest_predict(nodes[n].rest_url, name, x)
             latencies["grpc" if use_grpc else "rest"].append(time.monotonic() - started)
             a, b = coefficients(i, 2)  # no version asked: the latest, 2
             if abs(y - (a * x + b)) > 1e-3 * max(1.0, abs(a * x + b)):
                 wrong.append((name, x, y))
 
-        print(f"demo: sending {args.requests} predictions over {args.models} models, "
-              f"REST and gRPC, {args.concurrency} at a time ...")
+        print(f"demo: sending {args.requests} predictions over {args.models} models to any of the "
+              f"{args.nodes} node(s), REST and gRPC, {args.concurrency} at a time ...")
         started = time.monotonic()
         with ThreadPoolExecutor(args.concurrency) as pool:
             list(pool.map(one, plan))
         elapsed = time.monotonic() - started
-        m = scrape(node.rest_url)
+        per_node = [node_figures(scrape(node.rest_url)) for node in nodes]
     finally:
-        node.stop()
-        backend.stop()
+        for node in nodes:
+            node.stop()
+        for backend in backends:
+            backend.stop()
+
+    def summed(key: str) -> float:
+        return sum(f[key] for f in per_node)
 
     all_lat = latencies["rest"] + latencies["grpc"]
     rows = [
         ("requests", f"{args.requests} in {elapsed:.1f}s ({args.requests / elapsed:.0f}/s)"),
         ("wrong predictions", str(len(wrong))),
-        ("cache hits", f"{total(m, 'tfscache_cache_hits_total'):.0f}"),
-        ("cache misses", f"{total(m, 'tfscache_cache_misses_total'):.0f}"),
-        ("copies from source", f"{total(m, 'tfscache_fetches_total'):.0f}"),
-        ("loads into TF Serving", f"{total(m, 'tfscache_loads_total'):.0f}"),
-        ("unloads (LRU)", f"{total(m, 'tfscache_unloads_total'):.0f}"),
-        ("models loaded at the end", f"{total(m, 'tfscache_models_loaded'):.0f} (max {args.max_models})"),
-        ("mean load time", "%.0f ms" % (1000 * total(m, "tfscache_load_seconds_sum")
-                                        / max(1.0, total(m, "tfscache_load_seconds_count")))),
+        ("cache hits", f"{summed('hits'):.0f}"),
+        ("cache misses", f"{summed('misses'):.0f}"),
+        ("copies from source", f"{summed('copies'):.0f}"),
+        ("loads into TF Serving", f"{summed('loads'):.0f}"),
+        ("unloads (LRU)", f"{summed('unloads'):.0f}"),
+        ("forwarded to the owner", f"{summed('forwards'):.0f}"),
+        ("models loaded at the end", f"{summed('loaded'):.0f} (max {args.max_models} per node)"),
+        ("mean load time", "%.0f ms" % (1000 * summed("load_seconds_sum") / max(1.0, summed("load_seconds_count")))),
         ("latency REST p50 / p99", f"{pct(latencies['rest'], .5):.1f} / {pct(latencies['rest'], .99):.1f} ms"),
         ("latency gRPC p50 / p99", f"{pct(latencies['grpc'], .5):.1f} / {pct(latencies['grpc'], .99):.1f} ms"),
         ("latency all median", f"{statistics.median(all_lat) * 1000:.1f} ms"),
@@ -149,6 +190,11 @@ def main(argv: list[str] | None = None) -> int:
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"  {k:<{width}}  {v}")
+    if args.nodes > 1:
+        print("\n  per node     hits  misses  copies  loads  unloads  forwarded  loaded")
+        for node_id, f in zip(ids, per_node, strict=True):
+            print(f"  {node_id:<10} {f['hits']:5.0f} {f['misses']:7.0f} {f['copies']:7.0f} {f['loads']:6.0f} "
+                  f"{f['unloads']:8.0f} {f['forwards']:10.0f} {f['loaded']:7.0f}")
     if wrong:
         print(f"demo: {len(wrong)} predictions were wrong, e.g. {wrong[:3]}")
         return 1
