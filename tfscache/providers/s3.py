@@ -151,6 +151,7 @@ class S3ModelProvider:
         download_attempts: int = 3,
         verify_md5: bool = True,
         reactor: Any = None,
+        own_shutdown: bool = True,
     ) -> None:
         if not bucket:
             raise ValueError("an S3 bucket is required")
@@ -182,11 +183,13 @@ class S3ModelProvider:
         self._jobs: dict[int, _Job] = {}
         self._workers: set[defer.Deferred[Any]] = set()
         self._closed = False
-        # a copy must not hold up the reactor's shutdown (its thread pool joins its threads)
-        self._trigger: Any = reactor.addSystemEventTrigger("before", "shutdown", self._on_shutdown)
+        # a copy must not hold up the reactor's shutdown (its thread pool joins its threads);
+        # a node that drains first closes its provider itself (own_shutdown=False)
+        self._trigger: Any = (reactor.addSystemEventTrigger("before", "shutdown", self._on_shutdown)
+                              if own_shutdown else None)
 
     @classmethod
-    def from_config(cls, p: Any, reactor: Any = None) -> S3ModelProvider:
+    def from_config(cls, p: Any, reactor: Any = None, own_shutdown: bool = True) -> S3ModelProvider:
         """From the ``model_provider`` config namespace."""
         s3 = p.s3
         return cls(
@@ -205,6 +208,7 @@ class S3ModelProvider:
             # source that accepts and never answers frees the pool thread that soon
             read_timeout=min(30.0, p.fetch_timeout_seconds),
             reactor=reactor,
+            own_shutdown=own_shutdown,
         )
 
     def __repr__(self) -> str:  # never the credentials
