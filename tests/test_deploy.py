@@ -30,6 +30,23 @@ def tfserving_ports(args: list[str]) -> tuple[int, int]:
     return int(flags["--port"]), int(flags["--rest_api_port"])
 
 
+def image_user() -> tuple[int, int, list[str]]:
+    """The Dockerfile's fixed uid and gid, and its USER lines."""
+    text = read("Dockerfile")
+    uid = int(re.search(r"useradd [^\n]*--uid (\d+)", text).group(1))  # type: ignore[union-attr]
+    gid = int(re.search(r"groupadd [^\n]*--gid (\d+)", text).group(1))  # type: ignore[union-attr]
+    return uid, gid, re.findall(r"^USER (\S+)", text, re.M)
+
+
+def published(ports: list[str]) -> dict[int, int]:
+    """compose ``ports`` entries "HOST:CONTAINER" as {container port: host port}."""
+    out = {}
+    for p in ports:
+        host, container = str(p).rsplit(":", 1)
+        out[int(container)] = int(host.rsplit(":", 1)[-1])
+    return out
+
+
 class DeployFilesTests(unittest.TestCase):
     def check_pair(self, tfserving_args: list[str], cfg_data: dict) -> None:
         self.assertTrue(REQUIRED_TFSERVING_FLAGS <= set(tfserving_args), tfserving_args)
@@ -67,6 +84,48 @@ class DeployFilesTests(unittest.TestCase):
         self.assertEqual(load_config(cfg, environ={}).disk_cache.path, "/var/cache/tfscache")
         self.assertIn("etcd", services)
         self.assertEqual(cfg["cluster"]["discovery"]["type"], "etcd")
+
+    def test_compose_publishes_the_cache_ports(self) -> None:
+        services = yaml.safe_load(read("docker-compose.yml"))["services"]
+        with open(os.path.join(DEPLOY, "tfscache-compose.yaml")) as f:
+            listen = load_config(yaml.safe_load(f), environ={}).listen
+        # the host ports the header promises, per sidecar pair
+        header = {"a": {listen.grpc_port: 8500, listen.rest_port: 8501},
+                  "b": {listen.grpc_port: 8510, listen.rest_port: 8511}}
+        text = read("docker-compose.yml")
+        self.assertIn("8500/8501", text.split("services:")[0])
+        self.assertIn("8510/8511", text.split("services:")[0])
+        host_ports: list[int] = []
+        for suffix, expected in header.items():
+            tfs, cache = services[f"tfserving-{suffix}"], services[f"tfscache-{suffix}"]
+            # a service in another's network namespace cannot publish ports (compose refuses)
+            self.assertNotIn("ports", cache)
+            ports = published(tfs["ports"])
+            # tfscache's listen ports, not TF Serving's own (clients must go through the cache)
+            self.assertEqual(ports, expected, suffix)
+            grpc_port, rest_port = tfserving_ports(tfs["command"])
+            self.assertFalse({grpc_port, rest_port} & set(ports), ports)
+            host_ports += ports.values()
+        self.assertEqual(len(host_ports), len(set(host_ports)), host_ports)
+        self.assertNotIn("ports", services["etcd"])
+
+    def test_one_fixed_user_everywhere(self) -> None:
+        uid, gid, users = image_user()
+        self.assertEqual((uid, gid), (10001, 10001))
+        self.assertEqual(users, [f"{uid}:{gid}"])  # numeric: runAsNonRoot can check it
+        text = read("Dockerfile")
+        self.assertIn(f"chown {uid}:{gid} /var/cache/tfscache", text)
+        docs = {d["kind"]: d for d in yaml.safe_load_all(read("k8s", "tfscache.yaml"))}
+        pod = docs["StatefulSet"]["spec"]["template"]["spec"]
+        security = pod["securityContext"]
+        self.assertEqual(security["runAsUser"], uid)
+        # fsGroup: a fresh (root-owned) volume is made group-writable for the cache's user
+        self.assertEqual(security["fsGroup"], gid)
+        self.assertEqual(security.get("runAsGroup", gid), gid)
+        for c in pod["containers"]:  # no container overrides the user the volume is made for
+            self.assertNotIn("runAsUser", c.get("securityContext", {}), c["name"])
+        claims = {t["metadata"]["name"] for t in docs["StatefulSet"]["spec"]["volumeClaimTemplates"]}
+        self.assertIn("cache", claims)
 
     def test_kubernetes(self) -> None:
         docs = {d["kind"]: d for d in yaml.safe_load_all(read("k8s", "tfscache.yaml"))}
