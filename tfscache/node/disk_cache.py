@@ -73,6 +73,10 @@ class DiskCache:
         self._clock = clock
         self._entries: OrderedDict[ModelId, int] = OrderedDict()  # LRU first
         self.used_bytes = 0
+        # room promised to copies under way (make_room -> add or release): copies running at
+        # once must not each count the same free bytes
+        self._reserved: dict[ModelId, int] = {}
+        self.reserved_bytes = 0
         self.evictions = 0
         self.on_evict: Callable[[ModelId, int], None] = lambda mid, size: None
 
@@ -121,18 +125,26 @@ class DiskCache:
                 pass
 
     def add(self, mid: ModelId, size: int) -> None:
+        """A copy is in place: its reservation becomes its real size."""
+        self.release(mid)
         old = self._entries.pop(mid, None)
         if old is not None:
             self.used_bytes -= old
         self._entries[mid] = size
         self.used_bytes += size
 
+    def release(self, mid: ModelId) -> None:
+        """Give back the room reserved for a copy that did not complete."""
+        self.reserved_bytes -= self._reserved.pop(mid, 0)
+
     # -- capacity --------------------------------------------------------------------------
     def make_room(self, mid: ModelId, size: int, protected: Iterable[ModelId]) -> defer.Deferred[None]:
-        """Delete least recently used directories until ``size`` more bytes fit.
+        """Delete least recently used directories until ``size`` more bytes fit, and reserve
+        them for ``mid`` until ``add`` (the copy is in place) or ``release`` (it failed).
 
         ``protected`` models (being loaded or served) are never deleted.  Fails with
         RESOURCE_EXHAUSTED when even deleting every unprotected model would not do."""
+        self.release(mid)  # a new attempt replaces an old reservation
         if size > self.capacity_bytes:
             return defer.fail(ServingError(
                 Code.RESOURCE_EXHAUSTED,
@@ -141,7 +153,7 @@ class DiskCache:
             ))
         keep = set(protected)
         victims: list[tuple[ModelId, int]] = []
-        free = self.capacity_bytes - self.used_bytes
+        free = self.capacity_bytes - self.used_bytes - self.reserved_bytes
         for cand, cand_size in self._entries.items():
             if free >= size:
                 break
@@ -153,36 +165,50 @@ class DiskCache:
             return defer.fail(ServingError(
                 Code.RESOURCE_EXHAUSTED,
                 f"No room in the disk cache for model {mid.name} version {mid.version} ({size} "
-                "bytes): the models on disk are all in use",
+                "bytes): the models on disk are all in use or being copied",
             ))
-        return self._delete(victims)
+        self._reserved[mid] = size
+        self.reserved_bytes += size
+        return self._delete(victims, "capacity")
 
-    def evict(self, mid: ModelId) -> defer.Deferred[None]:
+    def evict(self, mid: ModelId, reason: str = "admin") -> defer.Deferred[None]:
         size = self._entries.get(mid)
         if size is None:
             return defer.succeed(None)
-        return self._delete([(mid, size)])
+        return self._delete([(mid, size)], reason)
 
-    def _delete(self, victims: list[tuple[ModelId, int]]) -> defer.Deferred[None]:
+    def _delete(self, victims: list[tuple[ModelId, int]], reason: str) -> defer.Deferred[None]:
         # forget them at once (the bytes are as good as free for the next reservation), then
-        # delete in a thread
-        paths = []
+        # delete in a thread; each line is logged once its directory is gone, with the time
+        # that took
+        retired: list[tuple[ModelId, int, str | None, float]] = []
         for mid, size in victims:
             self._entries.pop(mid, None)
             self.used_bytes -= size
             self.evictions += 1
-            retired = _retire(self.path(mid))
-            if retired:
-                paths.append(retired)
-            self.log.info(
-                "disk evict model={model} version={version} bytes={bytes}",
-                model=mid.name, version=mid.version, bytes=size,
-            )
+            started = time.monotonic()
+            path = _retire(self.path(mid))
+            retired.append((mid, size, path, time.monotonic() - started))
             self.on_evict(mid, size)
-        if not paths:
-            return defer.succeed(None)
-        def remove_all() -> None:
-            for path in paths:
-                _remove(path)
 
-        return threads.deferToThread(remove_all)
+        def remove_all() -> list[float]:
+            durations = []
+            for _mid, _size, path, seconds in retired:
+                started = time.monotonic()
+                if path is not None:
+                    _remove(path)
+                durations.append(seconds + time.monotonic() - started)
+            return durations
+
+        def logged(durations: list[float]) -> None:
+            for (mid, size, _path, _s), seconds in zip(retired, durations, strict=True):
+                self.log.info(
+                    "disk evict model={model} version={version} bytes={bytes} "
+                    "seconds={seconds:.3f} reason={reason}",
+                    model=mid.name, version=mid.version, bytes=size, seconds=seconds, reason=reason,
+                )
+
+        if all(path is None for _m, _s, path, _t in retired):
+            logged([seconds for _m, _s, _p, seconds in retired])
+            return defer.succeed(None)
+        return threads.deferToThread(remove_all).addCallback(logged)

@@ -71,6 +71,11 @@ class ModelEntry:
         }
 
 
+def _bringing_up(entry: ModelEntry) -> bool:
+    """A fetch or load for this entry has started and not handed its result out yet."""
+    return entry.pending is not None and not entry.pending.done
+
+
 class Lease:
     """A model held AVAILABLE for one request; release it when the request is done."""
 
@@ -179,22 +184,48 @@ class CacheManager:
             return defer.succeed(self._lease(entry))
         if entry is None:
             entry = self.entries[mid] = ModelEntry(mid)
-        if entry.state == State.FAILED and (entry.pending is None or entry.pending.done):
-            if self.now() < entry.retry_after:
-                assert entry.failure is not None
-                return defer.fail(entry.failure)
+        if self._backing_off(entry):
+            assert entry.failure is not None
+            return defer.fail(entry.failure)
         self.metrics.model(self.metrics.misses, mid.name).inc()
-        if entry.pending is None or entry.pending.done:
-            entry.pending = SharedResult(defer.ensureDeferred(self._bring_up(entry)))
-        waiter = entry.pending.observe()
-        waiter.addCallback(lambda _: self._lease(entry))
         return with_timeout(
-            waiter, timeout, self.clock,
+            self._join(entry), timeout, self.clock,
             lambda: deadline(
                 f"Model {mid.name} version {mid.version} is still loading: the request's deadline "
                 "passed (the load goes on and will serve later requests)"
             ),
         )
+
+    def _join(self, entry: ModelEntry) -> defer.Deferred[Lease]:
+        """Share the entry's bring-up (starting one if none runs) and lease the model after."""
+        operation = None
+        if entry.pending is None or entry.pending.done:
+            operation = defer.ensureDeferred(self._bring_up(entry))
+            entry.pending = SharedResult(operation)
+        waiter = entry.pending.observe().addCallback(lambda _: self._hand_over(entry))
+        if operation is not None:
+            # wake loads waiting for room only once every waiter holds its lease (added after
+            # observe(), this runs after them even if the bring-up finished synchronously):
+            # woken earlier, such a load could unload this model before its requests use it
+            operation.addBoth(lambda _: self._wake_room_waiters())
+        return waiter
+
+    def _hand_over(self, entry: ModelEntry) -> Lease | defer.Deferred[Lease]:
+        if entry.state == State.AVAILABLE:
+            return self._lease(entry)
+        # no longer loaded by the time this waiter's turn came (TF Serving found empty, say):
+        # a lease now would send the request to a model that is not there; bring it up again
+        mid = entry.mid
+        fresh = self.entries.get(mid)
+        if fresh is None:
+            fresh = self.entries[mid] = ModelEntry(mid)
+        if self._backing_off(fresh):
+            assert fresh.failure is not None
+            return defer.fail(fresh.failure)
+        return self._join(fresh)
+
+    def _backing_off(self, entry: ModelEntry) -> bool:
+        return entry.state == State.FAILED and not _bringing_up(entry) and self.now() < entry.retry_after
 
     def snapshot(self) -> list[dict[str, Any]]:
         return [e.describe() for e in sorted(self.entries.values(), key=lambda e: e.mid)
@@ -236,11 +267,9 @@ class CacheManager:
             if entry.state == State.FAILED and mid in self.disk and not entry.pinned:
                 # a copy that does not load is bad data: delete it, so the retry after the
                 # back-off copies the source again (which may have been fixed meanwhile)
-                await self.disk.evict(mid)
+                await self.disk.evict(mid, reason="failed_load")
                 self._gauges()
             raise err
-        finally:
-            self._wake_room_waiters()
 
     async def _fetch(self, entry: ModelEntry) -> None:
         mid = entry.mid
@@ -261,6 +290,7 @@ class CacheManager:
             )
         except Exception:
             self.metrics.fetches.labels(outcome="error").inc()
+            self.disk.release(mid)
             entry.state = State.ABSENT
             raise
         elapsed = self.now() - started
@@ -339,11 +369,14 @@ class CacheManager:
         return True
 
     def _victim(self) -> ModelEntry | None:
-        """The least recently used AVAILABLE model that no request holds and nobody pinned."""
+        """The least recently used AVAILABLE model that no request holds and nobody pinned.
+
+        A model whose bring-up has not handed its leases out yet is not idle: its requests
+        are about to use it."""
         guard = self.now() - self.limits.churn_guard
         idle = [e for e in self.entries.values()
                 if e.state == State.AVAILABLE and e.inflight == 0 and not e.pinned
-                and e.last_used <= guard]
+                and e.last_used <= guard and not _bringing_up(e)]
         return min(idle, key=lambda e: e.last_used, default=None)
 
     async def _make_room(self, entry: ModelEntry) -> None:
@@ -438,8 +471,9 @@ class CacheManager:
 
     # -- disk --------------------------------------------------------------------------------
     def _protected(self) -> set[ModelId]:
+        # a copy waiting for a slot in TF Serving is ON_DISK, but about to be loaded: keep it
         return {mid for mid, e in self.entries.items()
-                if e.pinned or e.state in (State.FETCHING, *_OCCUPYING)}
+                if e.pinned or e.state in (State.FETCHING, *_OCCUPYING) or _bringing_up(e)}
 
     def _on_disk_evict(self, mid: ModelId, size: int) -> None:
         self.metrics.disk_evictions.inc()
