@@ -4,6 +4,7 @@ and GrpcBridge over a tiny request handler that answers with its node id."""
 from __future__ import annotations
 
 import json
+import socket
 import time
 from typing import Any
 
@@ -18,7 +19,7 @@ from tests.harness.process import free_port
 from tfscache.cluster.discovery.static import StaticDiscovery
 from tfscache.cluster.members import Member
 from tfscache.cluster.ring import owners
-from tfscache.cluster.router import Router
+from tfscache.cluster.router import CONNECT_TIMEOUT, Router
 from tfscache.errors import Code, ServingError
 from tfscache.frontend.grpc_bridge import GrpcBridge
 from tfscache.frontend.rest import RestFrontend
@@ -130,6 +131,33 @@ class Node:
         yield self.grpc_bridge.stopService()
 
 
+def black_hole(test: unittest.TestCase) -> int:
+    """A loopback port whose connects neither succeed nor fail (a black-holed host): a
+    listening socket with a full accept queue, whose kernel drops new SYNs."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port: int = listener.getsockname()[1]
+    sockets = [listener]
+    for _ in range(3):  # fill the accept queue (backlog 0 holds one or two on Linux)
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(("127.0.0.1", port))
+        sockets.append(s)
+    test.addCleanup(lambda: [s.close() for s in sockets])
+    probe = socket.socket()
+    probe.settimeout(0.5)
+    try:
+        probe.connect(("127.0.0.1", port))
+    except TimeoutError:
+        return port
+    except OSError as e:
+        raise unittest.SkipTest(f"no black hole on this system's loopback: {e}")
+    finally:
+        probe.close()
+    raise unittest.SkipTest("no black hole on this system's loopback: the connect succeeded")
+
+
 def count(metrics: Metrics, target: str, outcome: str) -> float:
     return metrics.forwards.labels(target=target, outcome=outcome)._value.get()
 
@@ -139,13 +167,14 @@ class RouterTestCase(unittest.TestCase):
 
     @defer.inlineCallbacks
     def cluster(self, ids=("a", "b", "c"), dead=(), replicas=2, forward_timeout=5.0,  # type: ignore[no-untyped-def]
-                spread_threshold=100, down_seconds=3.0):
+                spread_threshold=100, down_seconds=3.0, holes=()):
         self.pool = HTTPConnectionPool(reactor, persistent=False)
         nodes = {i: Node(i).start() for i in ids}
         for n in nodes.values():
             self.addCleanup(n.stop)
         members = [n.member for n in nodes.values()]
         members += [Member(d, "127.0.0.1", free_port(), free_port()) for d in dead]
+        members += [Member(h, "127.0.0.1", black_hole(self), black_hole(self)) for h in holes]
         self.members = members
         for n in nodes.values():
             n.router = Router(n.tiny, StaticDiscovery(members, n.member), n.id, replicas, forward_timeout,
@@ -326,6 +355,24 @@ class FailoverTests(RouterTestCase):
         self.assertTrue(reply.startswith(b"b|"))
         self.assertEqual(count(a.metrics, "dead", "failover"), 1)
         self.assertEqual(a.metrics.retries._value.get(), 1)
+
+    @defer.inlineCallbacks
+    def test_black_holed_owner_fails_over_at_the_connect_timeout(self):  # type: ignore[no-untyped-def]
+        # an owner whose host vanished: connects hang; both protocols give up after the connect
+        # timeout and fail over, well within the request's deadline (10 s)
+        nodes = yield self.cluster(ids=("a", "b"), holes=("hole",), down_seconds=0.0)
+        a = nodes["a"]
+        name = self.name_owned_by("hole", "b")
+        for label, call in (("grpc", lambda: self.grpc_call(a, name, timeout=10.0)),
+                            ("rest", lambda: self.post(a, name))):
+            started = time.monotonic()
+            reply = yield call()
+            took = time.monotonic() - started
+            served_by = reply[:2] if label == "grpc" else json.loads(reply[1])["node"].encode()
+            self.assertEqual(served_by, b"b|" if label == "grpc" else b"b", label)
+            self.assertGreater(took, CONNECT_TIMEOUT * 0.9, label)  # it did wait for the connect
+            self.assertLess(took, CONNECT_TIMEOUT + 1.5, label)
+        self.assertEqual(count(a.metrics, "hole", "failover"), 2)
 
     @defer.inlineCallbacks
     def test_unavailable_and_503_fail_over(self):  # type: ignore[no-untyped-def]

@@ -9,13 +9,14 @@ Spreading: a hot model gets more copies.  When this router already has
 goes to the next owner (which loads its own copy), and so on down the R owners; when all are
 that busy, to the least busy.  A quiet model stays on one node.
 
-Failover: a forward that cannot connect (refused, reset, connect timeout) or that the owner
-answers with UNAVAILABLE (gRPC) / HTTP 503 (REST) is retried on the next owner: at most R
-tries, all within the request's deadline (the gRPC call's own deadline, else
-``forward_timeout``).  Predict, classify, regress, metadata and status have no side effects,
-so a retry is safe.  A member that failed that way is remembered as down for ``down_seconds``:
-the following requests try it last.  A deadline that runs out is DEADLINE_EXCEEDED, never a
-hang.  Any other answer of an owner (NOT_FOUND, INVALID_ARGUMENT, ...) goes back unchanged.
+Failover: a forward that cannot connect (refused, reset, not connected within
+``connect_timeout``, REST and gRPC alike) or that the owner answers with UNAVAILABLE (gRPC) /
+HTTP 503 (REST) is retried on the next owner: at most R tries, all within the request's
+deadline (the gRPC call's own deadline, else ``forward_timeout``). Predict, classify, regress,
+metadata and status have no side effects, so a retry is safe. A member that failed that way is
+remembered as down for ``down_seconds``: the following requests try it last. A deadline that
+runs out is DEADLINE_EXCEEDED, never a hang. Any other answer of an owner (NOT_FOUND,
+INVALID_ARGUMENT, ...) goes back unchanged.
 
 Forwards carry the marker (REST header / gRPC metadata ``x-tfscache-forwarded: 1``), so the
 receiving node serves the request itself instead of routing it again.
@@ -56,24 +57,31 @@ _REPLY_SKIP = {b"date", b"server"}
 _TRANSPORT_ERRORS = (ResponseFailed, ConnectionClosed)
 
 
-# reconnect quickly after a node comes back
-_CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", -1),
-    ("grpc.max_send_message_length", -1),
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-    ("grpc.enable_retries", 0),
-]
+def channel_options(connect_timeout: float = CONNECT_TIMEOUT) -> list[tuple[str, int]]:
+    """Options of a channel to another node: reconnect quickly after a node comes back, and
+    give up a connection attempt (TCP, TLS, HTTP/2 settings) after ``connect_timeout``, like a
+    REST forward, so a black-holed owner fails over with UNAVAILABLE instead of using the whole
+    deadline.  gRPC core has no option named for the connect timeout: it takes
+    ``min_reconnect_backoff_ms`` as its minimum connect timeout (default 20 s), while the delay
+    before the next attempt comes from ``initial_reconnect_backoff_ms``."""
+    return [
+        ("grpc.max_receive_message_length", -1),
+        ("grpc.max_send_message_length", -1),
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", max(100, round(connect_timeout * 1000))),
+        ("grpc.max_reconnect_backoff_ms", 1000),
+        ("grpc.enable_retries", 0),
+    ]
 
 
-def default_channel(target: str) -> grpc.Channel:
+def default_channel(target: str, connect_timeout: float = CONNECT_TIMEOUT) -> grpc.Channel:
     """An insecure channel to another node."""
-    return grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
+    return grpc.insecure_channel(target, options=channel_options(connect_timeout))
 
 
-def secure_channel(target: str, credentials: grpc.ChannelCredentials) -> grpc.Channel:
-    return grpc.secure_channel(target, credentials, options=_CHANNEL_OPTIONS)
+def secure_channel(target: str, credentials: grpc.ChannelCredentials,
+                   connect_timeout: float = CONNECT_TIMEOUT) -> grpc.Channel:
+    return grpc.secure_channel(target, credentials, options=channel_options(connect_timeout))
 
 
 class _RouteState:
@@ -144,8 +152,8 @@ class Router:
         self.agent = http_agent(reactor, pool, connect_timeout, policy)
         if grpc_channel_factory is None and tls:
             credentials = grpc.ssl_channel_credentials(root_certificates=tls_ca)
-            grpc_channel_factory = lambda target: secure_channel(target, credentials)  # noqa: E731
-        self._channel_factory = grpc_channel_factory or default_channel
+            grpc_channel_factory = lambda target: secure_channel(target, credentials, connect_timeout)  # noqa: E731
+        self._channel_factory = grpc_channel_factory or (lambda target: default_channel(target, connect_timeout))
         self._channels: dict[str, tuple[str, grpc.Channel]] = {}
         self._methods: dict[tuple[str, str], grpc.UnaryUnaryMultiCallable] = {}
         self._down_until: dict[str, float] = {}
