@@ -18,25 +18,26 @@ copies it to local disk, ``--repeat`` times per method, interleaved:
 
 Every object is uploaded in a single PUT, so its ETag is its MD5 and the provider verifies it.
 
-    python bench/s3_copy.py            # 200 MB in 20 files
-    python bench/s3_copy.py --quick    # 20 MB
+    python -m bench.s3_copy            # 200 MB in 20 files, 5 copies per method
+    python -m bench.s3_copy --quick    # 20 MB, 3 copies per method
+
+Writes ``<out>/s3_copy.json``. The copies are interleaved (provider, provider_nomd5, per_object,
+cli_like, then again), so a noisy neighbour slows every method alike: ``ratios`` compares the
+provider with each plain transfer by the median of the per-round ratios as well as by the
+ratio of the medians.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from typing import Any
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from bench.common import parse_args, print_table, write_report
 
 MB = 1_000_000
 MIB = 1024 * 1024
@@ -163,6 +164,18 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "median_mb_per_s": round(total / MB / statistics.median(times), 1),
             "best_mb_per_s": round(total / MB / min(times), 1),
         }
+    # provider throughput / a plain transfer's: > 1 means the provider is faster. Per round
+    # (the methods ran back to back, under the same neighbours' load) and of the medians.
+    ratios = {}
+    for base in ("per_object", "cli_like"):
+        per_round = [b / p for p, b in zip(runs["provider"], runs[base], strict=True)]
+        ratios[f"provider_vs_{base}"] = {
+            "median_of_rounds": round(statistics.median(per_round), 3),
+            "of_medians": round(statistics.median(runs[base]) / statistics.median(runs["provider"]), 3),
+            "rounds": [round(r, 3) for r in per_round],
+        }
+    md5 = [p / n for p, n in zip(runs["provider"], runs["provider_nomd5"], strict=True)]
+    ratios["md5_check_time_factor"] = {"median_of_rounds": round(statistics.median(md5), 3)}
     return {
         "benchmark": "s3_copy",
         "server": server.kind,
@@ -172,8 +185,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "provider_max_concurrency": args.concurrency,
         "provider_multipart_threshold_bytes": args.threshold_mib * MIB,
         "repeat": args.repeat,
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
         "methods": results,
+        "ratios": ratios,
         "compared": {
             "provider": "S3ModelProvider.fetch: one TransferManager over all objects, "
                         "max_concurrency requests, size+MD5 check, staging dir + rename",
@@ -185,41 +198,48 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--total-mb", type=float, default=200.0)
-    ap.add_argument("--files", type=int, default=20)
-    ap.add_argument("--quick", action="store_true", help="20 MB, 3 repeats")
-    ap.add_argument("--repeat", type=int, default=5)
+def _extra(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--total-mb", type=float, help="model size in MB (default 200, quick 20)")
+    ap.add_argument("--files", type=int, default=20, help="objects in the model version")
+    ap.add_argument("--repeat", type=int, help="copies per method, interleaved (default 5, quick 3)")
     ap.add_argument("--concurrency", type=int, default=8, help="provider max_concurrency")
     ap.add_argument("--threshold-mib", type=int, default=8, help="provider multipart threshold")
-    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "s3_copy.json"))
-    args = ap.parse_args()
-    if args.quick:
-        args.total_mb, args.repeat = 20.0, 3
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(__doc__ or "", _extra, argv)
+    if args.total_mb is None:
+        args.total_mb = 20.0 if args.quick else 200.0
+    if args.repeat is None:
+        args.repeat = 3 if args.quick else 5
 
     from twisted.internet import defer, task
 
     async def go(_reactor: Any) -> None:
         report = await run(args)
-        print_table(report)
-        os.makedirs(os.path.dirname(args.out), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
-        print(f"wrote {os.path.relpath(args.out)}")
+        print_report(report)
+        path = write_report("s3_copy", report, args.out)
+        print(f"\nwrote {path}")
 
     task.react(lambda r: defer.ensureDeferred(go(r)))
+    return 0  # task.react exits the process with the run's status
 
 
-def print_table(report: dict[str, Any]) -> None:
-    print(f"\nS3 copy of {report['objects']} objects, {report['total_bytes'] / MB:.0f} MB, "
-          f"server={report['server']}, {report['repeat']} runs each")
-    print(f"{'method':<15} {'median MB/s':>12} {'best MB/s':>10}  seconds")
-    for m, r in report["methods"].items():
-        secs = " ".join(f"{t:.2f}" for t in r["seconds"])
-        print(f"{m:<15} {r['median_mb_per_s']:>12.1f} {r['best_mb_per_s']:>10.1f}  {secs}")
+def print_report(report: dict[str, Any]) -> None:
+    print_table(
+        f"S3 copy of {report['objects']} objects, {report['total_bytes'] / MB:.0f} MB, "
+        f"server={report['server']}, {report['repeat']} runs each (interleaved)",
+        ["method", "median MB/s", "best MB/s", "seconds"],
+        [[m, r["median_mb_per_s"], r["best_mb_per_s"], " ".join(f"{t:.2f}" for t in r["seconds"])]
+         for m, r in report["methods"].items()],
+    )
+    print_table(
+        "provider MB/s / plain transfer MB/s (> 1: the provider is faster)",
+        ["against", "median of rounds", "of medians"],
+        [[k.removeprefix("provider_vs_"), r["median_of_rounds"], r["of_medians"]]
+         for k, r in report["ratios"].items() if k.startswith("provider_vs_")],
+    )
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
