@@ -14,6 +14,9 @@ For every member count, over ``--names`` model names (``tfscache/cluster/ring.py
                  members with an int weight each), on a sample of names: what the Ring's
                  cache and byte-wise top-R save.
 
+Movement: for 10->11 (a join), 10->9 and 3->2 members (leaves), the share of names whose first
+owner moved and whose R-owner set changed (``movement`` in the JSON).
+
 Memory: tracemalloc of the Ring's owner cache over the first 2,000 names (bytes per cached name)
 and the peak while filling it; the deep size of the full cache (dict, owner tuples, the name
 strings it keeps alive); the RSS growth of the process over the timed cold pass (no tracemalloc
@@ -141,16 +144,49 @@ def measure(n_members: int, names: list[str], replicas: int, passes: int, seed: 
     return out
 
 
+# (name, members before, members after): node-0000.. node-(n-1); a join adds the next id, a
+# leave drops the last one
+MOVES = [("join 10->11", 10, 11), ("leave 10->9", 10, 9), ("leave 3->2", 3, 2)]
+
+
+def movement(names: list[str], replicas: int) -> list[dict[str, Any]]:
+    """Share of names whose first owner, and whose owner set (first ``replicas``), changes when
+    the membership changes: what a join or leave makes the cluster copy and load again."""
+    out = []
+    for label, before_n, after_n in MOVES:
+        before, after = Ring(make_members(before_n), replicas), Ring(make_members(after_n), replicas)
+        first = changed = 0
+        for name in names:
+            b, a = before.owners(name), after.owners(name)
+            first += b[0].id != a[0].id
+            changed += {m.id for m in b} != {m.id for m in a}
+        # rendezvous hashing: a joining member takes the names it ranks first (1/after) and is in
+        # the top R of R/after of them; a leaving one hands over its own (1/before, R/before)
+        joined = after_n > before_n
+        n = after_n if joined else before_n
+        out.append({
+            "change": label, "members_before": before_n, "members_after": after_n, "names": len(names),
+            "replicas": replicas,
+            "first_owner_moved": first, "first_owner_moved_share": round(first / len(names), 4),
+            "owner_set_changed": changed, "owner_set_changed_share": round(changed / len(names), 4),
+            "expected_first_owner_share": round(1 / n, 4),
+            "expected_owner_set_share": round(min(replicas, n) / n, 4),
+        })
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(__doc__ or "", _extra, argv)
     n_names = args.names or (1000 if args.quick else 10_000)
     member_counts = args.members or ([10, 100] if args.quick else [100, 1000])
     names = [f"tenant-{i:05d}-model" for i in range(n_names)]
     runs = [measure(n, names, args.replicas, args.passes) for n in member_counts]
+    moves = movement(names, args.replicas)
     report = {
         "settings": {"names": n_names, "members": member_counts, "replicas": args.replicas,
                      "passes": args.passes, "quick": args.quick},
         "runs": runs,
+        "movement": moves,
     }
     print_table(
         f"Routing decisions per second, {n_names} names, R={args.replicas}",
@@ -160,6 +196,13 @@ def main(argv: list[str] | None = None) -> int:
           r["router_candidates"]["per_second"], r["reference_uncached"]["per_second"],
           r["memory"]["cache_bytes_per_name"], r["memory"]["full_cache_deep_bytes"] // 1024,
           r["memory"]["fill_peak_bytes"] // 1024, r["rss_delta_bytes"] // 1024] for r in runs],
+    )
+    print_table(
+        f"Models moved by a membership change, {n_names} names, R={args.replicas} (share of names; "
+        "expected: 1/N and R/N of the larger N)",
+        ["change", "first owner moved", "expected", f"R={args.replicas} set changed", "expected"],
+        [[m["change"], m["first_owner_moved_share"], m["expected_first_owner_share"],
+          m["owner_set_changed_share"], m["expected_owner_set_share"]] for m in moves],
     )
     path = write_report("router_scale", report, args.out)
     print(f"\nwrote {path}")
