@@ -3,7 +3,7 @@
   latency_vs_concurrency.png   from warm_overhead.json: warm request latency (p50, p99) against
                                requests in flight, straight to TF Serving vs through tfscache
   hit_ratio_vs_capacity.png    from zipf_workload.json: LRU vs Belady's MIN hit ratio against
-                               capacity, one panel per Zipf skew, with the real daemon's replay
+                               capacity, one panel per Zipf skew, with every replay through the real daemon
 
 A report that is missing is skipped with a note; the others are still drawn.
 
@@ -83,13 +83,17 @@ def plot_hit_ratio(report: dict[str, Any], out: str) -> str:
     rows = report["simulation"]["rows"]
     skews = sorted({r["skew"] for r in rows})
     fig, axes = plt.subplots(1, len(skews), figsize=(4.2 * len(skews), 4.0), sharey=True, squeeze=False)
-    replay = report.get("replay")
+    # every replay through the daemon (older reports have one "replay"), on its skew's panel
+    replays = report.get("replays") or ([report["replay"]] if report.get("replay") else [])
+    for r in replays:
+        if r["skew"] not in skews:
+            print(f"plot: replay at skew {r['skew']:g} has no simulated panel, not drawn")
     for ax, skew in zip(axes[0], skews, strict=True):
         mine = sorted((r for r in rows if r["skew"] == skew), key=lambda r: r["capacity"])
         caps = [r["capacity"] for r in mine]
         ax.plot(caps, [r["min"]["hit_ratio"] for r in mine], "o-", label="Belady's MIN (optimum)")
         ax.plot(caps, [r["lru"]["hit_ratio"] for r in mine], "s-", label="LRU (tfscache's policy)")
-        if replay and replay.get("skew") == skew:
+        for replay in (r for r in replays if r["skew"] == skew):
             cap = replay["capacity"]
             n = replay["requests"]
             daemon_ratio = 1 - replay["daemon"]["loads"] / n  # a miss is a load, as the simulators count
@@ -106,8 +110,8 @@ def plot_hit_ratio(report: dict[str, Any], out: str) -> str:
         ax.set_xlabel("capacity (models loaded at once)")
     axes[0][0].set_ylabel("hit ratio")
     # the legend where the replay's markers are, if any
-    legend_ax = next((ax for ax, skew in zip(axes[0], skews, strict=True) if replay and replay.get("skew") == skew),
-                     axes[0][0])
+    replayed = {r["skew"] for r in replays}
+    legend_ax = next((ax for ax, skew in zip(axes[0], skews, strict=True) if skew in replayed), axes[0][0])
     legend_ax.legend(loc="lower right", fontsize=7)
     sim = report["simulation"]
     fig.suptitle(f"Hit ratio vs capacity: {sim['models']} models, {sim['requests']} requests per trace "

@@ -11,7 +11,10 @@ Scenarios:
 Load generators run as separate processes: ``wrk`` (C, epoll) for REST, with a Lua script that
 POSTs JSON and prints its latency percentiles as one JSON line; ``python -m bench.grpc_load``
 (grpcio, one thread per concurrent request, raw request bytes) for gRPC.  Each cell runs the
-direct and the tfscache measurement back to back.
+direct and the tfscache measurement back to back.  The load generator's own CPU is measured too
+(``loadgen_cpu_us_per_req``; gRPC: over the measured window, wrk: its whole run from wait4), so
+a cell whose generator is saturated (``loadgen_cores`` near 1 for the one-GIL gRPC generator)
+shows up as such.
 
 The machine may have few cores: load generator, node(s) and DevServer(s) then compete for the
 same CPUs, so the absolute numbers are for this machine only; the ratios are the point.
@@ -83,16 +86,27 @@ def wrk_cell(url: str, lua: str, concurrency: int, seconds: float) -> dict[str, 
     threads = min(concurrency, 2)
     argv = [wrk, f"-t{threads}", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--timeout", "30s",
             "--latency", "-s", lua, url]
-    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    with tempfile.TemporaryFile("w+") as stdout:
+        proc = subprocess.Popen(argv, stdout=stdout, stderr=subprocess.DEVNULL, text=True)
+        # wait4: the exit status and wrk's own CPU time (the whole run, a few ms of set-up in it)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        stdout.seek(0)
+        out = stdout.read()
+    if proc.returncode != 0:
+        raise RuntimeError(f"wrk exited with {proc.returncode}:\n{out}")
     line = next((x for x in out.splitlines() if x.startswith("WRKJSON ")), None)
     if line is None:
         raise RuntimeError(f"no result line from wrk:\n{out}")
     r = json.loads(line[len("WRKJSON "):])
     secs = r["duration_us"] / 1e6
+    loadgen_cpu = usage.ru_utime + usage.ru_stime
     return {
         "requests": r["requests"], "errors": r["status_errors"] + r["socket_errors"], "seconds": secs,
         "rps": r["requests"] / secs, "p50_ms": r["p50_us"] / 1e3, "p90_ms": r["p90_us"] / 1e3,
         "p99_ms": r["p99_us"] / 1e3, "mean_ms": r["mean_us"] / 1e3,
+        "loadgen_cpu_s": loadgen_cpu,
+        "loadgen_cpu_us_per_req": loadgen_cpu / r["requests"] * 1e6 if r["requests"] else float("nan"),
     }
 
 
@@ -133,12 +147,15 @@ def grpc_cells(cells: list[dict[str, Any]], payload_file: str, work: str,
     proc = subprocess.Popen([sys.executable, "-m", "bench.grpc_load", spec], stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True, env=dict(os.environ, GRPC_VERBOSITY="ERROR"))
     assert proc.stdout is not None
+    # the load generator's own CPU over each window too: it is one Python process (one GIL), so
+    # it must be shown not to be the bottleneck
+    loadgen = [CpuMeter({**m.groups, "loadgen": [proc.pid]}) for m in meters] if meters else None
     results: list[dict[str, Any]] = []
     for line in proc.stdout:
         if not line.startswith("{"):
             continue
         msg = json.loads(line)
-        meter = meters[len(results)] if meters else None
+        meter = loadgen[len(results)] if loadgen else None
         if msg.get("event") == "start":
             if meter:
                 meter.start()
@@ -313,6 +330,10 @@ def ratios(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "node_cpu_us_per_req": via.get("node_cpu_us_per_req"),
             "backend_cpu_us_per_req_direct": direct.get("backend_cpu_us_per_req"),
             "backend_cpu_us_per_req_via": via.get("backend_cpu_us_per_req"),
+            "loadgen_cpu_us_per_req_direct": direct.get("loadgen_cpu_us_per_req"),
+            "loadgen_cpu_us_per_req_via": via.get("loadgen_cpu_us_per_req"),
+            # CPU seconds per second of the cell: 1.0 is one core, all a Python generator can use
+            "loadgen_cores_via": via["loadgen_cpu_s"] / via["seconds"] if "loadgen_cpu_s" in via else None,
         })
     return out
 
@@ -327,12 +348,15 @@ def show(report: dict[str, Any]) -> None:
         rows.append([f"{key[0]} {key[1]} c={key[2]}", d["p50_ms"], v["p50_ms"], d["p99_ms"], v["p99_ms"],
                      round(d["rps"]), round(v["rps"]), f"{r['p50_ratio']:.2f}", f"{r['rps_ratio']:.2f}",
                      round(r["node_cpu_us_per_req"] or 0), round(r["backend_cpu_us_per_req_direct"] or 0),
+                     round(r["loadgen_cpu_us_per_req_via"] or 0),
+                     "-" if r["loadgen_cores_via"] is None else f"{r['loadgen_cores_via']:.2f}",
                      d["errors"] + v["errors"]])
     print_table(
         f"Warm overhead ({report['settings']['seconds_per_cell']:g} s per cell; latency in ms; direct = the "
-        "DevServer, tfs = through tfscache; x = tfs/direct; CPU = process CPU time per request)",
+        "DevServer, tfs = through tfscache; x = tfs/direct; CPU = process CPU time per request; loadgen = wrk or "
+        "bench.grpc_load, through tfscache, CPU per request and cores busy)",
         ["cell", "p50 direct", "p50 tfs", "p99 direct", "p99 tfs", "rps direct", "rps tfs", "p50 x", "rps x",
-         "node CPU us", "backend CPU us", "errors"], rows)
+         "node CPU us", "backend CPU us", "loadgen CPU us", "loadgen cores", "errors"], rows)
     print(f"note: {report['note']}")
     if report["checks"]:
         print(f"checks: {report['checks']}")

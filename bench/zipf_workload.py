@@ -8,7 +8,8 @@ seeded RNG, so every run sees the same trace.
     optimum of any demand cache: the bound on what a cleverer eviction policy could gain).
     Both start empty, so the first request of every model is a miss in both.
 
-(b) Replay: the same kind of trace sent to a real tfscache node (``twistd tfscache``, a DevServer
+(b) Replay, for every skew in ``--replay-skews`` (fresh processes each): the same kind of trace
+    sent to a real tfscache node (``twistd tfscache``, a DevServer
     behind it, ``serving.max_models`` = capacity, ``churn_guard_seconds`` = 0 so that eviction
     is plain LRU) with a bounded number of requests in flight (REST predict, keep-alive
     connections, one per client thread).  The hit ratio and loads come from the node's
@@ -17,7 +18,7 @@ seeded RNG, so every run sees the same trace.
     model whose load is under way counts as a miss in the daemon (it waits for that load) but
     as a hit in the simulator, and a model with a request in flight is never the victim.
 
-    python -m bench.zipf_workload            # 500 models; replay: skew 1.0, capacity 50, 2,000 requests
+    python -m bench.zipf_workload            # 500 models; replays: skew 0.8, 1.0, 1.2, capacity 50, 2,000 requests
     python -m bench.zipf_workload --quick    # 40 models; replay: capacity 5, 200 requests
     python -m bench.zipf_workload --no-replay   # simulation only (seconds)
 """
@@ -46,7 +47,8 @@ def _extra(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--capacity", type=int, help="replay: serving.max_models (default 50, quick 5)")
     ap.add_argument("--requests", type=int, help="replay: requests (default 2000, quick 200)")
-    ap.add_argument("--skew", type=float, default=1.0, help="replay: Zipf skew")
+    ap.add_argument("--replay-skews", "--skew", dest="replay_skews", type=float, nargs="+", default=[0.8, 1.0, 1.2],
+                    help="replay: Zipf skews, one replay each (fresh processes)")
     ap.add_argument("--concurrency", type=int, default=8, help="replay: requests in flight")
     ap.add_argument("--no-replay", action="store_true", help="simulation only")
 
@@ -179,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     capacity = args.capacity or (5 if q else 50)
     n_requests = args.requests or (200 if q else 2000)
     settings = {"models": n_models, "skews": args.skews, "capacities": capacities, "sim_requests": sim_requests,
-                "seed": args.seed, "quick": q}
+                "seed": args.seed, "quick": q, "replay_skews": [] if args.no_replay else args.replay_skews,
+                "replay_capacity": capacity, "replay_requests": n_requests, "replay_concurrency": args.concurrency}
 
     t0 = time.monotonic()
     sim = simulate(n_models, sim_requests, args.skews, capacities, args.seed)
@@ -190,34 +193,47 @@ def main(argv: list[str] | None = None) -> int:
         [[r["skew"], r["capacity"], r["lru"]["hit_ratio"], r["min"]["hit_ratio"], r["lru"]["loads_per_1000"],
           r["min"]["loads_per_1000"]] for r in sim["rows"]],
     )
-    report: dict[str, Any] = {"settings": settings, "simulation": sim, "replay": None}
+    report: dict[str, Any] = {"settings": settings, "simulation": sim, "replays": []}
 
     if not args.no_replay:
-        print(f"\nreplay: {n_requests} requests over {n_models} models (skew {args.skew}), capacity {capacity}, "
-              f"{args.concurrency} in flight ...", flush=True)
-        r = report["replay"] = replay(n_models, capacity, n_requests, args.skew, args.concurrency, args.seed)
-        d = r["daemon"]
-        print_table(
-            f"Replay through a tfscache node: {r['requests']} requests, {r['distinct_models']} distinct models, "
-            f"capacity {capacity}",
-            ["", "1 - loads/req", "hits/lookups", "loads/1k", "loads", "unloads"],
-            [["daemon (/metrics)", d["request_hit_ratio"], d["hit_ratio"], d["loads_per_1000"], d["loads"],
-              d["unloads"]],
-             ["LRU (same trace)", r["lru"]["hit_ratio"], r["lru"]["hit_ratio"], r["lru"]["loads_per_1000"],
-              r["lru"]["loads"], r["lru"]["evictions"]],
-             ["MIN (same trace)", r["min"]["hit_ratio"], r["min"]["hit_ratio"], r["min"]["loads_per_1000"],
-              r["min"]["loads"], r["min"]["evictions"]]],
-        )
-        lat = r["latency_ms"]
-        print(f"latency ms: p50 {lat['p50']:.2f}  p90 {lat['p90']:.2f}  p99 {lat['p99']:.2f}  mean {lat['mean']:.2f}; "
-              f"{r['requests_per_second']} req/s over {r['wall_seconds']} s; errors {r['errors']}")
-        for e in r["error_samples"]:
-            print("  error:", e)
+        report["replays"] = [replay_one(args, n_models, capacity, n_requests, skew) for skew in args.replay_skews]
+        if len(report["replays"]) > 1:
+            print_table(
+                f"Replays through a tfscache node, capacity {capacity}: loads per 1,000 requests",
+                ["skew", "daemon", "LRU", "MIN", "daemon / LRU", "MIN / LRU", "p50 ms", "p99 ms", "errors"],
+                [[r["skew"], r["daemon"]["loads_per_1000"], r["lru"]["loads_per_1000"], r["min"]["loads_per_1000"],
+                  round(r["daemon"]["loads"] / r["lru"]["loads"], 3) if r["lru"]["loads"] else "-",
+                  round(r["min"]["loads"] / r["lru"]["loads"], 3) if r["lru"]["loads"] else "-",
+                  r["latency_ms"]["p50"], r["latency_ms"]["p99"], r["errors"]] for r in report["replays"]],
+            )
 
     path = write_report("zipf_workload", report, args.out)
     print(f"\nwrote {path}")
-    replay_errors = report["replay"]["errors"] if report["replay"] else 0
-    return 1 if replay_errors else 0
+    return 1 if any(r["errors"] for r in report["replays"]) else 0
+
+
+def replay_one(args: argparse.Namespace, n_models: int, capacity: int, n_requests: int, skew: float) -> dict[str, Any]:
+    print(f"\nreplay: {n_requests} requests over {n_models} models (skew {skew}), capacity {capacity}, "
+          f"{args.concurrency} in flight ...", flush=True)
+    r = replay(n_models, capacity, n_requests, skew, args.concurrency, args.seed)
+    d = r["daemon"]
+    print_table(
+        f"Replay through a tfscache node: {r['requests']} requests, skew {skew}, {r['distinct_models']} distinct "
+        f"models, capacity {capacity}",
+        ["", "1 - loads/req", "hits/lookups", "loads/1k", "loads", "unloads"],
+        [["daemon (/metrics)", d["request_hit_ratio"], d["hit_ratio"], d["loads_per_1000"], d["loads"],
+          d["unloads"]],
+         ["LRU (same trace)", r["lru"]["hit_ratio"], r["lru"]["hit_ratio"], r["lru"]["loads_per_1000"],
+          r["lru"]["loads"], r["lru"]["evictions"]],
+         ["MIN (same trace)", r["min"]["hit_ratio"], r["min"]["hit_ratio"], r["min"]["loads_per_1000"],
+          r["min"]["loads"], r["min"]["evictions"]]],
+    )
+    lat = r["latency_ms"]
+    print(f"latency ms: p50 {lat['p50']:.2f}  p90 {lat['p90']:.2f}  p99 {lat['p99']:.2f}  mean {lat['mean']:.2f}; "
+          f"{r['requests_per_second']} req/s over {r['wall_seconds']} s; errors {r['errors']}")
+    for e in r["error_samples"]:
+        print("  error:", e)
+    return r
 
 
 if __name__ == "__main__":
