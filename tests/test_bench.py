@@ -99,15 +99,17 @@ class CacheSimTests(unittest.TestCase):
         self.assertLess(len(set(zipf_trace(500, 2000, 1.2, 1))), len(set(zipf_trace(500, 2000, 0.8, 1))))
 
 
-# bench/run --quick with even smaller settings: about 30 s on 2 cores
+# bench/run --quick with even smaller settings: about 45 s on 2 cores
 TINY = {
-    "TFSCACHE_BENCH_ARGS_WARM_OVERHEAD": "--seconds 0.3 --concurrency 2 --scenarios one_node",
+    "TFSCACHE_BENCH_ARGS_WARM_OVERHEAD": "--seconds 0.3 --concurrency 2 --scenarios one_node router",
     "TFSCACHE_BENCH_ARGS_COLD_PATH": "--models 1 --padding-mb 1 --herd 8",
     # 2 in flight: see the report on the unload race with churn_guard_seconds 0 and more requests
     # in flight than capacity
     "TFSCACHE_BENCH_ARGS_ZIPF_WORKLOAD": "--models 20 --capacity 3 --requests 60 --concurrency 2 "
-                                         "--sim-requests 500 --capacities 2 5 10 --skews 0.8 1.0",
+                                         "--sim-requests 500 --capacities 2 5 10 --skews 0.8 1.0 "
+                                         "--replay-skews 0.8 1.0",
     "TFSCACHE_BENCH_ARGS_ROUTER_SCALE": "--names 300 --members 5 50",
+    "TFSCACHE_BENCH_ARGS_S3_COPY": "--total-mb 2 --files 4 --repeat 1",
 }
 
 
@@ -125,6 +127,7 @@ class BenchRunTests(unittest.TestCase):
         text = stdout.decode(errors="replace")
         self.assertEqual(code, 0, text[-3000:] + stderr.decode(errors="replace")[-3000:])
         self.assertIn("all benchmarks succeeded", text)
+        self.assertRegex(text, r"wall time: \d+ s")
 
         def report(name: str) -> dict:  # type: ignore[type-arg]
             path = os.path.join(out, f"{name}.json")
@@ -145,16 +148,17 @@ class BenchRunTests(unittest.TestCase):
         for skew in (0.8, 1.0):
             mins = [r["min"]["hit_ratio"] for r in sorted(rows, key=lambda r: r["capacity"]) if r["skew"] == skew]
             self.assertEqual(mins, sorted(mins))
-        replay = zipf["replay"]
-        self.assertEqual(replay["errors"], 0, replay["error_samples"])
-        daemon = replay["daemon"]
-        self.assertEqual(daemon["hits"] + daemon["misses"], 60)  # every request looked up once
-        # the daemon is a demand cache too: never fewer loads than the optimum, nor than models
-        self.assertGreaterEqual(daemon["loads"], replay["min"]["loads"])
-        self.assertGreaterEqual(daemon["loads"], replay["distinct_models"])
-        self.assertEqual(daemon["unloads"], daemon["loads"] - 3)  # all slots full at the end
-        self.assertEqual(daemon["load_errors"], 0)
-        self.assertGreater(replay["latency_ms"]["p50"], 0)
+        self.assertEqual([r["skew"] for r in zipf["replays"]], [0.8, 1.0])  # one replay per skew
+        for replay in zipf["replays"]:
+            self.assertEqual(replay["errors"], 0, replay["error_samples"])
+            daemon = replay["daemon"]
+            self.assertEqual(daemon["hits"] + daemon["misses"], 60)  # every request looked up once
+            # the daemon is a demand cache too: never fewer loads than the optimum, nor than models
+            self.assertGreaterEqual(daemon["loads"], replay["min"]["loads"])
+            self.assertGreaterEqual(daemon["loads"], replay["distinct_models"])
+            self.assertEqual(daemon["unloads"], daemon["loads"] - 3)  # all slots full at the end
+            self.assertEqual(daemon["load_errors"], 0)
+            self.assertGreater(replay["latency_ms"]["p50"], 0)
 
         scale = report("router_scale")
         self.assertEqual([r["members"] for r in scale["runs"]], [5, 50])
@@ -163,12 +167,34 @@ class BenchRunTests(unittest.TestCase):
             for key in ("cold", "cached", "router_candidates", "reference_uncached"):
                 self.assertGreater(r[key]["per_second"], 0, key)
             self.assertGreater(r["memory"]["cache_bytes_per_name"], 0)
+        moves = {m["change"]: m for m in scale["movement"]}
+        self.assertEqual(set(moves), {"join 10->11", "leave 10->9", "leave 3->2"})
+        for m in moves.values():
+            self.assertEqual(m["names"], 300)
+            # rendezvous hashing moves about 1/N of the first owners and R/N of the owner sets
+            # (300 names: binomial slack), and a set changes whenever the first owner moves
+            self.assertLess(abs(m["first_owner_moved_share"] - m["expected_first_owner_share"]), 0.07, m)
+            self.assertLess(abs(m["owner_set_changed_share"] - m["expected_owner_set_share"]), 0.09, m)
+            self.assertGreaterEqual(m["owner_set_changed"], m["first_owner_moved"], m)
 
         warm = report("warm_overhead")
-        self.assertTrue(warm["cells"])
+        self.assertEqual({(c["scenario"], c["protocol"], c["target"]) for c in warm["cells"]},
+                         {(s, p, t) for s in ("one_node", "router") for p in ("rest", "grpc")
+                          for t in ("direct", "via")})
         for cell in warm["cells"]:
             self.assertGreater(cell["requests"], 0, cell)
             self.assertGreater(cell["p50_ms"], 0, cell)
+            self.assertEqual(cell["errors"], 0, cell)
+            self.assertGreater(cell["loadgen_cpu_us_per_req"], 0, cell)  # the generator's own CPU
+        self.assertGreaterEqual(warm["checks"]["router_forwards_counted_by_node0"],
+                                warm["checks"]["router_requests_measured"])
+        s3 = report("s3_copy")
+        self.assertEqual(s3["total_bytes"], 2_000_000)
+        self.assertEqual(set(s3["methods"]), {"provider", "provider_nomd5", "per_object", "cli_like"})
+        for m in s3["methods"].values():
+            self.assertEqual(len(m["seconds"]), 1)
+            self.assertGreater(m["median_mb_per_s"], 0)
+        self.assertGreater(s3["ratios"]["provider_vs_cli_like"]["median_of_rounds"], 0)
         cold = report("cold_path")
         self.assertTrue(cold["herd"]["passed"], cold["herd"])
         self.assertGreater(cold["medians"]["cold_s"], 0)
