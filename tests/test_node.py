@@ -17,6 +17,8 @@ from tests.harness.devserver import DevServer
 from tests.harness.node import InProcessNode, node_config
 from tfscache.devserver.models import set_load_delay, write_corrupt_model, write_half_plus_two
 from tfscache.errors import Code, ServingError
+from tfscache.modelspec import ModelId
+from tfscache.node.manager import State
 
 MODELS = 6
 
@@ -140,7 +142,16 @@ class CacheBehaviourTests(NodeTestCase):
 
     @defer.inlineCallbacks
     def test_hundred_concurrent_requests_one_copy_one_load(self):  # type: ignore[no-untyped-def]
-        node = yield self.node()
+        # m4's latest version, in a source of its own whose load takes 3 s: every request
+        # arrives while the model is still cold (100 misses, no hit), so they provably overlap
+        # and share the one copy and the one load
+        models = tempfile.mkdtemp(prefix="tfscache-hundred-")
+        write_half_plus_two(models, "m4", 1, *coef(4, 1))
+        set_load_delay(write_half_plus_two(models, "m4", 2, *coef(4, 2)), 3.0)
+        # a gRPC call holds a worker thread while it waits for the load: one each
+        node = InProcessNode(node_config(models, self.backend, listen={"grpc_threads": 64}))
+        yield node.start()
+        self.addCleanup(node.stop)
         before = backend_loads(self.backend).get("m4/2", 0)
         client = GrpcClient(node.grpc_target)
         self.addCleanup(client.close)
@@ -154,6 +165,8 @@ class CacheBehaviourTests(NodeTestCase):
             self.assertEqual(list(r.outputs["y"].float_val), [a * i + b])
         self.assertEqual((node.cache.fetches, node.cache.loads), (1, 1))
         self.assertEqual(backend_loads(self.backend).get("m4/2", 0), before + 1)
+        metrics = node.service.metrics
+        self.assertEqual((metrics.misses._value.get(), metrics.hits._value.get()), (100, 0))
 
     @defer.inlineCallbacks
     def test_slow_load_does_not_delay_warm_model(self):  # type: ignore[no-untyped-def]
@@ -273,3 +286,39 @@ class ErrorTests(NodeTestCase):
         self.assertEqual(node.service.metrics.loads.labels(outcome="error")._value.get(), 1)  # backed off
         reply = yield rest_predict(node.rest_url, "fine", [1.0])
         self.assertEqual(reply.json()["predictions"], [2.0])
+
+    @defer.inlineCallbacks
+    def test_load_timeout_without_client_deadline(self):  # type: ignore[no-untyped-def]
+        # serving.load_timeout_seconds bounds a request that has no deadline of its own: 504 /
+        # DEADLINE_EXCEEDED; that is not the model's fault, so it is not negatively cached
+        # (failure_backoff is 30 s): the load goes on in TF Serving and a later request gets it
+        models = tempfile.mkdtemp(prefix="tfscache-lt-")
+        set_load_delay(write_half_plus_two(models, "lt-slow", 1, 3.0, 1.0), 4.0)
+        node = InProcessNode(node_config(models, self.backend, serving={"load_timeout_seconds": 1.5}))
+        yield node.start()
+        self.addCleanup(node.stop)
+        before = backend_loads(self.backend).get("lt-slow/1", 0)
+        client = GrpcClient(node.grpc_target)
+        self.addCleanup(client.close)
+        rest = rest_predict(node.rest_url, "lt-slow", [1.0])
+        grpc_call = client.predict("lt-slow", [1.0], timeout=None)  # no gRPC deadline at all
+        reply = yield rest
+        self.assertEqual(reply.code, 504, reply.body)
+        self.assertIn("lt-slow", reply.json()["error"])
+        err = yield self.assertFailure(grpc_call, ServingError)
+        self.assertEqual(err.code, Code.DEADLINE_EXCEEDED)
+        entry = node.cache.entries[ModelId("lt-slow", 1)]
+        if entry.pending is not None and not entry.pending.done:  # the bring-up's own timeout
+            yield entry.pending.observe().addErrback(lambda f: f.trap(ServingError))
+        self.assertNotEqual(entry.state, State.FAILED)
+        self.assertIsNone(entry.failure)
+        self.assertEqual(node.service.metrics.load_failures._value.get(), 0)
+        # try again (each try is bounded by the 1.5 s): until the backend's load is done, only
+        # DEADLINE_EXCEEDED, never a remembered failure; then the answer
+        for _ in range(10):
+            reply = yield rest_predict(node.rest_url, "lt-slow", [1.0])
+            if reply.code != 504:
+                break
+        self.assertEqual(reply.code, 200, reply.body)
+        self.assertEqual(reply.json()["predictions"], [4.0])
+        self.assertEqual(backend_loads(self.backend).get("lt-slow/1", 0), before + 1)
