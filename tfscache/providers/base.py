@@ -1,15 +1,20 @@
-"""What every model provider shares: a short-lived listing cache and staged copies."""
+"""What every model provider shares: a short-lived listing cache, staged copies, and the
+bounded thread pool the copies run in."""
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
+import threading
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet import defer
+from twisted.internet import defer, threads
+from twisted.python.threadpool import ThreadPool
 
 from tfscache.errors import Code, ServingError
 from tfscache.util.deferreds import SharedResult
@@ -58,23 +63,151 @@ class ListingCache:
         self._entries.pop(name, None)
 
 
-def staged_copy(destination: str, fill: Callable[[str], int]) -> int:
+class CopyStopped(Exception):
+    """Raised in a copy's thread once its caller has cancelled it."""
+
+
+class CopyControl:
+    """The stop flag a copy's thread checks, shared with the Deferred's canceller.
+
+    ``lock`` is held by the thread from its last stop check to the rename into place, and by
+    the canceller while it decides: a copy is either committed or stopped, never both."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.committed = False
+        self.copied = 0
+
+    def check(self) -> None:
+        if self.stop.is_set():
+            raise CopyStopped()
+
+    def cancel(self) -> bool:
+        """Stop the copy; False when it is too late (the model is already in place)."""
+        with self.lock:
+            if self.committed:
+                return False
+            self.stop.set()
+            return True
+
+
+def _install(tmp: str, destination: str) -> str | None:
+    """Rename ``tmp`` to ``destination``; return the path of a tree that was there before.
+
+    The caller asks for a copy only when its cache does not know ``destination``, so a tree
+    found there is nobody's (say, a copy that finished after its caller gave up): it is moved
+    aside, under a staging name that a restart's scan deletes, rather than failing every later
+    copy of the model with ENOTEMPTY."""
+    try:
+        os.rename(tmp, destination)
+        return None
+    except OSError as e:
+        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+    stale = os.path.join(
+        os.path.dirname(destination),
+        f"{STAGING_PREFIX}stale-{os.path.basename(destination)}-{uuid.uuid4().hex}")
+    os.rename(destination, stale)
+    try:
+        os.rename(tmp, destination)
+    except BaseException:
+        shutil.rmtree(stale, ignore_errors=True)
+        raise
+    return stale
+
+
+def staged_copy(
+    destination: str, fill: Callable[[str], int], control: CopyControl | None = None,
+    on_replaced: Callable[[], None] | None = None,
+) -> int:
     """Run ``fill(tmpdir)`` to write a model, then rename tmpdir to ``destination``.
 
     Blocking: call from a thread.  The staging directory sits beside the destination (same
     file system, so the rename is atomic) and its name is not numeric, so TF Serving ignores
-    it.  On any failure the staging directory is removed: a half copy is never visible."""
+    it.  On any failure, or when ``control`` was cancelled before the rename, the staging
+    directory is removed: a half copy is never visible.  A stale tree already at
+    ``destination`` is replaced (``on_replaced`` is called then)."""
+    if control is not None:
+        control.check()  # cancelled while it waited for a thread
     parent = os.path.dirname(destination)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=STAGING_PREFIX + os.path.basename(destination) + "-", dir=parent)
     try:
         copied = fill(tmp)
         os.chmod(tmp, 0o755)
-        os.rename(tmp, destination)
+        if control is None:
+            stale = _install(tmp, destination)
+        else:
+            with control.lock:
+                control.check()
+                stale = _install(tmp, destination)
+                control.committed, control.copied = True, copied
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if stale is not None:
+        shutil.rmtree(stale, ignore_errors=True)
+        if on_replaced is not None:
+            on_replaced()
     return copied
+
+
+def _daemon_thread(*args: Any, **kwargs: Any) -> threading.Thread:
+    # an interpreter that exits without a reactor shutdown (a test run) must not wait for
+    # idle copy threads; a copy cut short leaves only a staging directory, deleted at start-up
+    return threading.Thread(*args, daemon=True, **kwargs)
+
+
+class CopyThreads:
+    """A provider's own bounded thread pool for copies.
+
+    Copies block a thread for as long as they take; in the reactor's shared pool a burst of
+    cold copies would hold every thread that etcd calls and DNS lookups need too.  Started at
+    the first copy.  Its owner stops it (``stop()``, once no copy runs) when it closes;
+    otherwise it stops as the reactor's own pool does, during shutdown (after the 'before'
+    phase, so after a node's drain): ``stop_work`` asks the copies still running to stop, then
+    the threads are joined."""
+
+    def __init__(
+        self, reactor: Any, size: int, name: str, stop_work: Callable[[], None] | None = None,
+    ) -> None:
+        if size < 1:
+            raise ValueError("a copy thread pool needs at least one thread")
+        self.size = size
+        self.name = name
+        self._reactor = reactor
+        self._stop_work = stop_work
+        self._pool: ThreadPool | None = None
+        self._trigger: Any = None
+
+    @property
+    def started(self) -> bool:
+        return self._pool is not None
+
+    def run(self, f: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
+        if self._pool is None:
+            pool = ThreadPool(minthreads=0, maxthreads=self.size, name=self.name)
+            pool.threadFactory = _daemon_thread  # type: ignore[assignment]
+            pool.start()
+            self._pool = pool
+            self._trigger = self._reactor.addSystemEventTrigger("during", "shutdown", self._shutting_down)
+        return threads.deferToThreadPool(self._reactor, self._pool, f, *args)
+
+    def _shutting_down(self) -> None:
+        self._trigger = None  # firing now: nothing to remove
+        if self._stop_work is not None:
+            self._stop_work()
+        self.stop()
+
+    def stop(self) -> None:
+        """Join the threads: at once when no copy runs, else once each has stopped."""
+        if self._trigger is not None:
+            self._reactor.removeSystemEventTrigger(self._trigger)
+            self._trigger = None
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.stop()
 
 
 def copy_error(name: str, version: int, error: BaseException) -> ServingError:

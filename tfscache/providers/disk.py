@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
+from typing import Any
 
 from twisted.internet import defer, threads
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tfscache.errors import not_found, unavailable
+from tfscache.errors import Code, ServingError, not_found, unavailable
 from tfscache.interfaces import IModelProvider
 from tfscache.modelspec import validate_name
-from tfscache.providers.base import ListingCache, copy_error, staged_copy
+from tfscache.providers.base import CopyControl, CopyStopped, CopyThreads, ListingCache, copy_error, staged_copy
 
 
 def tree_size(path: str) -> int:
@@ -38,12 +41,29 @@ def numeric_children(path: str) -> list[int]:
 
 @implementer(IModelProvider)
 class DiskModelProvider:
+    """Copies run in the provider's own pool of ``copy_threads`` threads; listings and sizes
+    (short calls that warm requests may wait for) stay in the reactor's pool."""
+
     kind = "disk"
     log = Logger()
 
-    def __init__(self, base_path: str, listing_ttl: float = 5.0) -> None:
+    def __init__(
+        self, base_path: str, listing_ttl: float = 5.0, *, copy_threads: int = 4,
+        reactor: Any = None,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as _reactor
+
+            reactor = _reactor
         self.base_path = os.path.abspath(base_path)
         self.listings = ListingCache(listing_ttl)
+        self._reactor = reactor
+        self._threads = CopyThreads(reactor, copy_threads, "tfscache-disk-copy", self._stop_all)
+        self._jobs: dict[int, CopyControl] = {}
+        self._workers: set[defer.Deferred[Any]] = set()
+        self._closed = False
+        # one file at a time; a seam for tests that need a copy slowed down or held
+        self.copy_file: Callable[[str, str], object] = shutil.copy2
 
     def _model_dir(self, name: str) -> str:
         return os.path.join(self.base_path, validate_name(name))
@@ -64,6 +84,9 @@ class DiskModelProvider:
 
     def fetch(self, name: str, version: int, destination: str) -> defer.Deferred[int]:
         src = os.path.join(self._model_dir(name), str(int(version)))
+        if self._closed:
+            return defer.fail(ServingError(Code.UNAVAILABLE, "The disk model source is shut down"))
+        control = CopyControl()
 
         def fill(tmp: str) -> int:
             if not os.path.isdir(src):
@@ -74,16 +97,55 @@ class DiskModelProvider:
                 target = os.path.join(tmp, os.path.relpath(root, src))
                 os.makedirs(target, exist_ok=True)
                 for f in files:
-                    shutil.copy2(os.path.join(root, f), os.path.join(target, f))
+                    control.check()  # a cancelled copy stops at the next file
+                    self.copy_file(os.path.join(root, f), os.path.join(target, f))
             return tree_size(tmp)
+
+        def replaced() -> None:
+            self._reactor.callFromThread(
+                self.log.warn,
+                "replaced a stale copy of model={model} version={version} at {path} that the "
+                "disk cache did not know", model=name, version=version, path=destination)
 
         def copy() -> int:
             try:
-                return staged_copy(destination, fill)
+                return staged_copy(destination, fill, control, replaced)
+            except CopyStopped:
+                raise
             except Exception as e:
                 raise copy_error(name, version, e)
 
-        return threads.deferToThread(copy)
+        def cancel(d: defer.Deferred[int]) -> None:
+            if not control.cancel():  # too late to stop: the model is in place, say so
+                d.callback(control.copied)
+                return
+            self.log.info("disk copy cancelled model={model} version={version}",
+                          model=name, version=version)
+
+        outer: defer.Deferred[int] = defer.Deferred(cancel)
+        worker = self._threads.run(copy)
+        self._jobs[id(control)] = control
+        self._workers.add(worker)
+
+        def settle(result: Any) -> None:
+            self._jobs.pop(id(control), None)
+            self._workers.discard(worker)
+            if outer.called:  # cancelled: the thread has cleaned up after itself
+                if isinstance(result, Failure) and not result.check(CopyStopped):
+                    self.log.debug("copy of model={model} version={version} ended after cancel: "
+                                   "{error}", model=name, version=version, error=result.value)
+            elif isinstance(result, Failure):
+                if result.check(CopyStopped):  # stopped by close(), not by a cancel
+                    result = Failure(ServingError(
+                        Code.UNAVAILABLE,
+                        f"Copy of model {name} version {version} stopped: shutting down"))
+                outer.errback(result)
+            else:
+                outer.callback(result)
+            return None
+
+        worker.addBoth(settle)
+        return outer
 
     def check(self) -> defer.Deferred[None]:
         def probe() -> None:
@@ -91,3 +153,24 @@ class DiskModelProvider:
                 raise unavailable(f"Model source {self.base_path} is not a readable directory")
 
         return threads.deferToThread(probe)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def wait_idle(self) -> defer.Deferred[None]:
+        """Fire once no copy thread runs any more (after cancels, too)."""
+        workers = list(self._workers)
+        d = defer.DeferredList(workers, consumeErrors=True) if workers else defer.succeed(None)
+        return d.addCallback(lambda _: None)
+
+    def _stop_all(self) -> None:
+        for control in list(self._jobs.values()):
+            control.cancel()  # each stops at its next file
+
+    def close(self) -> defer.Deferred[None]:
+        """Stop running copies, wait for their threads, stop the copy threads."""
+        self._closed = True
+        self._stop_all()
+
+        def stop(_: Any) -> None:
+            self._threads.stop()
+
+        return self.wait_idle().addCallback(stop)
