@@ -381,18 +381,24 @@ class S3ProviderTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_cancel_stops_workers_and_cleans_up(self):  # type: ignore[no-untyped-def]
-        self.put_many("cx", 1, 12, 2 * MIB)
+        count, size = 12, 2 * MIB
+        self.put_many("cx", 1, count, size)
         p = self.provider(max_concurrency=2)
         baseline = executor_threads()
+        yield p.check()  # builds the client
+        gets: list[str] = []
+        p._client().meta.events.register(
+            "before-parameter-build.s3.GetObject", lambda params, **kw: gets.append(params["Key"]))
         real_verify = p._verify
         state: dict[str, Any] = {}
 
         def cancel_after_first(s3, job, o, path):  # type: ignore[no-untyped-def]
             real_verify(s3, job, o, path)
-            if "cancelled" not in state:
-                state["cancelled"] = job.done
-                reactor.callFromThread(state["d"].cancel)
-                time.sleep(0.2)  # let the cancel land while transfers still run
+            if "job" not in state:
+                state["job"] = job
+                # returns once the canceller has run on the reactor: the stop flag is set
+                threads.blockingCallFromThread(reactor, state["d"].cancel)
+                state["at_cancel"] = job.done
 
         p._verify = cancel_after_first  # type: ignore[method-assign]
         dest = os.path.join(self.cache, "cx", "1")
@@ -401,11 +407,57 @@ class S3ProviderTests(unittest.TestCase):
         started = time.monotonic()
         yield p.wait_idle()
         self.assertLess(time.monotonic() - started, 5)
-        self.assertLess(state["cancelled"], 24 * MIB)
+        # every byte the copy received, counted once its threads are idle: a copy that went on
+        # after the cancel (and only dropped the result at the end) would reach count * size.
+        # At most the max_concurrency=2 downloads under way at the cancel may still complete.
+        done = state["job"].done
+        self.assertLessEqual(done, state["at_cancel"] + 2 * size)
+        self.assertLess(done, count * size)
+        self.assertLess(len(set(gets)), count, "every object was still requested after the cancel")
         self.assertFalse(os.path.exists(dest))
         self.assertNothingLeft("cx")
         self.assertEqual(executor_threads(), baseline)
         self.assertIn("S3 copy cancelled model=cx version=1", self.log_text())
+
+    @defer.inlineCallbacks
+    def test_copies_run_in_the_providers_own_threads(self):  # type: ignore[no-untyped-def]
+        # not in the reactor's shared pool, which etcd calls and DNS lookups need too; at most
+        # copy_threads copies at once, each with its own max_concurrency downloads
+        files = {n: self.put_many(n, 1, 3, 1000) for n in ("own1", "own2")}
+        p = self.provider(copy_threads=1)
+        real_copy, real_verify = p._copy, p._verify
+        copy_threads: list[str] = []
+        release = threading.Event()
+        held: defer.DeferredQueue[str] = defer.DeferredQueue()
+
+        def copy(job, key_prefix):  # type: ignore[no-untyped-def]
+            copy_threads.append(threading.current_thread().name)
+            return real_copy(job, key_prefix)
+
+        def hold_first(s3, job, o, path):  # type: ignore[no-untyped-def]
+            if job.name == "own1" and not release.is_set():
+                reactor.callFromThread(held.put, o["Key"])
+                release.wait(30)  # only if the test is broken: never longer than this
+            return real_verify(s3, job, o, path)
+
+        p._copy, p._verify = copy, hold_first  # type: ignore[method-assign]
+        self.addCleanup(release.set)
+        first = p.fetch("own1", 1, os.path.join(self.cache, "own1", "1"))
+        yield held.get()
+        second = p.fetch("own2", 1, os.path.join(self.cache, "own2", "1"))
+        shared_thread = yield threads.deferToThread(lambda: threading.current_thread().name)
+        self.assertEqual(len(copy_threads), 1, "a second copy ran beside the first")
+        release.set()
+        yield defer.gatherResults([first, second], consumeErrors=True)
+        self.assertEqual(len(copy_threads), 2)
+        for thread in copy_threads:
+            self.assertTrue(thread.startswith("PoolThread-tfscache-s3-copy-"), thread)
+        self.assertNotIn(shared_thread, copy_threads)
+        for n in ("own1", "own2"):
+            self.assertEqual(tree(os.path.join(self.cache, n, "1")),
+                             {os.path.join(*k.split("/")): v for k, v in files[n].items()})
+        yield p.close()
+        self.assertFalse(p._copies.started)
 
     @defer.inlineCallbacks
     def test_fetch_timeout_and_progress_lines(self):  # type: ignore[no-untyped-def]

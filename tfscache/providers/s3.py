@@ -1,12 +1,14 @@
 """Models from an S3 bucket (AWS S3, MinIO, Ceph, R2...) laid out as TF Serving expects:
 ``s3://bucket/prefix/<name>/<version>/saved_model.pb``, ``.../variables/...``, ``.../assets/...``.
 
-boto3 is blocking: every call runs in Twisted's thread pool (``deferToThread``), never on the
-reactor thread.  A copy lists the version's objects, downloads them in parallel with one
-s3transfer ``TransferManager`` (at most ``max_concurrency`` requests at once, ranged GETs for
-objects above ``multipart_threshold``) into a staging directory, checks every file's size and,
-where the ETag is a plain MD5, its MD5 (in a small pool, beside the downloads still running),
-then renames the directory into place.
+boto3 is blocking: every call runs in a thread, never on the reactor thread.  Listings, sizes
+and probes are short and run in Twisted's thread pool; copies run in the provider's own pool
+of ``copy_threads`` threads, so a burst of cold copies cannot hold the threads that the rest
+of the daemon (etcd calls, DNS lookups) needs.  A copy lists the version's objects, downloads
+them in parallel with one s3transfer ``TransferManager`` (at most ``max_concurrency`` requests
+at once, ranged GETs for objects above ``multipart_threshold``) into a staging directory,
+checks every file's size and, where the ETag is a plain MD5, its MD5 (in a small pool, beside
+the downloads still running), then renames the directory into place.
 
 A cancelled copy (the CacheManager's fetch timeout, shutdown) sets a stop flag that the
 download progress callback checks, cancels the outstanding transfers, and removes the staging
@@ -38,7 +40,7 @@ from zope.interface import implementer
 from tfscache.errors import Code, ServingError, not_found
 from tfscache.interfaces import IModelProvider
 from tfscache.modelspec import validate_name
-from tfscache.providers.base import ListingCache, copy_error, staged_copy
+from tfscache.providers.base import CopyThreads, ListingCache, copy_error, staged_copy
 
 MIB = 1024 * 1024
 _VERSION_RE = re.compile(r"[0-9]{1,19}")
@@ -152,6 +154,7 @@ class S3ModelProvider:
         verify_md5: bool = True,
         reactor: Any = None,
         own_shutdown: bool = True,
+        copy_threads: int = 4,
     ) -> None:
         if not bucket:
             raise ValueError("an S3 bucket is required")
@@ -183,6 +186,8 @@ class S3ModelProvider:
         self._jobs: dict[int, _Job] = {}
         self._workers: set[defer.Deferred[Any]] = set()
         self._closed = False
+        # each copy holds one of these, plus max_concurrency TransferManager threads of its own
+        self._copies = CopyThreads(reactor, copy_threads, "tfscache-s3-copy", self.stop_all)
         # a copy must not hold up the reactor's shutdown (its thread pool joins its threads);
         # a node that drains first closes its provider itself (own_shutdown=False)
         self._trigger: Any = (reactor.addSystemEventTrigger("before", "shutdown", self._on_shutdown)
@@ -410,8 +415,7 @@ class S3ModelProvider:
                           model=name, version=version)
 
         outer: defer.Deferred[int] = defer.Deferred(cancel)
-        worker = threads.deferToThreadPool(
-            self._reactor, self._reactor.getThreadPool(), self._copy, job, key_prefix)
+        worker = self._copies.run(self._copy, job, key_prefix)
         self._jobs[id(job)] = job
         self._workers.add(worker)
         progress = LoopingCall(self._log_progress, job)
@@ -459,7 +463,13 @@ class S3ModelProvider:
     # -- the copy (runs in a pool thread) --------------------------------------------------------
     def _copy(self, job: _Job, key_prefix: str) -> int:
         try:
-            copied = staged_copy(job.destination, lambda tmp: self._fill(job, key_prefix, tmp))
+            if job.stop.is_set():  # cancelled while it waited for a copy thread
+                raise _Stopped()
+            copied = staged_copy(job.destination, lambda tmp: self._fill(job, key_prefix, tmp),
+                                 on_replaced=lambda: self._reactor.callFromThread(
+                                     self.log.warn, "replaced a stale copy of model={model} "
+                                     "version={version} at {path} that the disk cache did not know",
+                                     model=job.name, version=job.version, path=job.destination))
             job.committed, job.copied = True, copied
             return copied
         except _Stopped:
@@ -619,7 +629,8 @@ class S3ModelProvider:
         return self.close()
 
     def close(self) -> defer.Deferred[None]:
-        """Stop running copies, wait for their threads, release the HTTP connections."""
+        """Stop running copies, wait for their threads, stop the copy threads, release the HTTP
+        connections."""
         if self._trigger is not None:
             self._reactor.removeSystemEventTrigger(self._trigger)
             self._trigger = None
@@ -627,6 +638,7 @@ class S3ModelProvider:
         self.stop_all()
 
         def release(_: Any) -> defer.Deferred[None] | None:
+            self._copies.stop()  # no copy runs by now: the join is quick
             s3, self._s3 = self._s3, None
             if s3 is not None and hasattr(s3, "close"):
                 return self._in_thread_always(s3.close)
