@@ -4,6 +4,7 @@ expiry, outage and recovery, health-gated publishing); the timing logic on a fak
 from __future__ import annotations
 
 import json
+import threading
 import urllib.request
 import uuid
 from collections.abc import Callable
@@ -233,6 +234,48 @@ class ClockTests(unittest.TestCase):
         clock.advance(30)
         self.assertEqual(len(fake.calls), n)  # withdrawn: the loop stopped
 
+    def test_a_list_without_this_node_keeps_the_last_and_republishes_at_once(self) -> None:
+        d, fake, clock = self.make()
+        seen: list[set[str]] = []
+        d.subscribe(lambda ms: seen.append(ids(ms)))
+        d._set_members([member("other")])  # before publishing: taken as it is
+        self.assertEqual(ids(d.members()), {"other"})
+        d.publish()
+        d._set_members([member("me"), member("other")])
+        for lost in ([], [member("other")]):  # a wiped backend, then the others republishing first
+            fake.calls.clear()
+            fake.keys.clear()
+            d._set_members(lost)
+            self.assertEqual(ids(d.members()), {"me", "other"})  # routing goes on as it was
+            self.assertEqual(fake.calls, ["keepalive", "put"])  # at once, not at the next refresh
+            self.assertIn("/tfscache/members/me", fake.keys)
+            self.assertTrue(d.published)
+        d._set_members([member("me")])  # the record is back: a real change is taken
+        self.assertEqual(seen, [{"other"}, {"me", "other"}, {"me"}])
+        d.withdraw()
+        d._set_members([])  # withdrawn: an empty list is the truth
+        self.assertEqual((d.members(), fake.calls[-1]), ([], "revoke"))
+
+    def test_republish_waits_for_the_round_in_flight(self) -> None:
+        d, fake, clock = self.make()
+        d.publish()
+        d._set_members([member("me")])
+        held: list[defer.Deferred[Any]] = []
+
+        def hold(fn: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
+            held.append(defer.Deferred().addCallback(lambda _: fn(*args)))
+            return held[-1]
+
+        d._run = hold
+        clock.advance(3.0)  # a keepalive starts and waits
+        self.assertEqual(len(held), 1)
+        d._set_members([])
+        d._run = run_now
+        fake.calls.clear()
+        held[0].callback(None)  # the keepalive answers: that round puts the record, then one more round
+        self.assertEqual(fake.calls, ["keepalive", "put", "keepalive"])
+        self.assertEqual(ids(d.members()), {"me"})
+
 
 # -- real servers ---------------------------------------------------------------------------
 class _RealServerTests:
@@ -320,13 +363,54 @@ class _RealServerTests:
     def delete_record(self, server: Any, node_id: str) -> None:
         raise NotImplementedError
 
+    def records(self, server: Any) -> set[str]:
+        """The ids of the live records in the server (blocking)."""
+        raise NotImplementedError
+
+    @defer.inlineCallbacks
+    def wait_records(self, expected: set[str], timeout: float):  # type: ignore[no-untyped-def]
+        end = reactor.seconds() + timeout  # type: ignore[attr-defined]
+        while (got := (yield threads.deferToThread(self.records, self.shared_server()))) != expected:
+            if reactor.seconds() > end:  # type: ignore[attr-defined]
+                raise AssertionError(f"the server holds {got} after {timeout}s, not {expected}")
+            yield task.deferLater(reactor, 0.05, lambda: None)
+
+    @defer.inlineCallbacks
+    def test_records_wiped_are_republished_at_once(self):  # type: ignore[no-untyped-def]
+        # the backend loses every record (a Consul -dev agent restarted, etcd wiped) while the
+        # nodes run: they keep routing with the last list and publish again at once, not at
+        # their next refresh (10 s away with this TTL)
+        logs = LogCapture(self)  # type: ignore[arg-type]
+        a, b = self.make("a", ttl=30.0), self.make("b", ttl=30.0)
+        observer = self.make("observer", ttl=30.0)  # follows, never publishes
+        seen: dict[str, list[set[str]]] = {"a": [], "b": []}
+        a.subscribe(lambda ms: seen["a"].append(ids(ms)))
+        b.subscribe(lambda ms: seen["b"].append(ids(ms)))
+        yield defer.gatherResults([a.publish(), b.publish()])
+        yield wait_until(lambda: ids(a.members()) == ids(b.members()) == ids(observer.members()) == {"a", "b"},
+                         what="a and b")
+        seen["a"].clear()  # the lists of the start (published one after the other) do not count
+        seen["b"].clear()
+        for node_id in ("a", "b"):
+            yield threads.deferToThread(self.delete_record, self.shared_server(), node_id)
+        lost = "came back without this node"
+        yield wait_until(lambda: logs.count(a, lost) == 1 == logs.count(b, lost), timeout=5, what="both notice")
+        yield self.wait_records({"a", "b"}, timeout=3)  # at once: their next refresh is 10 s away
+        yield wait_until(lambda: ids(observer.members()) == {"a", "b"}, timeout=3, what="the observer sees them")
+        self.assertEqual((ids(a.members()), ids(b.members())), ({"a", "b"}, {"a", "b"}))
+        for node_id, lists in seen.items():
+            self.assertEqual([s for s in lists if node_id not in s], [], node_id)
+
     @defer.inlineCallbacks
     def test_record_removed_behind_its_back_is_restored(self):  # type: ignore[no-untyped-def]
+        logs = LogCapture(self)  # type: ignore[arg-type]
         a, b = self.make("a"), self.make("b")
         yield defer.gatherResults([a.publish(), b.publish()])
         yield wait_until(lambda: ids(a.members()) == {"a", "b"}, what="a and b")
         yield threads.deferToThread(self.delete_record, self.shared_server(), "b")
-        yield wait_until(lambda: ids(a.members()) == {"a"}, what="b removed")
+        # b sees its record go and puts it back at once: a may not even see the gap
+        yield wait_until(lambda: logs.count(b, "came back without this node") == 1, what="b notices")
+        yield self.wait_records({"a", "b"}, timeout=5)
         yield wait_until(lambda: ids(a.members()) == {"a", "b"}, what="b restored")
 
     @defer.inlineCallbacks
@@ -336,6 +420,8 @@ class _RealServerTests:
         a, b = self.make("a", server), self.make("b", server)
         yield defer.gatherResults([a.publish(), b.publish()])
         yield wait_until(lambda: ids(a.members()) == {"a", "b"}, what="a and b")
+        seen: list[set[str]] = []
+        a.subscribe(lambda ms: seen.append(ids(ms)))
         follows = []
         original = a._follow
 
@@ -357,6 +443,8 @@ class _RealServerTests:
         yield wait_until(lambda: a.reachable and a.published and b.published, what="all published")
         self.assertEqual(logs.count(a, "unreachable"), 1)
         self.assertEqual(logs.count(a, "reachable again"), 1)
+        # a server that came back empty (Consul -dev keeps nothing) never emptied a's list
+        self.assertEqual([s for s in seen if not {"a", "b"} <= s], [])
 
 
 class EtcdTests(_RealServerTests, unittest.TestCase):
@@ -379,6 +467,81 @@ class EtcdTests(_RealServerTests, unittest.TestCase):
         key = base64.b64encode(f"{self.prefix}/members/{node_id}".encode()).decode()
         req = urllib.request.Request(server.endpoint + "/v3/kv/deleterange", json.dumps({"key": key}).encode())
         urllib.request.urlopen(req, timeout=5).close()
+
+    def records(self, server: Any) -> set[str]:
+        import base64
+
+        prefix = f"{self.prefix}/members/".encode()
+        end = prefix[:-1] + bytes([prefix[-1] + 1])
+        req = urllib.request.Request(server.endpoint + "/v3/kv/range", json.dumps(
+            {"key": base64.b64encode(prefix).decode(), "range_end": base64.b64encode(end).decode()}).encode())
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            kvs = json.load(resp).get("kvs", [])
+        return {base64.b64decode(kv["key"]).decode()[len(prefix):] for kv in kvs}
+
+    @defer.inlineCallbacks
+    def test_keepalives_go_on_while_the_reactor_pool_is_saturated(self):  # type: ignore[no-untyped-def]
+        # disk/S3 copies and DNS lookups can fill the reactor's shared thread pool: etcd calls
+        # have threads of their own, so the lease (2 s here) outlives a long burst
+        a = self.make("a", ttl=2.0)
+        observer = self.make("observer", ttl=2.0)
+        yield a.publish()
+        yield wait_until(lambda: ids(observer.members()) == {"a"}, what="a")
+        lease, keepalives = a.lease_id, []  # type: ignore[attr-defined]
+        keepalive = a.conn.keepalive  # type: ignore[attr-defined]
+
+        def counting(lease_id: int) -> int:
+            keepalives.append(threading.current_thread().name)
+            return keepalive(lease_id)  # type: ignore[no-any-return]
+
+        a.conn.keepalive = counting  # type: ignore[attr-defined]
+        pool, release = reactor.getThreadPool(), threading.Event()  # type: ignore[attr-defined]
+        self.addCleanup(release.set)
+        for _ in range(pool.max):
+            pool.callInThread(release.wait)
+        probe = threads.deferToThread(lambda: None)  # queued behind the blocked threads
+        yield task.deferLater(reactor, 3 * 2.0, lambda: None)  # 3 lease TTLs
+        self.assertFalse(probe.called, "the reactor's pool was not saturated")
+        self.assertGreaterEqual(len(keepalives), 6)  # every ttl/3
+        self.assertTrue(all("tfscache-etcd" in name for name in keepalives), set(keepalives))
+        self.assertEqual((a.lease_id, ids(observer.members())), (lease, {"a"}))  # type: ignore[attr-defined]
+        release.set()
+        yield probe
+
+    @defer.inlineCallbacks
+    def test_a_silent_watch_is_restarted(self):  # type: ignore[no-untyped-def]
+        # etcd sends progress notifications every 10 minutes by default: a watch silent for
+        # longer than watch_silence may sit on a dead connection, so the prefix is read again
+        logs = LogCapture(self)  # type: ignore[arg-type]
+        a = self.make("a", watch_silence=0.5)
+        yield a.publish()
+        yield wait_until(lambda: a.watch_restarts >= 3, timeout=10, what="restarts")  # type: ignore[attr-defined]
+        self.assertEqual((ids(a.members()), a.reachable), ({"a"}, True))
+        self.assertEqual(logs.count(a, "unreachable"), 0)
+        # and a restarted watch still sees changes
+        b = self.make("b")
+        yield b.publish()
+        yield wait_until(lambda: ids(a.members()) == {"a", "b"}, what="b")
+
+    @defer.inlineCallbacks
+    def test_progress_notifications_keep_a_quiet_watch(self):  # type: ignore[no-untyped-def]
+        server = EtcdServer(extra_args=["--experimental-watch-progress-notify-interval", "200ms"]).start()
+        self.addCleanup(server.stop)
+        a = self.make("a", server, watch_silence=1.0)
+        yield a.publish()
+        yield wait_until(lambda: a._watch is not None and a._watch.messages >= 5, what="progress")  # type: ignore[attr-defined]
+        self.assertEqual(a.watch_restarts, 0)  # type: ignore[attr-defined]
+
+    @defer.inlineCallbacks
+    def test_publish_recovery_restarts_the_watch(self):  # type: ignore[no-untyped-def]
+        a = self.make("a")
+        yield a.publish()
+        yield wait_until(lambda: a._watch is not None, what="a watch")  # type: ignore[attr-defined]
+        stream = a._watch  # type: ignore[attr-defined]
+        a._unreachable("publishing this node", RuntimeError("a test outage"))
+        a._reached("publish")  # as the publish loop does when it gets through again
+        self.assertEqual(a.watch_restarts, 1)  # type: ignore[attr-defined]
+        yield wait_until(lambda: a._watch is not None and a._watch is not stream, what="a new watch")  # type: ignore[attr-defined]
 
     @defer.inlineCallbacks
     def test_username_and_password(self):  # type: ignore[no-untyped-def]
@@ -435,6 +598,11 @@ class ConsulTests(_RealServerTests, unittest.TestCase):
     def delete_record(self, server: Any, node_id: str) -> None:
         req = urllib.request.Request(f"{server.http_addr}/v1/agent/service/deregister/{node_id}", method="PUT")
         urllib.request.urlopen(req, timeout=5).close()
+
+    def records(self, server: Any) -> set[str]:
+        url = f"{server.http_addr}/v1/health/service/{self.prefix.strip('/')}?passing=true"
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return {entry["Service"]["ID"] for entry in json.load(resp)}
 
     @defer.inlineCallbacks
     def test_registration_carries_the_grpc_port(self):  # type: ignore[no-untyped-def]

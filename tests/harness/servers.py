@@ -58,7 +58,8 @@ def _https_ready(url: str, tls: dict[str, str], ok: Callable[[Any], bool]) -> Ca
 
 
 class EtcdServer(ProcessFixture):
-    def __init__(self, tls: dict[str, str] | None = None, verify_clients: bool = False) -> None:
+    def __init__(self, tls: dict[str, str] | None = None, verify_clients: bool = False,
+                 extra_args: list[str] | None = None) -> None:
         self.host = "127.0.0.1"
         self.port, self.peer_port = free_port(), free_port()
         self.tls = tls
@@ -69,7 +70,7 @@ class EtcdServer(ProcessFixture):
                 "--listen-peer-urls", f"http://127.0.0.1:{self.peer_port}",
                 "--initial-advertise-peer-urls", f"http://127.0.0.1:{self.peer_port}",
                 "--initial-cluster", f"test=http://127.0.0.1:{self.peer_port}",
-                "--log-level", "warn"]
+                "--log-level", "warn", *(extra_args or [])]
         ready = http_ready(self.endpoint + "/health")
         if tls:
             argv += ["--cert-file", tls["cert"], "--key-file", tls["key"]]

@@ -134,6 +134,7 @@ class DiscoveryBase(service.Service):
         self._reached_by = {"publish": 0, "follow": 0}
         self.healthy: bool | None = None
         self.published = False         # our record is live in the backend, as far as we know
+        self._lost = False             # the backend lost our record: republishing, last list kept
         self._want_published = False
         self._publish_call: Any = None
         self._publishing: SharedResult | None = None
@@ -178,6 +179,28 @@ class DiscoveryBase(service.Service):
     # -- members ---------------------------------------------------------------------------------
     def _set_members(self, members: Iterable[Member]) -> None:
         new = tuple(sorted({m.id: m for m in members}.values(), key=lambda m: m.id))
+        me = self.self_member.id
+        missing = all(m.id != me for m in new)
+        if self._want_published and missing and (self.published or self._lost):
+            # the backend lost this node's record while it believes it is published (a Consul
+            # -dev agent restarted, etcd wiped or its keys deleted): the others are most likely
+            # alive and republishing too, so a list that is empty or lacks this node would move
+            # models for nothing.  Republish now; keep routing with the last list until the
+            # record is back.
+            keep = any(m.id == me for m in self._members)
+            if self.published:
+                self.published = False
+                if not self._lost:
+                    self.log.warn("{backend} ({node}): the member list came back without this node "
+                                  "({count} members); publishing it again at once{keeping}",
+                                  backend=self.backend, node=me, count=len(new),
+                                  keeping=f", keeping the last {len(self._members)}" if keep else "")
+                self._lost = True
+                self._republish()
+            if keep:
+                return
+        elif not missing:
+            self._lost = False
         if new == self._members:
             return
         self._members = new
@@ -226,6 +249,12 @@ class DiscoveryBase(service.Service):
         if not self.reachable:
             self.reachable = True
             self.log.info("{backend} reachable again from {node}", backend=self.backend, node=self.self_member.id)
+            if loop == "publish":
+                self._recovered()
+
+    def _recovered(self) -> None:
+        """The publish loop reached the backend after an outage: a subclass may restart a
+        watch that saw nothing of it (one left on a half-open connection)."""
 
     def _next_backoff(self, current: float) -> float:
         return min(self.max_backoff, max(self.min_backoff, current * 2))
@@ -238,6 +267,14 @@ class DiscoveryBase(service.Service):
         if self._publishing is None or self._publishing.done:
             self._publishing = SharedResult(defer.ensureDeferred(self._publish_step()))
         return self._publishing.observe()
+
+    def _republish(self) -> None:
+        """A publish round now, or right after the one in flight (it may have read the
+        backend's state before the record was lost)."""
+        if self._publishing is not None and not self._publishing.done:
+            self._publishing.observe().addBoth(lambda _: self._publish_now() if self._want_published else None)
+        else:
+            self._publish_now()
 
     def _publish_timer(self) -> None:
         self._publish_call = None
@@ -261,6 +298,8 @@ class DiscoveryBase(service.Service):
                                   "not publishing {node} until it passes", backend=self.backend,
                                   node=self.self_member.id)
                 self.healthy = healthy
+            if not healthy:
+                self._lost = False  # not publishing: a list without this node is the truth
             started = self._tick()
             if healthy:
                 await self._refresh()
@@ -291,6 +330,7 @@ class DiscoveryBase(service.Service):
 
     async def _withdraw(self) -> None:
         self._want_published = False
+        self._lost = False
         if self._publish_call is not None and self._publish_call.active():
             self._publish_call.cancel()
         self._publish_call = None

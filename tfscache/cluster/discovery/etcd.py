@@ -2,10 +2,12 @@
 watches the prefix for the member list.
 
 The client is ``etcd3gw`` (etcd's JSON gateway; txaioetcd is broken against etcd >= 3.4, it
-calls ``/v3alpha``).  Its calls block, so they run in Twisted's thread pool (short calls, each
-with a timeout) and the long-lived watch stream runs in a daemon thread of its own (a pool
-thread blocked on a stream would hold up the reactor's shutdown); events come back to the
-reactor with ``callFromThread``.
+calls ``/v3alpha``).  Its calls block, so they run in a small thread pool of their own
+(``tfscache-etcd``, short calls, each with a timeout): not the reactor's shared pool, where a
+burst of disk or S3 copies and DNS lookups could hold up lease keepalives until the lease
+expired.  The long-lived watch stream runs in a daemon thread of its own (a pool thread
+blocked on a stream would hold up shutdown); events come back to the reactor with
+``callFromThread``.
 
 Publishing: grant a lease of ``ttl`` seconds, put the member record under it, keep the lease
 alive every ``ttl/3`` while the health check passes; revoke it (the key goes at once) when the
@@ -15,6 +17,11 @@ again and the record put again.
 Following: read the prefix (a range with its revision), then watch from the next revision;
 when the watch breaks, read again (with capped exponential backoff while etcd is unreachable).
 The last known members are kept meanwhile.  The outage is logged once, and its end once.
+A watch can also die silently (a half-open connection: etcd's host vanished, a NAT forgot the
+flow): it asks for progress notifications and its socket has TCP keepalive, and a watch that
+has said nothing for ``watch_silence`` seconds (3 TTLs; etcd's own progress interval is 10
+minutes unless ``--experimental-watch-progress-notify-interval`` says otherwise) is closed and
+the prefix read again; so is the watch when the publish loop reaches etcd again after an outage.
 
 Auth: ``username``/``password`` get a token from ``/v3/auth/authenticate``, sent in the
 ``Authorization`` header and renewed when etcd says it is invalid.  TLS: ``https://``
@@ -38,13 +45,19 @@ from etcd3gw import exceptions as etcd_errors
 from etcd3gw.client import Etcd3Client
 from etcd3gw.lease import Lease
 from etcd3gw.utils import _decode, _encode, _increment_last_byte
+from requests.adapters import HTTPAdapter
 from twisted.internet import defer, threads
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+from urllib3.connection import HTTPConnection
 
 from tfscache.cluster.discovery import MAX_BACKOFF, MIN_BACKOFF, DiscoveryBase, HealthCheck, endpoint_url, tls_requested
 from tfscache.cluster.members import Member, MemberError
 
 T = TypeVar("T")
+ETCD_THREADS = 2   # EtcdConnection serialises its calls: one for the publish loop, one queued
+WATCH_SILENCE_TTLS = 3.0
 _UNREACHABLE = (etcd_errors.ConnectionFailedError, etcd_errors.ConnectionTimeoutError,
                 etcd_errors.ApiVersionDiscoveryFailedError)
 
@@ -86,6 +99,26 @@ class _Session(requests.Session):
         return settings
 
 
+def _keepalive_options(idle: int) -> list[tuple[int, int, int]]:
+    """TCP keepalive after ``idle`` seconds of silence, then 3 probes ``idle/3`` apart: the
+    kernel ends a watch whose peer is gone without a FIN or RST."""
+    options = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
+    for name, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", max(1, idle // 3)), ("TCP_KEEPCNT", 3)):
+        if hasattr(socket, name):  # Linux; macOS has only some of them
+            options.append((socket.IPPROTO_TCP, getattr(socket, name), value))
+    return options
+
+
+class _KeepaliveAdapter(HTTPAdapter):
+    def __init__(self, idle: int) -> None:
+        self._socket_options = HTTPConnection.default_socket_options + _keepalive_options(idle)
+        super().__init__()
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["socket_options"] = self._socket_options
+        super().init_poolmanager(*args, **kwargs)
+
+
 class EtcdConnection:
     """Blocking etcd calls through etcd3gw (run them in threads).  Fails over between the
     endpoints; authenticates when a username is given."""
@@ -99,11 +132,13 @@ class EtcdConnection:
         client_cert: str | None = None,
         client_key: str | None = None,
         timeout: float = 5.0,
+        keepalive_idle: int = 10,
     ) -> None:
         if not endpoints:
             raise ValueError("cluster.discovery.endpoints: a value is required for type etcd")
         tls = tls_requested(ca_cert, client_cert, client_key)
         self.timeout = timeout
+        self.keepalive_idle = keepalive_idle
         self.username, self.password = username, password
         self.verify: Any = ca_cert if ca_cert else True  # True: the system's roots, never unverified
         self.cert = (client_cert, client_key) if client_cert and client_key else None
@@ -208,10 +243,13 @@ class EtcdConnection:
         """A streaming watch response on ``prefix`` from ``start_revision`` (blocking)."""
         key = prefix.encode()
         create: dict[str, Any] = {"key": _encode(key), "range_end": _encode(_increment_last_byte(key).encode()),
-                  "start_revision": start_revision}
+                                  "start_revision": start_revision, "progress_notify": True}
 
         def op(client: Etcd3Client) -> requests.Response:
             session = self._session()
+            adapter = _KeepaliveAdapter(self.keepalive_idle)
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
             session.headers.update(client.session.headers)
             try:
                 resp = session.post(client.get_url("/watch"), json={"create_request": create},
@@ -232,14 +270,19 @@ class EtcdConnection:
 class WatchStream:
     """One etcd watch stream, read in a daemon thread; events are delivered on the reactor.
 
-    ``done`` fires (None) when etcd ends the watch (it was cancelled, e.g. compacted), fails
-    when the stream breaks; cancelling it closes the stream."""
+    ``done`` fires (None) when etcd ends the watch (it was cancelled, e.g. compacted) or
+    ``expire()`` closes it, fails when the stream breaks; cancelling it closes the stream.
+    ``heard`` is when (on ``clock``) etcd last said something on it: events, a progress
+    notification, or the stream opening."""
 
     def __init__(self, conn: EtcdConnection, prefix: str, start_revision: int,
-                 on_events: Callable[[list[dict[str, Any]]], None]) -> None:
+                 on_events: Callable[[list[dict[str, Any]]], None], clock: IReactorTime | None = None) -> None:
         from twisted.internet import reactor
 
         self._reactor = reactor
+        self.clock: IReactorTime = clock or reactor  # type: ignore[assignment]
+        self.heard = self.clock.seconds()
+        self.messages = 0
         self.conn, self.prefix, self.start_revision = conn, prefix, start_revision
         self.on_events = on_events
         self.done: defer.Deferred[None] = defer.Deferred(lambda _d: self.stop())
@@ -256,6 +299,12 @@ class WatchStream:
         if resp is not None:
             _shutdown(resp)
 
+    def expire(self) -> None:
+        """Close the stream and end ``done`` cleanly: the follower reads the prefix again."""
+        self.stop()
+        if not self.done.called:
+            self.done.callback(None)
+
     def _run(self) -> None:
         error: BaseException | None = None
         try:
@@ -266,6 +315,7 @@ class WatchStream:
             if stopped:
                 _shutdown(resp)
                 return
+            self._reactor.callFromThread(self._heard)  # type: ignore[attr-defined]
             buffer = b""
             for chunk in resp.iter_content(chunk_size=None):
                 buffer += chunk
@@ -290,10 +340,17 @@ class WatchStream:
         events = result.get("events")
         if events:
             self._reactor.callFromThread(self._deliver, events)  # type: ignore[attr-defined]
+        else:  # a progress notification (or the created message)
+            self._reactor.callFromThread(self._heard)  # type: ignore[attr-defined]
         return True
+
+    def _heard(self) -> None:
+        self.heard = self.clock.seconds()
+        self.messages += 1
 
     def _deliver(self, events: list[dict[str, Any]]) -> None:
         if not self._stopped:
+            self._heard()
             self.on_events(events)
 
     def _finish(self, error: BaseException | None) -> None:
@@ -319,6 +376,7 @@ def _shutdown(resp: requests.Response) -> None:
 
 
 class EtcdDiscovery(DiscoveryBase):
+    log = Logger()
     backend = "etcd"
 
     def __init__(
@@ -339,6 +397,7 @@ class EtcdDiscovery(DiscoveryBase):
         max_backoff: float = MAX_BACKOFF,
         connection: EtcdConnection | None = None,
         run_blocking: Callable[..., defer.Deferred[Any]] | None = None,
+        watch_silence: float | None = None,
     ) -> None:
         super().__init__(self_member, health_check, ttl, clock, min_backoff, max_backoff)
         self.lease_ttl = max(1, math.ceil(self.ttl))
@@ -346,11 +405,53 @@ class EtcdDiscovery(DiscoveryBase):
         self.key = self.prefix + self_member.id
         timeout = request_timeout or max(1.0, min(5.0, self.refresh_interval))
         self.conn = connection or EtcdConnection(
-            endpoints, username, password, ca_cert, client_cert, client_key, timeout=timeout)
-        self._run = run_blocking or threads.deferToThread
+            endpoints, username, password, ca_cert, client_cert, client_key, timeout=timeout,
+            keepalive_idle=max(1, math.ceil(self.ttl)))
+        self.watch_silence = watch_silence or WATCH_SILENCE_TTLS * self.ttl
+        self._run = run_blocking or self._in_pool
+        self._pool: ThreadPool | None = None
         self.lease_id: int | None = None
         self._by_key: dict[str, Member] = {}
         self._watch: WatchStream | None = None
+        self._watchdog_call: Any = None
+        self.watch_restarts = 0     # watches closed for silence or after an outage
+
+    # -- threads --------------------------------------------------------------------------------
+    def startService(self) -> None:
+        self._threads()
+        super().startService()
+
+    def _threads(self) -> ThreadPool:
+        """The pool of the blocking etcd calls, started with the service (or by a publish()
+        that comes first); a stopped pool cannot be restarted, so a new one then."""
+        if self._pool is None:
+            self._pool = ThreadPool(minthreads=0, maxthreads=ETCD_THREADS, name="tfscache-etcd")
+            self._pool.start()
+        return self._pool
+
+    def _in_pool(self, fn: Callable[..., T], *args: Any) -> defer.Deferred[T]:
+        from twisted.internet import reactor
+
+        return threads.deferToThreadPool(reactor, self._threads(), fn, *args)  # type: ignore[arg-type]
+
+    def _stop_pool(self) -> defer.Deferred[None]:
+        """Join the pool's threads off the reactor thread (a call in flight may take up to
+        its timeout)."""
+        from twisted.internet import reactor
+
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return defer.succeed(None)
+        done: defer.Deferred[None] = defer.Deferred()
+
+        def stop() -> None:
+            try:
+                pool.stop()
+            finally:
+                reactor.callFromThread(done.callback, None)  # type: ignore[attr-defined]
+
+        threading.Thread(target=stop, name="tfscache-etcd-stop", daemon=True).start()
+        return done
 
     async def _blocking(self, fn: Callable[..., T], *args: Any) -> T:
         result: T = await self._run(fn, *args)
@@ -401,18 +502,37 @@ class EtcdDiscovery(DiscoveryBase):
             if member is not None:
                 by_key[key] = member
         self._by_key = by_key
-        self._set_members(by_key.values())
-        if self.published and self.key not in by_key and self._publishing_idle():
-            self.published = False  # our record vanished: the next refresh puts it again
-        stream = self._watch = WatchStream(self.conn, self.prefix, revision + 1, self._on_events)
+        self._set_members(by_key.values())  # republishes this node if its record vanished
+        stream = self._watch = WatchStream(self.conn, self.prefix, revision + 1, self._on_events, self.clock)
+        self._watchdog_call = self.clock.callLater(self.watch_silence, self._watchdog)
         try:
             await stream.done
         finally:
+            if self._watchdog_call is not None and self._watchdog_call.active():
+                self._watchdog_call.cancel()
+            self._watchdog_call = None
             stream.stop()
             self._watch = None
 
-    def _publishing_idle(self) -> bool:
-        return self._publishing is None or self._publishing.done
+    def _watchdog(self) -> None:
+        self._watchdog_call = None
+        if self._watch is None:
+            return
+        silent = self.clock.seconds() - self._watch.heard
+        if silent >= self.watch_silence:
+            self.log.debug("etcd ({node}): the watch said nothing for {seconds:.1f}s; reading the members "
+                           "again", node=self.self_member.id, seconds=silent)
+            self._restart_watch()
+        else:
+            self._watchdog_call = self.clock.callLater(self.watch_silence - silent, self._watchdog)
+
+    def _restart_watch(self) -> None:
+        if self._watch is not None:
+            self.watch_restarts += 1
+            self._watch.expire()
+
+    def _recovered(self) -> None:
+        self._restart_watch()  # it may sit on a connection that died with the outage
 
     def _parse(self, key: str, value: bytes) -> Member | None:
         try:
@@ -427,14 +547,13 @@ class EtcdDiscovery(DiscoveryBase):
             key = _decode(kv.get("key", "")).decode("utf-8", "replace")
             if event.get("type") == "DELETE":
                 self._by_key.pop(key, None)
-                if key == self.key and self.published and self._publishing_idle():
-                    self.published = False
             else:
                 member = self._parse(key, _decode(kv.get("value", "")))
                 if member is not None:
                     self._by_key[key] = member
         self._set_members(self._by_key.values())
 
-    def _closed(self) -> None:
+    def _closed(self) -> defer.Deferred[None]:
         if self._watch is not None:
             self._watch.stop()
+        return self._stop_pool()
