@@ -1,13 +1,11 @@
 """Consul discovery: each node registers a service instance with a TTL check on its agent;
 every node follows the passing instances with blocking queries.
 
-Client: plain treq against Consul's HTTP API, not python-consul's ``consul.twisted.Consul``.
-That client is unmaintained (2018) and cannot do what this needs: its service registration
-has no ``Meta`` (where the gRPC port goes), its requests have no timeout (a blocking query
-needs one a little longer than its ``wait``), it sends the ACL token in the deprecated
-``?token=`` query parameter instead of ``X-Consul-Token``, it ignores ``cert`` and has no CA
-option in its Twisted flavour, and its ConnectError handler reads ``e.message``, which Python
-3 exceptions lack.  The handful of endpoints used here are simpler to call directly.
+Client: plain treq against Consul's HTTP API.  Not python-consul: unmaintained since 2018,
+its Twisted client lags Consul's API (no ``Meta`` in a registration, where the gRPC port goes;
+no request timeouts; the ACL token in the deprecated ``?token=``).  Not its maintained fork
+py-consul either: it dropped the Twisted client (1.3.0), and its blocking requests would hold
+a thread per blocking query.  The handful of endpoints used here are simpler to call directly.
 
 Publishing: ``PUT /v1/agent/service/register`` (name = ``service``, or the prefix without its
 slashes; id = node id; address and REST port; the gRPC port in ``Meta``) with a TTL check
