@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import filecmp
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -313,6 +314,49 @@ class S3ProviderTests(unittest.TestCase):
         self.assertNotIn(SECRET_KEY, self.log_text())
         self.assertNotIn(SECRET_KEY_ID, self.log_text())
         self.assertNotIn(SECRET_KEY, repr(p))
+
+    @defer.inlineCallbacks
+    def test_bucket_policy_denies_a_valid_user(self):  # type: ignore[no-untyped-def]
+        # valid credentials that may list the bucket but not read the model: temporary ones from
+        # MinIO's STS with a session policy (AssumeRole with the root user's keys)
+        if self.server.kind != "minio":
+            raise unittest.SkipTest("needs MinIO's STS AssumeRole")
+        import boto3
+
+        self.put("pol/1/saved_model.pb", b"x" * 100)
+        self.put("pol/1/variables/variables.index", b"y" * 100)
+        policy = {"Version": "2012-10-17", "Statement": [
+            {"Effect": "Allow", "Action": ["s3:ListBucket"], "Resource": [f"arn:aws:s3:::{self.bucket}"]},
+            {"Effect": "Deny", "Action": ["s3:GetObject"],
+             "Resource": [f"arn:aws:s3:::{self.bucket}/{self.prefix}/pol/*"]},
+        ]}
+        sts = boto3.client("sts", endpoint_url=self.server.endpoint_url, region_name="us-east-1",
+                           aws_access_key_id=self.server.access_key,
+                           aws_secret_access_key=self.server.secret_key)
+        creds = (yield threads.deferToThread(
+            sts.assume_role, RoleArn="arn:minio:iam:::role/tfscache-test",
+            RoleSessionName="tfscache-test", Policy=json.dumps(policy), DurationSeconds=900,
+        ))["Credentials"]
+        # a session token goes through boto3's standard chain (the environment, here)
+        self.patch(os, "environ", {
+            **os.environ, "AWS_ACCESS_KEY_ID": creds["AccessKeyId"],
+            "AWS_SECRET_ACCESS_KEY": creds["SecretAccessKey"], "AWS_SESSION_TOKEN": creds["SessionToken"],
+        })
+        p = self.provider(access_key_id=None, secret_access_key=None)
+        self.assertEqual((yield p.list_versions("pol")), [1])  # the user is valid: it may list
+        self.assertEqual((yield p.version_size("pol", 1)), 200)
+        err = yield self.assertFailure(
+            p.fetch("pol", 1, os.path.join(self.cache, "pol", "1")), ServingError)
+        self.assertEqual(err.code, Code.PERMISSION_DENIED, err.message)
+        self.assertIn("model pol version 1", err.message)
+        self.assertIn(f"S3 bucket '{self.bucket}'", err.message)
+        self.assertIn("denied", err.message)  # (403: Forbidden): s3transfer's HEAD has no error body
+        self.assertIn("bucket policy", err.message)
+        for secret in (creds["SecretAccessKey"], creds["SessionToken"]):
+            self.assertNotIn(secret, err.message)
+            self.assertNotIn(secret, self.log_text())
+        yield p.wait_idle()
+        self.assertNothingLeft("pol")
 
     @defer.inlineCallbacks
     def test_credentials_never_logged(self):  # type: ignore[no-untyped-def]
