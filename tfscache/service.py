@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
+import sys
 from types import SimpleNamespace
 from typing import Any, cast
 
@@ -12,11 +14,12 @@ import treq
 from grpc_health.v1 import health, health_pb2
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from twisted.application import internet, service
-from twisted.internet import defer, reactor
-from twisted.internet.interfaces import IReactorCore, IReactorFromThreads
+from twisted.internet import defer, reactor, task
+from twisted.internet.interfaces import IReactorCore, IReactorFromThreads, IReactorTime
 from twisted.logger import Logger
 from twisted.web.server import Site
 
+from tfscache.errors import Code, ServingError
 from tfscache.frontend.grpc_bridge import GrpcBridge
 from tfscache.frontend.rest import RestFrontend, bounded_request
 from tfscache.interfaces import IModelProvider
@@ -28,7 +31,9 @@ from tfscache.node.manager import CacheLimits, CacheManager
 from tfscache.node.serving import ServingController
 
 
-def make_provider(cfg: SimpleNamespace) -> IModelProvider:
+def make_provider(cfg: SimpleNamespace, own_shutdown: bool = True) -> IModelProvider:
+    """The configured provider; ``own_shutdown=False`` when the caller closes it (a node closes
+    it after its drain, so copies that in-flight requests wait for are not stopped early)."""
     p = cfg.model_provider
     if p.type == "disk":
         from tfscache.providers.disk import DiskModelProvider
@@ -36,7 +41,11 @@ def make_provider(cfg: SimpleNamespace) -> IModelProvider:
         return DiskModelProvider(p.disk.base_path, listing_ttl=p.listing_ttl_seconds)
     from tfscache.providers.s3 import S3ModelProvider  # boto3 only when asked for
 
-    return S3ModelProvider.from_config(p)
+    return S3ModelProvider.from_config(p, own_shutdown=own_shutdown)
+
+
+class StartupError(Exception):
+    """The node cannot start; the reason has been logged as one line."""
 
 
 class QuietSite(Site):
@@ -67,7 +76,7 @@ class NodeService(service.MultiService):
         self.daemon = daemon  # under twistd: own the log observers and SIGHUP
         self.metrics = Metrics(per_model_labels=cfg.metrics.per_model_labels)
         s = cfg.serving
-        self.provider = make_provider(cfg)
+        self.provider = make_provider(cfg, own_shutdown=False)
         self.backend = ServingController(s.grpc_target, s.rest_url, s.model_platform)
         self.backend.reload_timeout = s.load_timeout_seconds
         self.disk = DiskCache(cfg.disk_cache.path, cfg.disk_cache.capacity_bytes)
@@ -96,11 +105,14 @@ class NodeService(service.MultiService):
             from tfscache.frontend.admin import AdminApi
 
             self.admin = AdminApi(self.cache, cfg.admin.token, members=self._members, owners=self._owners)
+        # metrics.enabled: false answers the metrics paths 404 (counting goes on: it is cheap,
+        # and the metrics change nothing else)
+        metrics_page = self._metrics_page if cfg.metrics.enabled else self._metrics_disabled
         self.rest = RestFrontend(
             self.handler, self.metrics, cfg.listen.max_request_bytes,
             extra_routes={
-                "/monitoring/prometheus/metrics": self._metrics_page,
-                "/metrics": self._metrics_page,
+                "/monitoring/prometheus/metrics": metrics_page,
+                "/metrics": metrics_page,
                 "/healthz": self._healthz,
                 "/readyz": self._readyz,
             },
@@ -140,16 +152,51 @@ class NodeService(service.MultiService):
 
             logs.install(self.cfg.logging.level, self.cfg.logging.format)
             reactor.callWhenRunning(self._install_signals)
-        d = self.cache.start(reset_backend=self.cfg.serving.reset_on_start)
+        d = defer.ensureDeferred(self._start())
 
-        def backend_down(f: Any) -> None:
-            self.log.warn("TF Serving at {target} did not take the initial model list: {err}",
-                          target=self.cfg.serving.grpc_target, err=f.getErrorMessage())
+        def failed(f: Any) -> Any:
+            if f.check(StartupError):
+                # logged already; under twistd the process is on its way out with status 1
+                return None if self.daemon else f
+            self.log.failure("tfscache failed to start", failure=f)
+            return None
 
-        d.addErrback(backend_down)
-        d.addCallback(lambda _: self._listen())
-        d.addErrback(lambda f: self.log.failure("tfscache failed to start", failure=f))
-        self.started = d
+        self.started = d.addErrback(failed)
+
+    async def _start(self) -> None:
+        try:
+            # rebuild the disk cache's books only: the backend reset has its own handling
+            await self.cache.start(reset_backend=False)
+        except Exception as e:
+            self.log.error("disk cache at {path} (disk_cache.path) cannot be used: {error}; stopping",
+                           path=self.cfg.disk_cache.path, error=str(e) or repr(e))
+            self._exit_failed()
+            raise StartupError(str(e))
+        if self.cfg.serving.reset_on_start:
+            try:
+                await self.backend.reset()
+            except Exception as e:
+                # not fatal: the monitor notices when TF Serving comes up, and the first load
+                # sends the whole list anyway
+                self.log.warn("TF Serving at {target} did not take the initial model list: {err}",
+                              target=self.cfg.serving.grpc_target, err=str(e) or repr(e))
+        await self._listen()
+
+    def _exit_failed(self) -> None:
+        """Under twistd: stop the reactor, then exit with status 1 (a reactor stop alone exits
+        0, which a supervisor reads as a clean stop and does not restart)."""
+        if not self.daemon:
+            return
+        core = cast(IReactorCore, reactor)
+
+        def exit_1() -> None:
+            for stream in (sys.__stdout__, sys.__stderr__):
+                if stream is not None:
+                    stream.flush()
+            os._exit(1)
+
+        core.addSystemEventTrigger("after", "shutdown", exit_1)
+        core.callWhenRunning(core.stop)
 
     def _install_signals(self) -> None:
         """After the reactor's own handlers: SIGHUP reloads; SIGTERM drains and exits 0 (the
@@ -204,17 +251,31 @@ class NodeService(service.MultiService):
         self._set_health(False)
         self.rest.draining = True
         self.grpc.accepting = False
+        clock = cast(IReactorTime, reactor)
+        deadline = clock.seconds() + self.cfg.listen.drain_timeout_seconds
+        # a gRPC call that got past the accepting check has queued its count: let the reactor
+        # run that queue before the count is read
+        yield task.deferLater(clock, 0, lambda: None)
         yield self._withdraw()
         if self.rest_listener.running:
             yield self.rest_listener.stopService()  # no new connections
-        idle = yield self.rest.inflight.wait_idle(self.cfg.listen.drain_timeout_seconds, reactor)
-        if not idle:
-            self.log.warn("drain timeout: {count} REST requests still in flight", count=self.rest.inflight.count)
-        yield service.MultiService.stopService(self)  # gRPC stops with a grace period
+        left = max(0.0, deadline - clock.seconds())
+        rest_idle, grpc_idle = yield defer.gatherResults([
+            self.rest.inflight.wait_idle(left, clock), self.grpc.inflight.wait_idle(left, clock)])
+        if not (rest_idle and grpc_idle):
+            self.log.warn("drain timeout: {rest} REST and {grpc} gRPC requests still in flight",
+                          rest=self.rest.inflight.count, grpc=self.grpc.inflight.count)
+        # what is left of the drain time is grpcio's grace for replies still being sent
+        self.grpc.stop_grace = max(0.0, deadline - clock.seconds())
+        yield service.MultiService.stopService(self)
         yield self.local.pool.closeCachedConnections()
         if self.router is not None:
             yield self.router.close()
         self.backend.close()
+        close = getattr(self.provider, "close", None)
+        if close is not None:
+            # after the drain: a copy an in-flight request waited for has had its chance
+            yield close()
         self.log.info("tfscache node {node} stopped", node=self.cfg.node.id)
 
     def _withdraw(self) -> defer.Deferred[None]:
@@ -230,11 +291,24 @@ class NodeService(service.MultiService):
         "serving.churn_guard_seconds": lambda self, v: setattr(self.cache.limits, "churn_guard", v),
         "serving.capacity_wait_seconds": lambda self, v: setattr(self.cache.limits, "capacity_wait", v),
         "serving.failure_backoff_seconds": lambda self, v: setattr(self.cache.limits, "failure_backoff", v),
-        "serving.load_timeout_seconds": lambda self, v: setattr(self.cache.limits, "load_timeout", v),
-        "model_provider.fetch_timeout_seconds": lambda self, v: setattr(self.cache.limits, "fetch_timeout", v),
+        "serving.load_timeout_seconds": lambda self, v: self._set_load_timeout(v),
+        "serving.request_timeout_seconds": lambda self, v: setattr(self.local, "request_timeout", v),
+        "model_provider.fetch_timeout_seconds": lambda self, v: self._set_fetch_timeout(v),
         "disk_cache.capacity_bytes": lambda self, v: setattr(self.disk, "capacity_bytes", v),
         "logging.level": lambda self, v: __import__("tfscache.logs").logs.set_level(v),
     }
+
+    def _set_load_timeout(self, seconds: float) -> None:
+        # every holder of the value: the cache's limit, the request's wait for a load, and the
+        # bound on a model list change in TF Serving
+        self.cache.limits.load_timeout = seconds
+        self.local.load_timeout = seconds
+        self.backend.reload_timeout = seconds
+
+    def _set_fetch_timeout(self, seconds: float) -> None:
+        self.cache.limits.fetch_timeout = seconds
+        if hasattr(self.provider, "fetch_timeout"):  # S3 bounds its own copy loop by it
+            self.provider.fetch_timeout = seconds
 
     def reload(self) -> tuple[list[str], list[str]]:
         """Apply the settings that can change safely; say which ones need a restart."""
@@ -318,6 +392,10 @@ class NodeService(service.MultiService):
         if self.discovery is not None and getattr(self.discovery, "published", False):
             return defer.succeed(None)
         return defer.fail(RuntimeError("not registered in discovery"))
+
+    def _metrics_disabled(self, request: Any) -> bytes:
+        return RestFrontend._error(request, ServingError(
+            Code.NOT_FOUND, "Metrics are disabled on this node (metrics.enabled: false)"))
 
     def _healthz(self, request: Any) -> bytes:
         request.setHeader(b"content-type", b"application/json")

@@ -11,6 +11,7 @@ is needed.
 from __future__ import annotations
 
 import queue
+import threading
 import time
 from concurrent import futures
 from typing import Any
@@ -28,6 +29,7 @@ from tfscache.interfaces import IRequestHandler
 from tfscache.metrics import Metrics
 from tfscache.modelspec import PREDICTION_METHODS, parse_grpc_request
 from tfscache.node.local import Metadata, forwardable_metadata
+from tfscache.util.inflight import InFlight
 
 PREDICTION_SERVICE = "tensorflow.serving.PredictionService"
 MODEL_SERVICE = "tensorflow.serving.ModelService"
@@ -85,6 +87,12 @@ class GrpcBridge(service.Service):
         self.server: grpc.Server | None = None
         self.bound_port: int | None = None
         self.accepting = True
+        # calls in flight, counted on the reactor, so a drain can wait for them with REST's
+        self.inflight = InFlight()
+        self.stop_grace = 5.0  # seconds grpcio gives the calls still running at stopService
+        # the grpc threads waiting for the reactor's answer (see _release_waiting)
+        self._waiting: set[queue.Queue[Any]] = set()
+        self._waiting_lock = threading.Lock()
 
     def startService(self) -> None:
         super().startService()
@@ -111,9 +119,21 @@ class GrpcBridge(service.Service):
         super().stopService()
         if self.server is None:
             return None
-        event = self.server.stop(grace=5)
+        event = self.server.stop(grace=max(0.0, self.stop_grace))
         # wait in a thread: the reactor must keep running so in-flight calls can finish
-        return threads.deferToThread(event.wait).addCallback(lambda _: None)
+        return threads.deferToThread(event.wait).addCallback(lambda _: self._release_waiting())
+
+    def _release_waiting(self) -> None:
+        """Past the grace grpcio has cancelled the calls, but their threads still wait for the
+        reactor, which is about to stop: answer them here, or the process could not exit
+        (the executor's threads are joined at exit)."""
+        with self._waiting_lock:
+            waiting = list(self._waiting)
+        for outcome in waiting:
+            try:
+                outcome.put_nowait(Failure(ServingError(Code.UNAVAILABLE, "tfscache is shutting down")))
+            except queue.Full:
+                pass  # its answer is there already
 
     # runs in a grpc worker thread
     def call(self, method: str, short: str, payload: bytes, context: grpc.ServicerContext) -> bytes:
@@ -122,6 +142,9 @@ class GrpcBridge(service.Service):
 
         started = time.monotonic()
         code = "OK"
+        # queued before the accepting check, so a call let in is counted by the time a drain
+        # (which turns accepting off, then lets the reactor run the queue) looks at the count
+        reactor.callFromThread(self.inflight.enter)  # type: ignore[attr-defined]
         try:
             if not self.accepting:
                 raise ServingError(Code.UNAVAILABLE, "tfscache is shutting down")
@@ -135,12 +158,16 @@ class GrpcBridge(service.Service):
             return self._run(context, handler, method, ref, payload, timeout, metadata)
         except Exception as e:
             err = e if isinstance(e, ServingError) else None
+            if isinstance(e, defer.CancelledError):
+                # answered here: at shutdown the reactor may be gone before it could translate
+                err = ServingError(Code.CANCELLED, "Request cancelled")
             if err is None:
                 err = blockingCallFromThread(reactor, as_serving_error, e)  # type: ignore[arg-type]
             code = err.code.name
             context.abort(grpc_status(err), err.message)
             raise  # unreachable: abort raises
         finally:
+            reactor.callFromThread(self.inflight.exit)  # type: ignore[attr-defined]
             self.metrics.request_done("grpc", short, code, time.monotonic() - started)
 
     def _run(
@@ -158,17 +185,26 @@ class GrpcBridge(service.Service):
         def start() -> None:
             d = defer.maybeDeferred(self._in_reactor, handler, method, ref, payload, timeout, metadata)
             running.append(d)
+            # translated here, on the reactor: the grpc thread must not need the reactor once
+            # the answer is in (it may be stopping); a cancel stays one (see the deadline check)
+            d.addErrback(lambda f: f if f.check(defer.CancelledError) else Failure(as_serving_error(f)))
             d.addBoth(outcome.put)
 
         def cancel() -> None:
             for d in running:
                 d.cancel()  # no effect once it has its result
 
-        reactor.callFromThread(start)  # type: ignore[attr-defined]
-        # callFromThread keeps order: cancel() always runs after start()
-        if not context.add_callback(lambda: reactor.callFromThread(cancel)):  # type: ignore[attr-defined]
-            reactor.callFromThread(cancel)  # type: ignore[attr-defined]  # the RPC is over already
-        result = outcome.get()
+        with self._waiting_lock:
+            self._waiting.add(outcome)
+        try:
+            reactor.callFromThread(start)  # type: ignore[attr-defined]
+            # callFromThread keeps order: cancel() always runs after start()
+            if not context.add_callback(lambda: reactor.callFromThread(cancel)):  # type: ignore[attr-defined]
+                reactor.callFromThread(cancel)  # type: ignore[attr-defined]  # the RPC is over already
+            result = outcome.get()
+        finally:
+            with self._waiting_lock:
+                self._waiting.discard(outcome)
         if isinstance(result, Failure):
             remaining = context.time_remaining()
             # a client whose deadline passes cancels the call itself, which can reach us a
