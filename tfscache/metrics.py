@@ -27,17 +27,19 @@ class Metrics:
                             m, registry=r)
         self.misses = Counter("tfscache_cache_misses", "Requests that had to wait for a load",
                               m, registry=r)
-        self.fetches = Counter("tfscache_fetches", "Copies from the model source", ("outcome",),
-                               registry=r)
+        self.fetches = _ModelLabelled(Counter("tfscache_fetches", "Copies from the model source",
+                                              (*m, "outcome"), registry=r), per_model_labels)
         self.fetch_seconds = Histogram("tfscache_fetch_seconds", "Copy time from the model source",
                                        buckets=LOAD_BUCKETS, registry=r)
         self.fetch_bytes = Counter("tfscache_fetch_bytes", "Bytes copied from the model source", registry=r)
-        self.loads = Counter("tfscache_loads", "Loads into TF Serving", ("outcome",), registry=r)
+        self.loads = _ModelLabelled(Counter("tfscache_loads", "Loads into TF Serving", (*m, "outcome"),
+                                            registry=r), per_model_labels)
         self.load_seconds = Histogram("tfscache_load_seconds", "Load time in TF Serving until AVAILABLE",
                                       buckets=LOAD_BUCKETS, registry=r)
         self.load_failures = Counter("tfscache_load_failures", "Failed fetches or loads", m,
                                      registry=r)
-        self.unloads = Counter("tfscache_unloads", "Models unloaded from TF Serving", ("reason",), registry=r)
+        self.unloads = _ModelLabelled(Counter("tfscache_unloads", "Models unloaded from TF Serving",
+                                              (*m, "reason"), registry=r), per_model_labels)
         self.disk_evictions = Counter("tfscache_disk_evictions", "Model versions deleted from disk", registry=r)
         self.disk_evicted_bytes = Counter("tfscache_disk_evicted_bytes", "Bytes deleted from disk", registry=r)
         self.models_on_disk = Gauge("tfscache_models_on_disk", "Model versions in the disk cache", registry=r)
@@ -77,3 +79,27 @@ class Metrics:
 
     def model(self, counter: Counter, name: str) -> Counter:
         return counter.labels(model=name) if self.per_model_labels else counter
+
+    # copies, loads and unloads: labelled by model too when per_model_labels is on
+    def fetch_done(self, name: str, outcome: str) -> None:
+        self.fetches.labels(model=name, outcome=outcome).inc()
+
+    def load_done(self, name: str, outcome: str) -> None:
+        self.loads.labels(model=name, outcome=outcome).inc()
+
+    def unload_done(self, name: str, reason: str) -> None:
+        self.unloads.labels(model=name, reason=reason).inc()
+
+
+class _ModelLabelled:
+    """A counter with a ``model`` label only when per-model labels are on: ``labels(model=...,
+    outcome=...)`` drops the model otherwise.  A caller that does not name the model counts
+    under ``model=""`` instead of failing (prometheus_client refuses a missing label)."""
+
+    def __init__(self, counter: Counter, per_model: bool) -> None:
+        self.counter, self.per_model = counter, per_model
+
+    def labels(self, model: str = "", **labels: str) -> Any:
+        if self.per_model:
+            return self.counter.labels(model=model, **labels)
+        return self.counter.labels(**labels)
