@@ -92,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "preload":
         path = f"/admin/models/{_q(args.name)}" + (f"/versions/{args.version}" if args.version is not None else "")
         result = _call(args, "POST", path + ":preload")
+        if result.get("warning"):
+            print(f"tfscache: warning: {result['warning']}", file=sys.stderr)
     else:
         result = _call(args, "POST", f"/admin/models/{_q(args.name)}/versions/{args.version}:{args.command}")
     json.dump(result, sys.stdout, indent=2)

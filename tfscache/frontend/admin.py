@@ -109,7 +109,18 @@ class AdminApi:
         lease = await self.cache.acquire(mid)
         lease.release()
         self.log.info("admin preload model={model} version={version}", model=mid.name, version=mid.version)
-        return {"model": self._describe(mid)}
+        result: dict[str, Any] = {"model": self._describe(mid)}
+        owners = self.owners(mid.name)
+        if owners and not any(o.get("self") for o in owners):
+            # loaded here as asked, but the routers send this name's requests to its owners:
+            # say so rather than forward (the owners' admin API may be off or use another token)
+            ids = ", ".join(str(o["id"]) for o in owners)
+            result["owners"] = owners
+            result["warning"] = (f"this node is not an owner of model {mid.name}: routers send its requests "
+                                 f"to {ids}; preload it there (tfscache --url <owner> preload {mid.name})")
+            self.log.warn("admin preload model={model} version={version} on a node that does not own it; "
+                          "owners: {owners}", model=mid.name, version=mid.version, owners=ids)
+        return result
 
     def _preload_version(self, name: str, version: str) -> defer.Deferred[dict[str, Any]]:
         mid = self._model_id(name, version)
