@@ -8,10 +8,12 @@ import os
 import tempfile
 import urllib.request
 
-from twisted.internet import defer
+from tensorflow_serving.apis import get_model_metadata_pb2
+from twisted.internet import defer, reactor
+from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
-from tests.clients import GrpcClient, http, rest_predict
+from tests.clients import GrpcClient, http, predict_request, rest_predict
 from tests.harness import shared
 from tests.harness.devserver import DevServer
 from tests.harness.node import InProcessNode, node_config
@@ -203,6 +205,71 @@ class CacheBehaviourTests(NodeTestCase):
         self.assertPrediction(reply, 1, 2, [1.0])
         self.assertEqual([str(m) for m in node.cache.loaded()], ["m1/2"])
 
+    @defer.inlineCallbacks
+    def test_slow_load_does_not_delay_a_cold_load_of_another_model(self):  # type: ignore[no-untyped-def]
+        # TF Serving serialises config reloads (its reload call returns when the new model is
+        # AVAILABLE), so C's load may wait for A's; tfscache must add nothing: C is copied and
+        # handed to TF Serving while A still loads, and answers soon after A, not after another
+        # slow load
+        delay = 5.0
+        models = tempfile.mkdtemp(prefix="tfscache-slowcold-")
+        set_load_delay(write_half_plus_two(models, "sc-a", 1, 2.0, 1.0), delay)
+        write_half_plus_two(models, "sc-c", 1, 3.0, 1.0)
+        node = InProcessNode(node_config(models, self.backend))
+        yield node.start()
+        self.addCleanup(node.stop)
+        a_mid, c_mid = ModelId("sc-a", 1), ModelId("sc-c", 1)
+        seen: dict[str, float] = {}
+        state_of_a_when_c_copied: list[object] = []
+        c_when_a_loaded: list[object] = []
+
+        def observe(event: dict) -> None:
+            fmt = event.get("log_format", "")
+            for what in ("fetched", "loaded"):
+                if fmt.startswith(what + " model=") and event.get("model") in ("sc-a", "sc-c"):
+                    seen[f"{what} {event['model']}"] = event["log_time"]
+                    if (what, event["model"]) == ("fetched", "sc-a"):
+                        # A goes on to LOADING in this same tick: C's request starts now
+                        reactor.callLater(0, lambda: rest_predict(node.rest_url, "sc-c", [1.0]).chainDeferred(reply_c))
+                    if (what, event["model"]) == ("fetched", "sc-c"):
+                        state_of_a_when_c_copied.append(node.cache.entries[a_mid].state)
+                    if (what, event["model"]) == ("loaded", "sc-a"):
+                        c_entry = node.cache.entries[c_mid]
+                        c_when_a_loaded.extend([c_entry.state, "sc-c" in node.service.backend.served()])
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        reply_c: defer.Deferred = defer.Deferred()
+        replies = yield defer.gatherResults([rest_predict(node.rest_url, "sc-a", [1.0]), reply_c])
+        self.assertEqual([r.json()["predictions"] for r in replies], [[3.0], [4.0]])
+        self.assertEqual(state_of_a_when_c_copied, [State.LOADING])
+        # by the time A is AVAILABLE, C's load is with TF Serving (or done), not held in tfscache
+        self.assertIn(c_when_a_loaded[0], (State.LOADING, State.AVAILABLE))
+        self.assertTrue(c_when_a_loaded[1])
+        self.assertLess(seen["loaded sc-c"] - seen["loaded sc-a"], delay - 1.0)
+
+    @defer.inlineCallbacks
+    def test_lru_order_survives_a_restart(self):  # type: ignore[no-untyped-def]
+        cache_dir = tempfile.mkdtemp(prefix="tfscache-cache-")
+        first = yield self.node(cache_dir)
+        sizes = {}
+        for name in ("m0", "m1", "m2", "m3"):
+            sizes[name] = yield first.cache.provider.version_size(name, 2)
+        for name in ("m0", "m1", "m2", "m0"):  # m1 is the least recently used now
+            reply = yield rest_predict(first.rest_url, name, [1.0])
+            self.assertEqual(reply.code, 200, reply.body)
+        yield first.stop()
+        # room for m0, m2 and m3, not for m1 too: m3's copy must delete m1 and only m1
+        capacity = sizes["m0"] + sizes["m2"] + sizes["m3"] + sizes["m1"] // 2
+        second = yield self.node(cache_dir, disk_cache={"capacity_bytes": capacity})
+        self.assertEqual([str(m) for m in second.cache.disk.model_ids()], ["m1/2", "m2/2", "m0/2"])
+        reply = yield rest_predict(second.rest_url, "m3", [1.0])
+        self.assertPrediction(reply, 3, 2, [1.0])
+        self.assertEqual(second.cache.disk.evictions, 1)
+        self.assertFalse(os.path.exists(os.path.join(cache_dir, "m1")))
+        for name in ("m0", "m2", "m3"):
+            self.assertTrue(os.path.isdir(os.path.join(cache_dir, name, "2")), name)
+
 
 class ErrorTests(NodeTestCase):
     @defer.inlineCallbacks
@@ -322,3 +389,22 @@ class ErrorTests(NodeTestCase):
         self.assertEqual(reply.code, 200, reply.body)
         self.assertEqual(reply.json()["predictions"], [4.0])
         self.assertEqual(backend_loads(self.backend).get("lt-slow/1", 0), before + 1)
+
+    @defer.inlineCallbacks
+    def test_grpc_version_label_is_refused(self):  # type: ignore[no-untyped-def]
+        node = yield self.node()
+        client = GrpcClient(node.grpc_target)
+        self.addCleanup(client.close)
+        req = predict_request("m0", [1.0])
+        req.model_spec.version_label = "stable"
+        err = yield self.assertFailure(client.call(client.predictions.Predict, req), ServingError)
+        self.assertEqual(err.code, Code.INVALID_ARGUMENT)
+        self.assertIn("labels are not supported", err.message)
+        self.assertIn("stable", err.message)
+        meta = get_model_metadata_pb2.GetModelMetadataRequest()
+        meta.model_spec.name, meta.model_spec.version_label = "m0", "canary"
+        meta.metadata_field.append("signature_def")
+        err = yield self.assertFailure(client.call(client.predictions.GetModelMetadata, meta), ServingError)
+        self.assertEqual(err.code, Code.INVALID_ARGUMENT)
+        self.assertIn("canary", err.message)
+        self.assertEqual((node.cache.entries, node.cache.fetches), ({}, 0))  # nothing copied
