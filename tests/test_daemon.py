@@ -418,6 +418,29 @@ class MetricsLabelTests(unittest.TestCase):
             self.assertIn(unnamed, page)
 
 
+class ProviderLifecycleTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_the_node_closes_its_s3_provider_after_the_drain(self):  # type: ignore[no-untyped-def]
+        """The S3 provider registers no shutdown trigger of its own when a node owns it (that
+        trigger fired with the node's stopService and stopped copies the drain waits for):
+        the node closes it at the end of stopService."""
+        from tfscache.config import load_config
+        from tfscache.service import NodeService
+
+        cfg = load_config({
+            "listen": {"host": "127.0.0.1", "rest_port": 0, "grpc_port": 0},
+            "model_provider": {"type": "s3", "s3": {"bucket": "models", "endpoint_url": "http://127.0.0.1:1",
+                                                    "access_key_id": "k", "secret_access_key": "s"}},
+            "disk_cache": {"path": self.mktemp()},
+        }, environ={})
+        node = NodeService(cfg)
+        provider = node.provider
+        self.assertIsNone(provider._trigger)
+        self.assertFalse(provider._closed)
+        yield node.stopService()
+        self.assertTrue(provider._closed)
+
+
 class StartupErrorTests(unittest.TestCase):
     def test_unusable_disk_cache_stops_the_daemon(self) -> None:
         """A disk cache that cannot be scanned is fatal: one line naming disk_cache.path, exit 1
