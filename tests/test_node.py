@@ -270,6 +270,59 @@ class CacheBehaviourTests(NodeTestCase):
         for name in ("m0", "m2", "m3"):
             self.assertTrue(os.path.isdir(os.path.join(cache_dir, name, "2")), name)
 
+    @defer.inlineCallbacks
+    def test_no_version_is_answered_by_the_leased_version(self):  # type: ignore[no-untyped-def]
+        # the latest in the source is 1, but TF Serving also has 2 loaded (asked for explicitly
+        # while the source had it): a call without a version must be answered by 1, which it
+        # leased, not by 2 (TF Serving's highest loaded), which nobody holds
+        import shutil
+
+        models = tempfile.mkdtemp(prefix="tfscache-pin-")
+        write_half_plus_two(models, "pin", 1, 2.0, 1.0)
+        node = yield self.node(model_provider={"type": "disk", "disk": {"base_path": models},
+                                               "listing_ttl_seconds": 0})
+        client = GrpcClient(node.grpc_target)
+        self.addCleanup(client.close)
+        direct = GrpcClient(self.backend.grpc_target)
+        self.addCleanup(direct.close)
+        # only 1 loaded: a pinned call answers exactly as TF Serving answers the unpinned one
+        ours = yield http("GET", node.rest_url + "/v1/models/pin/metadata")
+        theirs = yield http("GET", self.backend.rest_url + "/v1/models/pin/metadata")
+        self.assertEqual((ours.code, ours.body), (theirs.code, theirs.body))
+        ours = yield client.predict("pin", [1.0])
+        theirs = yield direct.predict("pin", [1.0])
+        self.assertEqual(ours.SerializeToString(deterministic=True), theirs.SerializeToString(deterministic=True))
+        ours = yield client.metadata("pin")
+        theirs = yield direct.metadata("pin")
+        self.assertEqual(ours.SerializeToString(deterministic=True), theirs.SerializeToString(deterministic=True))
+
+        write_half_plus_two(models, "pin", 2, 3.0, 1.0)
+        reply = yield rest_predict(node.rest_url, "pin", [1.0], version=2)
+        self.assertEqual(reply.json()["predictions"], [4.0])
+        shutil.rmtree(os.path.join(models, "pin", "2"))  # the source's latest is 1 again
+        self.assertEqual(node.service.backend.served(), {"pin": {1, 2}})
+        reply = yield rest_predict(node.rest_url, "pin", [1.0])
+        self.assertEqual(reply.json()["predictions"], [3.0])  # version 1: 2 * 1 + 1
+        reply = yield http("POST", node.rest_url + "/v1/models/pin:regress",
+                           {"signature_name": "regress_x_to_y", "examples": [{"x": 1.0}]})
+        self.assertEqual(reply.json(), {"results": [3.0]}, reply.body)
+        reply = yield http("GET", node.rest_url + "/v1/models/pin/metadata")
+        self.assertEqual(reply.json()["model_spec"]["version"], "1")
+        resp = yield client.predict("pin", [1.0])
+        self.assertEqual((list(resp.outputs["y"].float_val), resp.model_spec.version.value), ([3.0], 1))
+        self.assertEqual(resp.model_spec.name, "pin")
+        resp = yield client.metadata("pin")
+        self.assertEqual(resp.model_spec.version.value, 1)
+        # status is not pinned: without a version TF Serving lists every version, so do we
+        ours = yield http("GET", node.rest_url + "/v1/models/pin")
+        theirs = yield http("GET", self.backend.rest_url + "/v1/models/pin")
+        self.assertEqual((ours.code, ours.body), (theirs.code, theirs.body))
+        self.assertEqual(sorted(v["version"] for v in ours.json()["model_version_status"]), ["1", "2"])
+        ours = yield client.status("pin")
+        theirs = yield direct.status("pin")
+        self.assertEqual(ours.SerializeToString(deterministic=True), theirs.SerializeToString(deterministic=True))
+        self.assertEqual(sorted(v.version for v in ours.model_version_status), [1, 2])
+
 
 class ErrorTests(NodeTestCase):
     @defer.inlineCallbacks

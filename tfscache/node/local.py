@@ -2,6 +2,15 @@
 
 Resolve the model, hold it AVAILABLE with a lease, pass the client's bytes to TF Serving
 unchanged and its answer back unchanged, release the lease.
+
+One exception: a call that names no version is pinned to the version it leased (REST path
+``/versions/N``, gRPC ``model_spec.version``).  TF Serving would answer it with the highest
+version it has loaded, which may be another one (loaded by an explicit request, or no longer in
+the source), that nobody leased and that could be unloaded under the request.  Pinning changes
+nothing the client sees when that version is the highest (predict, classify and regress answers
+carry no version or the one used; metadata names the version it describes).  Status calls are
+never pinned: without a version TF Serving lists every version, and so do we.  MultiInference
+is not pinned either: its specs sit inside repeated tasks, and appending one would add a task.
 """
 
 from __future__ import annotations
@@ -24,8 +33,9 @@ from zope.interface import implementer
 from tfscache.errors import Code, ServingError, deadline, unavailable
 from tfscache.interfaces import IRequestHandler
 from tfscache.metrics import Metrics
-from tfscache.modelspec import ModelRef, RestCall
+from tfscache.modelspec import ModelId, ModelRef, RestCall
 from tfscache.node.manager import CacheManager
+from tfscache.proto import model_spec_pb2
 from tfscache.util.grpc_twisted import future_to_deferred
 
 # Hop-by-hop and framing headers are the transport's business, not the payload's.
@@ -51,6 +61,41 @@ class HttpReply:
 Metadata = Sequence[tuple[str, str | bytes]]
 # what a gRPC client sends that is not its own metadata: the transport's, and our marker
 _SKIP_METADATA = frozenset({"user-agent", "te", "content-type", "x-tfscache-forwarded"})
+
+
+# gRPC methods whose request has model_spec as field 1 and whose answer for no version is the
+# same as for the version it resolves to
+_PINNABLE_GRPC = frozenset({
+    "/tensorflow.serving.PredictionService/Predict", "/tensorflow.serving.PredictionService/Classify",
+    "/tensorflow.serving.PredictionService/Regress",
+    "/tensorflow.serving.PredictionService/GetModelMetadata",
+})
+_PINNABLE_REST = frozenset({"predict", "classify", "regress", "metadata"})
+
+
+def pinned_rest_path(call: RestCall, path: bytes, mid: ModelId) -> bytes:
+    """``path`` (raw, with its query) naming version ``mid.version`` when the call named none."""
+    if call.ref.version is not None or call.ref.label is not None or call.api not in _PINNABLE_REST:
+        return path
+    target, q, query = path.partition(b"?")
+    pin = b"/versions/%d" % mid.version
+    if call.api == "metadata":  # .../models/<name>/metadata (any case)
+        target = target[:-len(b"/metadata")] + pin + target[-len(b"/metadata"):]
+    else:  # .../models/<name>:<verb>; a name has no ':' (TF Serving's own expression)
+        head, colon, verb = target.rpartition(b":")
+        target = head + pin + colon + verb
+    return target + q + query
+
+
+def pinned_grpc_payload(method: str, ref: ModelRef, payload: bytes, mid: ModelId) -> bytes:
+    """``payload`` with ``model_spec.version`` set when the call named none: a second
+    ``model_spec`` (field 1) appended to a message is merged into the first by protobuf, so
+    the name, signature and every other field stay as the client sent them."""
+    if ref.version is not None or ref.label is not None or method not in _PINNABLE_GRPC:
+        return payload
+    spec = model_spec_pb2.ModelSpecCarrier()
+    spec.model_spec.version.value = mid.version
+    return payload + spec.SerializeToString()
 
 
 def forwardable_metadata(metadata: Sequence[tuple[str, str | bytes]] | None) -> tuple[tuple[str, str | bytes], ...]:
@@ -161,7 +206,8 @@ class LocalNode:
         lease = await self._lease(call.ref, self.load_timeout)
         try:
             producer = BytesProducer(request.body) if request.body else None
-            d: defer.Deferred[Any] = self.agent.request(request.method, self.rest_base + request.path,
+            path = pinned_rest_path(call, request.path, lease.model_id)
+            d: defer.Deferred[Any] = self.agent.request(request.method, self.rest_base + path,
                                    forwardable_headers(request.headers), producer)
             # the deadline covers the answer and its body (cancelling d cancels readBody too)
             d.addCallback(lambda resp: readBody(resp).addCallback(lambda body: (resp, body)))
@@ -203,6 +249,7 @@ class LocalNode:
             if call is None:
                 call = self._grpc_methods[method] = self.channel.unary_unary(method)
             try:
+                payload = pinned_grpc_payload(method, ref, payload, lease.model_id)
                 reply: bytes = await future_to_deferred(
                     call.future(payload, timeout=remaining, metadata=tuple(metadata) or None))
             except ServingError as e:
