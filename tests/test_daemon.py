@@ -351,9 +351,6 @@ class DaemonTests(unittest.TestCase):
         self.assertEqual(m['tfscache_unloads_total{model="d1",reason="capacity"}'], 1)
         self.assertNotIn('tfscache_loads_total{outcome="ok"}', m)
 
-    test_per_model_labels.todo = (  # type: ignore[attr-defined]
-        "tfscache/node/manager.py must count through Metrics.fetch_done / load_done / unload_done")
-
     @defer.inlineCallbacks
     def test_readyz_waits_for_discovery(self):  # type: ignore[no-untyped-def]
         """Serving but not yet published (its etcd is not there): not ready."""

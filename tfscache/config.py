@@ -88,6 +88,8 @@ SCHEMA: dict[str, Any] = {
         "listing_ttl_seconds": Field("float", 5.0, minimum=0,
                                      doc="How long a version listing is reused for 'latest'."),
         "fetch_timeout_seconds": Field("float", 600.0, minimum=0.001),
+        "copy_threads": Field("int", 4, minimum=1,
+                              doc="Copies at once, in threads of their own (not the reactor's pool)."),
         "disk": {
             "base_path": Field("str", None, doc="Root of <name>/<version>/ directories."),
         },

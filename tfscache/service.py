@@ -38,7 +38,7 @@ def make_provider(cfg: SimpleNamespace, own_shutdown: bool = True) -> IModelProv
     if p.type == "disk":
         from tfscache.providers.disk import DiskModelProvider
 
-        return DiskModelProvider(p.disk.base_path, listing_ttl=p.listing_ttl_seconds)
+        return DiskModelProvider(p.disk.base_path, listing_ttl=p.listing_ttl_seconds, copy_threads=p.copy_threads)
     from tfscache.providers.s3 import S3ModelProvider  # boto3 only when asked for
 
     return S3ModelProvider.from_config(p, own_shutdown=own_shutdown)

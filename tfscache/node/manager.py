@@ -289,13 +289,13 @@ class CacheManager:
                                  f"{self.limits.fetch_timeout:g}s"),
             )
         except Exception:
-            self.metrics.fetches.labels(outcome="error").inc()
+            self.metrics.fetch_done(mid.name, "error")
             self.disk.release(mid)
             entry.state = State.ABSENT
             raise
         elapsed = self.now() - started
         self.fetches += 1
-        self.metrics.fetches.labels(outcome="ok").inc()
+        self.metrics.fetch_done(mid.name, "ok")
         self.metrics.fetch_seconds.observe(elapsed)
         self.metrics.fetch_bytes.inc(copied)
         self.disk.add(mid, copied)
@@ -315,7 +315,7 @@ class CacheManager:
             await self.backend.load(mid.name, mid.version, self.disk.base_path(mid.name),
                                     self.limits.load_timeout)
         except Exception:
-            self.metrics.loads.labels(outcome="error").inc()
+            self.metrics.load_done(mid.name, "error")
             # take it out of the served list again; the next list change sends that
             forget = getattr(self.backend, "forget", None)
             if forget is not None:
@@ -328,7 +328,7 @@ class CacheManager:
         entry.load_seconds = (entry.load_seconds + [elapsed])[-20:]
         entry.last_used = self.now()
         self.loads += 1
-        self.metrics.loads.labels(outcome="ok").inc()
+        self.metrics.load_done(mid.name, "ok")
         self.metrics.load_seconds.observe(elapsed)
         self.log.info(
             "loaded model={model} version={version} bytes={bytes} seconds={seconds:.3f}",
@@ -438,7 +438,7 @@ class CacheManager:
         finally:
             entry.state = State.ON_DISK if mid in self.disk else State.ABSENT
             self.unloads += 1
-            self.metrics.unloads.labels(reason=reason).inc()
+            self.metrics.unload_done(mid.name, reason)
             self._gauges()
             self._wake_room_waiters()
 

@@ -209,6 +209,7 @@ class S3ModelProvider:
             max_concurrency=s3.max_concurrency,
             multipart_threshold=s3.multipart_threshold_bytes,
             progress_interval=s3.progress_interval_seconds,
+            copy_threads=p.copy_threads,
             # a read that stalls longer than a whole copy may take is not worth waiting for: a
             # source that accepts and never answers frees the pool thread that soon
             read_timeout=min(30.0, p.fetch_timeout_seconds),
