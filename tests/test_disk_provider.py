@@ -18,6 +18,7 @@ from twisted.internet import defer, reactor, task, threads
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
+from tests.harness.files import tree
 from tests.test_manager_timing import ScriptedBackend
 from tfscache.errors import Code, ServingError
 from tfscache.modelspec import ModelId
@@ -40,16 +41,6 @@ def write_model(root: str, name: str, version: int = 1, files: int = FILES) -> d
     for rel, body in out.items():
         with open(os.path.join(vdir, rel), "wb") as f:
             f.write(body)
-    return out
-
-
-def tree(path: str) -> dict[str, bytes]:
-    out = {}
-    for root, _dirs, files in os.walk(path):
-        for f in files:
-            full = os.path.join(root, f)
-            with open(full, "rb") as fh:
-                out[os.path.relpath(full, path)] = fh.read()
     return out
 
 

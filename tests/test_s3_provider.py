@@ -20,6 +20,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from tests.harness import shared
+from tests.harness.files import tree
 from tests.harness.process import free_port
 from tests.harness.servers import S3Server
 from tfscache.errors import Code, ServingError
@@ -49,16 +50,6 @@ def half_plus_two_dir() -> str:
             f.write("\n".join(f"token{i}" for i in range(1000)))
 
     return os.path.join(shared.model_dir("s3-hp2", write), "hp2", "1")
-
-
-def tree(path: str) -> dict[str, bytes]:
-    out = {}
-    for root, _dirs, files in os.walk(path):
-        for f in files:
-            full = os.path.join(root, f)
-            with open(full, "rb") as fh:
-                out[os.path.relpath(full, path)] = fh.read()
-    return out
 
 
 def executor_threads() -> int:
