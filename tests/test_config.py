@@ -137,6 +137,18 @@ class ConfigTests(unittest.TestCase):
             msg = self.assertConfigError(members(good, bad), key + where)
             self.assertNotIn("Traceback", msg)
 
+    def test_provider_settings_reach_the_provider(self) -> None:
+        from tfscache.service import make_provider
+
+        cfg = load_config({"model_provider": {"type": "s3", "copy_threads": 2,
+                                              "s3": {"bucket": "b", "verify_md5": False}},
+                           "disk_cache": {"path": "/cache"}}, environ={})
+        provider = make_provider(cfg, own_shutdown=False)
+        self.assertIs(provider.verify_md5, False)  # type: ignore[attr-defined]
+        self.assertEqual(provider._copies.size, 2)  # type: ignore[attr-defined]
+        disk = make_provider(load_config(with_(MINIMAL, model_provider={"copy_threads": 3}), environ={}))
+        self.assertEqual(disk._threads.size, 3)  # type: ignore[attr-defined]
+
     def test_files(self) -> None:
         err = self.assertRaises(ConfigError, load_config_file, "/nonexistent/tfscache.yaml", {})
         self.assertIn("/nonexistent/tfscache.yaml", str(err))

@@ -101,6 +101,7 @@ SCHEMA: dict[str, Any] = {
             "max_concurrency": Field("int", 8, minimum=1),
             "multipart_threshold_bytes": Field("size", 8 * 1024 * 1024, minimum=5 * 1024 * 1024),
             "progress_interval_seconds": Field("float", 5.0, minimum=0.1),
+            "verify_md5": Field("bool", True, doc="Check each plain-MD5 ETag after download (sizes always)."),
             "access_key_id": Field("str", None, doc="Prefer boto3's standard credential chain."),
             "secret_access_key": Field("str", None),
         },

@@ -176,7 +176,7 @@ class S3ModelProvider:
         self.read_timeout = read_timeout
         self.max_attempts = max_attempts
         self.download_attempts = download_attempts
-        self.verify_md5 = verify_md5  # off only to measure what the check costs (bench/)
+        self.verify_md5 = verify_md5  # model_provider.s3.verify_md5; bench/ measures what it costs
         self.listings = ListingCache(listing_ttl)
         self._reactor = reactor
         self._keys = (access_key_id, secret_access_key)
@@ -210,6 +210,7 @@ class S3ModelProvider:
             multipart_threshold=s3.multipart_threshold_bytes,
             progress_interval=s3.progress_interval_seconds,
             copy_threads=p.copy_threads,
+            verify_md5=s3.verify_md5,
             # a read that stalls longer than a whole copy may take is not worth waiting for: a
             # source that accepts and never answers frees the pool thread that soon
             read_timeout=min(30.0, p.fetch_timeout_seconds),
