@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import socket
 
 import grpc
 import treq
 from twisted.internet import defer, reactor, ssl, threads
+from twisted.logger import Logger
 from twisted.trial import unittest
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS
 
@@ -19,6 +21,8 @@ from tests.harness.process import free_port
 from tests.test_node import write_models
 from tfscache.errors import Code, ServingError
 from tfscache.util.grpc_twisted import future_to_deferred
+
+log = Logger()
 
 
 class TlsTests(unittest.TestCase):
@@ -71,3 +75,79 @@ class TlsTests(unittest.TestCase):
         err = yield self.assertFailure(
             future_to_deferred(call.future(predict_request("m1", [1.0]).SerializeToString(), timeout=5)), ServingError)
         self.assertEqual(err.code, Code.UNAVAILABLE)
+
+
+def plain_http_to(port: int, request: bytes, timeout: float = 20.0) -> bytes:
+    """Send plain HTTP to a TLS port; everything the server sends until it closes.  The read
+    timeout bounds the wait: a server that keeps the connection open fails the test."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(request)
+        got = b""
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                return got
+            except TimeoutError:
+                raise AssertionError(f"a plain HTTP connection kept open {timeout}s: {got[:200]!r}") from None
+            if not chunk:
+                return got
+            got += chunk
+
+
+def describe(reply: bytes) -> str:
+    if not reply:
+        return "closed, nothing sent"
+    if reply.startswith(b"HTTP/"):
+        return "HTTP " + reply.split(b"\r\n", 1)[0].decode("latin-1")
+    if reply[:1] == b"\x15":  # a TLS record of type alert
+        return f"TLS alert ({len(reply)} bytes), then closed"
+    return f"{len(reply)} other bytes, then closed"
+
+
+class PlainHttpToTlsPortTests(unittest.TestCase):
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def test_plain_http_is_refused_and_tls_still_served(self):  # type: ignore[no-untyped-def]
+        """Plain HTTP requests (a predict, a status, one kept alive, half a request) to the TLS
+        REST port: a 400 or a closed connection, never a model's answer; the node keeps
+        serving over TLS (REST and gRPC)."""
+        tls = make_tls_files()
+        models = shared.model_dir("m", write_models)
+        node = InProcessNode(node_config(models, shared.backend(),
+                                         listen={"tls_cert": tls["cert"], "tls_key": tls["key"]}))
+        yield node.start()
+        self.addCleanup(node.stop)
+        port = node.service.rest_port
+        body = json.dumps({"instances": [1.0]}).encode()
+        requests = {
+            "POST predict, Connection: close": b"POST /v1/models/m0/versions/1:predict HTTP/1.1\r\nHost: x\r\n"
+            b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body),
+            "GET status, kept alive": b"GET /v1/models/m0 HTTP/1.1\r\nHost: x\r\n\r\n",
+            "GET /healthz, HTTP/1.0": b"GET /healthz HTTP/1.0\r\n\r\n",
+            "half a request line": b"GET /v1/mo",
+        }
+        for name, data in requests.items():
+            reply = yield threads.deferToThread(plain_http_to, port, data)
+            log.info("plain-http-to-tls {case}: {outcome}", case=name, outcome=describe(reply))
+            self.assertNotIn(b"predictions", reply, name)
+            self.assertNotIn(b"model_version_status", reply, name)
+            if reply.startswith(b"HTTP/"):
+                self.assertRegex(reply.split(b"\r\n", 1)[0], rb"^HTTP/1\.[01] 400 ", name)
+            elif name != "half a request line":  # bytes short of a TLS record header: only closed
+                self.assertTrue(reply == b"" or reply[:1] == b"\x15", (name, reply[:40]))
+
+        with open(tls["ca"], "rb") as f:
+            ca = f.read()
+        agent = Agent(reactor, contextFactory=BrowserLikePolicyForHTTPS(trustRoot=ssl.Certificate.loadPEM(ca)))
+        resp = yield treq.request("POST", f"https://127.0.0.1:{port}/v1/models/m0/versions/1:predict",
+                                  data=body, agent=agent)
+        content = yield treq.content(resp)
+        self.assertEqual(resp.code, 200, content)
+        self.assertEqual(json.loads(content)["predictions"], [1.0 * 1.0 + 10.0])
+        channel = grpc.secure_channel(node.grpc_target, grpc.ssl_channel_credentials(root_certificates=ca))
+        self.addCleanup(channel.close)
+        call = channel.unary_unary("/tensorflow.serving.PredictionService/Predict")
+        reply = yield future_to_deferred(call.future(predict_request("m0", [1.0], 1).SerializeToString(), timeout=30))
+        self.assertTrue(reply)
