@@ -2,16 +2,18 @@
 
 Every fault here is real: TF Serving (the DevServer) is SIGKILLed and started again on the same
 ports; corrupt models sit in the model source; a node runs as a twistd process whose file size
-limit (RLIMIT_FSIZE) makes the disk "full" part way through a copy; the S3 source is a closed
-port, a socket that accepts and never answers, or MinIO behind a relay that slows its answers
-down; gRPC clients give up (deadline) or cancel; more cold models are asked for at once than TF
-Serving may hold.  Hostile input is in test_hostile.py; single-fault basics (backend down at
+limit (RLIMIT_FSIZE) makes the disk "full" part way through a copy; a node's disk cache is a
+small tmpfs that fills up, or is remounted read-only (where the sandbox lets root mount); the
+S3 source is a closed port, a socket that accepts and never answers, or MinIO behind a relay
+that slows its answers down; gRPC clients give up (deadline) or cancel; more cold models are
+asked for at once than TF Serving may hold.  Hostile input is in test_hostile.py; single-fault basics (backend down at
 start, one load timeout, one broken model, S3 dying mid-copy) in test_node.py and
 test_s3_provider.py; the timing rules on a fake clock in test_manager_timing.py.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import resource
 import shutil
@@ -23,7 +25,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet import defer, reactor, task, threads
+from twisted.internet import defer, reactor, task, threads, utils
 from twisted.trial import unittest
 
 from tests.clients import GrpcClient, Reply, http, rest_predict
@@ -41,6 +43,8 @@ from tfscache.providers.base import STAGING_PREFIX
 MIB = 1024 * 1024
 BIG_PADDING = 2 * MIB       # f-big carries this much more than the others (about 10 KB)
 FSIZE_LIMIT = 1 * MIB       # the "disk" of the disk-full test: f-big does not fit, the rest does
+TMPFS_SIZE = "1m"           # the real small disk of MountedDiskTests: f-big does not fit, the rest does
+ROOMY_TMPFS_SIZE = "8m"     # ... grown, f-big fits
 SLOW_LOAD = 2.0             # seconds the DevServer takes to load the f-slow* models
 OVERLOAD_LOAD = 0.5         # ... and the f-o* models
 
@@ -416,6 +420,117 @@ class DiskFullTests(FaultTestCase):
         os.remove(blocker)
         reply = yield rest_predict(node.rest_url, "f-small", [2.0])
         self.assertPredicts(reply, [7.0])
+
+
+class MountedDiskTests(FaultTestCase):
+    """The disk cache on a real file system that fails: a small tmpfs that fills up part way
+    through a copy (ENOSPC, where DiskFullTests has a file size limit), and a cache directory
+    remounted read-only (EROFS: as root, permissions would not stop a write, a read-only mount
+    does).  The same promises: an error naming the model, nothing half-written left, other
+    models serve, nothing negatively cached, so the same model loads once the disk is fixed.
+    Mounting needs root and a sandbox that allows it; skipped otherwise."""
+
+    @defer.inlineCallbacks
+    def mount(self, *args: str):  # type: ignore[no-untyped-def]
+        if os.geteuid() != 0:
+            raise unittest.SkipTest("mounting a file system needs root")
+        mount = shutil.which("mount")
+        if mount is None:
+            raise unittest.SkipTest("no mount(8) on this system")
+        _out, err, code = yield utils.getProcessOutputAndValue(mount, args, env=os.environ)
+        if code != 0:
+            raise unittest.SkipTest(f"mount {' '.join(args)} refused: {err.decode().strip()}")
+
+    @defer.inlineCallbacks
+    def unmount(self, path: str):  # type: ignore[no-untyped-def]
+        umount = shutil.which("umount") or "umount"
+        _out, err, code = yield utils.getProcessOutputAndValue(umount, (path,), env=os.environ)
+        if code != 0:  # still busy (a file open in it): detach it anyway, so no mount outlives the test
+            _out, lazy_err, code = yield utils.getProcessOutputAndValue(umount, ("-l", path), env=os.environ)
+            if code != 0:
+                raise AssertionError(f"could not unmount {path}: {err.decode()} {lazy_err.decode()}")
+
+    @defer.inlineCallbacks
+    def mounted_cache_dir(self, kind: str, args: Callable[[str], tuple[str, ...]]):  # type: ignore[no-untyped-def]
+        """A fresh directory with a file system mounted on it (``mount *args(dir)``),
+        unmounted and removed in the cleanup (after the node stops: cleanups run last first)."""
+        path = tempfile.mkdtemp(prefix=f"tfscache-faults-{kind}-")
+        self.addCleanup(shutil.rmtree, path, True)
+        yield self.mount(*args(path))
+        self.addCleanup(self.unmount, path)
+        return path
+
+    @defer.inlineCallbacks
+    def test_copy_into_a_full_tmpfs_then_room_again(self):  # type: ignore[no-untyped-def]
+        cache_dir = yield self.mounted_cache_dir(
+            "tmpfs", lambda path: ("-t", "tmpfs", "-o", f"size={TMPFS_SIZE}", "tmpfs", path))
+        node = yield self.node(cache_dir=cache_dir)  # capacity_bytes (10 GiB) is not what stops it
+        client = self.client(node.grpc_target)
+        reply = yield rest_predict(node.rest_url, "f-warm", [1.0])
+        self.assertPredicts(reply, [3.0])
+
+        expected = "Could not copy model f-big version 1 into the cache: No space left on device (errno 28)"
+        reply = yield rest_predict(node.rest_url, "f-big", [1.0])
+        self.assertEqual(reply.code, 503, reply.body)
+        self.assertIn(expected, reply.json()["error"])  # after the router's "No owner of model ..."
+        err = yield self.assertFailure(client.predict("f-big", [1.0]), ServingError)
+        self.assertEqual(err.code, Code.UNAVAILABLE, err.message)
+        self.assertIn(expected, err.message)
+        # no file and no staging directory; an empty f-big/ stays (no bytes, and a restart's scan
+        # skips a model directory without versions)
+        self.assertEqual(leftovers(cache_dir, "f-big"), [])
+        disk = node.cache.disk
+        self.assertNotIn(ModelId("f-big", 1), disk)
+        self.assertEqual(disk.reserved_bytes, 0)  # the failed copies' reservations were given back
+
+        reply = yield rest_predict(node.rest_url, "f-warm", [2.0])
+        self.assertPredicts(reply, [5.0])
+        resp = yield client.predict("f-small", [2.0])  # a cold model still fits in what is left
+        self.assertEqual(list(resp.outputs["y"].float_val), [7.0])
+        self.assertEqual(sample(node, "tfscache_fetches_total", outcome="error"), 2)  # not negatively cached
+        on_disk = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(cache_dir) for f in fs)
+        self.assertEqual(disk.used_bytes, on_disk)
+        self.assertEqual(sorted(os.path.relpath(disk.path(m), cache_dir) for m in disk.model_ids()),
+                         ["f-small/1", "f-warm/1"])
+
+        yield self.mount("-o", f"remount,size={ROOMY_TMPFS_SIZE}", cache_dir)  # room again
+        reply = yield rest_predict(node.rest_url, "f-big", [1.0])
+        self.assertPredicts(reply, [4.0])
+        copied = os.path.join(cache_dir, "f-big", "1", "assets.extra", "padding.bin")
+        self.assertEqual(os.path.getsize(copied), BIG_PADDING)
+        self.assertEqual([p for p in leftovers(cache_dir, "f-big") if STAGING_PREFIX in p], [])
+
+    @defer.inlineCallbacks
+    def test_cache_directory_remounted_read_only_then_writable(self):  # type: ignore[no-untyped-def]
+        # bound onto itself: a mount of its own, to remount read-only without touching /tmp
+        cache_dir = yield self.mounted_cache_dir("ro", lambda path: ("--bind", path, path))
+        node = yield self.node(cache_dir=cache_dir)
+        client = self.client(node.grpc_target)
+        reply = yield rest_predict(node.rest_url, "f-warm", [1.0])
+        self.assertPredicts(reply, [3.0])
+
+        yield self.mount("-o", "remount,ro,bind", cache_dir)
+        with self.assertRaises(OSError) as raised:  # really read-only, even to root
+            open(os.path.join(cache_dir, "probe"), "w").close()
+        self.assertEqual(raised.exception.errno, errno.EROFS)
+        expected = "Could not copy model f-small version 1 into the cache: Read-only file system (errno 30)"
+        reply = yield rest_predict(node.rest_url, "f-small", [1.0])
+        self.assertEqual(reply.code, 503, reply.body)
+        self.assertIn(expected, reply.json()["error"])  # after the router's "No owner of model ..."
+        err = yield self.assertFailure(client.predict("f-small", [1.0]), ServingError)
+        self.assertEqual(err.code, Code.UNAVAILABLE, err.message)
+        self.assertIn(expected, err.message)
+        self.assertEqual(sorted(os.listdir(cache_dir)), ["f-warm"])  # nothing of f-small, not even its directory
+        self.assertNotIn(ModelId("f-small", 1), node.cache.disk)
+        self.assertEqual(node.cache.disk.reserved_bytes, 0)
+        reply = yield rest_predict(node.rest_url, "f-warm", [2.0])  # its touch() cannot write: no matter
+        self.assertPredicts(reply, [5.0])
+        self.assertEqual(sample(node, "tfscache_fetches_total", outcome="error"), 2)  # not negatively cached
+
+        yield self.mount("-o", "remount,rw,bind", cache_dir)
+        reply = yield rest_predict(node.rest_url, "f-small", [2.0])
+        self.assertPredicts(reply, [7.0])
+        self.assertEqual(sorted(os.listdir(cache_dir)), ["f-small", "f-warm"])
 
 
 # -- 4. the model source is slow or unreachable -----------------------------------------------------------
