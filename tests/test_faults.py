@@ -461,6 +461,17 @@ class MountedDiskTests(FaultTestCase):
         return path
 
     @defer.inlineCallbacks
+    def assert_copy_fails(self, node, client, name, os_error):  # type: ignore[no-untyped-def]
+        """REST and gRPC both answer UNAVAILABLE with the copy's OS error, naming the model."""
+        expected = f"Could not copy model {name} version 1 into the cache: {os_error}"
+        reply = yield rest_predict(node.rest_url, name, [1.0])
+        self.assertEqual(reply.code, 503, reply.body)
+        self.assertIn(expected, reply.json()["error"])  # after the router's "No owner of model ..."
+        err = yield self.assertFailure(client.predict(name, [1.0]), ServingError)
+        self.assertEqual(err.code, Code.UNAVAILABLE, err.message)
+        self.assertIn(expected, err.message)
+
+    @defer.inlineCallbacks
     def test_copy_into_a_full_tmpfs_then_room_again(self):  # type: ignore[no-untyped-def]
         cache_dir = yield self.mounted_cache_dir(
             "tmpfs", lambda path: ("-t", "tmpfs", "-o", f"size={TMPFS_SIZE}", "tmpfs", path))
@@ -469,13 +480,7 @@ class MountedDiskTests(FaultTestCase):
         reply = yield rest_predict(node.rest_url, "f-warm", [1.0])
         self.assertPredicts(reply, [3.0])
 
-        expected = "Could not copy model f-big version 1 into the cache: No space left on device (errno 28)"
-        reply = yield rest_predict(node.rest_url, "f-big", [1.0])
-        self.assertEqual(reply.code, 503, reply.body)
-        self.assertIn(expected, reply.json()["error"])  # after the router's "No owner of model ..."
-        err = yield self.assertFailure(client.predict("f-big", [1.0]), ServingError)
-        self.assertEqual(err.code, Code.UNAVAILABLE, err.message)
-        self.assertIn(expected, err.message)
+        yield self.assert_copy_fails(node, client, "f-big", "No space left on device (errno 28)")
         # no file and no staging directory; an empty f-big/ stays (no bytes, and a restart's scan
         # skips a model directory without versions)
         self.assertEqual(leftovers(cache_dir, "f-big"), [])
@@ -513,13 +518,7 @@ class MountedDiskTests(FaultTestCase):
         with self.assertRaises(OSError) as raised:  # really read-only, even to root
             open(os.path.join(cache_dir, "probe"), "w").close()
         self.assertEqual(raised.exception.errno, errno.EROFS)
-        expected = "Could not copy model f-small version 1 into the cache: Read-only file system (errno 30)"
-        reply = yield rest_predict(node.rest_url, "f-small", [1.0])
-        self.assertEqual(reply.code, 503, reply.body)
-        self.assertIn(expected, reply.json()["error"])  # after the router's "No owner of model ..."
-        err = yield self.assertFailure(client.predict("f-small", [1.0]), ServingError)
-        self.assertEqual(err.code, Code.UNAVAILABLE, err.message)
-        self.assertIn(expected, err.message)
+        yield self.assert_copy_fails(node, client, "f-small", "Read-only file system (errno 30)")
         self.assertEqual(sorted(os.listdir(cache_dir)), ["f-warm"])  # nothing of f-small, not even its directory
         self.assertNotIn(ModelId("f-small", 1), node.cache.disk)
         self.assertEqual(node.cache.disk.reserved_bytes, 0)
