@@ -42,13 +42,22 @@ class TinyHandler:
 
     def __init__(self, node_id: str) -> None:
         self.node_id = node_id
-        self.mode = "ok"  # ok | unavailable | notfound | hold
+        self.mode = "ok"  # ok | unavailable | notfound | hold | down
+        # models whose copy fails here (a full disk): UNAVAILABLE about that model only
+        self.failing: set[str] = set()
         self.rest_calls: list[HttpRequest] = []
         self.grpc_calls: list[tuple[str, bytes, float | None]] = []
         self.grpc_metadata: list[tuple[tuple[str, Any], ...]] = []
         self.held: list[defer.Deferred[Any]] = []
 
-    def _answer(self, make: Any) -> defer.Deferred[Any]:
+    def _answer(self, make: Any, name: str = "") -> defer.Deferred[Any]:
+        if name in self.failing:
+            return defer.fail(ServingError(
+                Code.UNAVAILABLE, f"Could not copy model {name} version 1 into the cache: "
+                "No space left on device (errno 28)"))
+        if self.mode == "down":  # as the local node says when its TF Serving is unreachable
+            return defer.fail(ServingError(
+                Code.UNAVAILABLE, "TF Serving REST API is unreachable: ConnectionRefusedError", node_wide=True))
         if self.mode == "unavailable":
             return defer.fail(ServingError(Code.UNAVAILABLE, f"{self.node_id} is unavailable"))
         if self.mode == "notfound":
@@ -67,13 +76,13 @@ class TinyHandler:
                 "body": request.body.decode()}
         return self._answer(lambda: HttpReply(
             200, json.dumps(body).encode(), [(b"content-type", b"application/json"),
-                                             (b"x-node", self.node_id.encode())]))
+                                             (b"x-node", self.node_id.encode())]), call.ref.name)
 
     def grpc(self, method: str, ref: ModelRef, payload: bytes, timeout: float | None,
              metadata: Any = ()) -> defer.Deferred[bytes]:
         self.grpc_calls.append((method, payload, timeout))
         self.grpc_metadata.append(tuple(metadata))
-        return self._answer(lambda: self.node_id.encode() + b"|" + payload)
+        return self._answer(lambda: self.node_id.encode() + b"|" + payload, ref.name)
 
     def release(self) -> None:
         held, self.held = self.held, []
@@ -357,6 +366,17 @@ class FailoverTests(RouterTestCase):
         self.assertEqual(a.metrics.retries._value.get(), 1)
 
     @defer.inlineCallbacks
+    def test_grpc_connection_failures_mark_the_owner_down(self):  # type: ignore[no-untyped-def]
+        """A gRPC UNAVAILABLE with no answer from the owner (refused, black-holed) carries no
+        model-only marker: the owner is down for every model, as with REST."""
+        nodes = yield self.cluster(ids=("a", "b"), dead=("dead",), holes=("hole",))
+        a = nodes["a"]
+        for gone in ("dead", "hole"):
+            reply = yield self.grpc_call(a, self.name_owned_by(gone, "b"))
+            self.assertTrue(reply.startswith(b"b|"), gone)
+            self.assertTrue(a.router.is_down(gone), gone)
+
+    @defer.inlineCallbacks
     def test_black_holed_owner_fails_over_at_the_connect_timeout(self):  # type: ignore[no-untyped-def]
         # an owner whose host vanished: connects hang; both protocols give up after the connect
         # timeout and fail over, well within the request's deadline (10 s)
@@ -398,6 +418,86 @@ class FailoverTests(RouterTestCase):
         reply = yield self.direct(a, name)
         self.assertEqual(json.loads(reply.body)["node"], "b")
         self.assertEqual(count(a.metrics, "local", "failover"), 1)
+
+    @defer.inlineCallbacks
+    def test_model_scoped_unavailable_fails_over_without_demoting_the_owner(self):  # type: ignore[no-untyped-def]
+        """b cannot copy one model (disk full): that model's requests fail over to c, and b
+        stays the first choice for its other models, over REST, gRPC and locally."""
+        nodes = yield self.cluster(ids=("a", "b", "c", "d"))
+        a, b, d = nodes["a"], nodes["b"], nodes["d"]
+        broken, other = self.name_owned_by("b", "c"), self.name_owned_by("b", "d")
+        b.tiny.failing.add(broken)
+        resp, content = yield self.post(a, broken)
+        self.assertEqual((resp.code, json.loads(content)["node"]), (200, "c"))
+        self.assertFalse(resp.headers.hasHeader(b"x-tfscache-node-unavailable"))
+        reply = yield self.grpc_call(d, broken)  # another router: its own view of b
+        self.assertTrue(reply.startswith(b"c|"))
+        for router in (a.router, d.router):
+            self.assertFalse(router.is_down("b"))
+        self.assertEqual((count(a.metrics, "b", "failover"), count(d.metrics, "b", "failover")), (1, 1))
+        resp, content = yield self.post(a, other)
+        self.assertEqual(json.loads(content)["node"], "b")
+        reply = yield self.grpc_call(d, other)
+        self.assertTrue(reply.startswith(b"b|"))
+        self.assertEqual((a.metrics.retries._value.get(), d.metrics.retries._value.get()), (1, 1))
+        # the same on the owner itself: the local failure fails over, the node serves the rest
+        mine, mine_too = self.name_owned_by("b", "c"), self.name_owned_by("b", "a")
+        b.tiny.failing = {mine}
+        reply = yield self.direct(b, mine)
+        self.assertEqual(json.loads(reply.body)["node"], "c")
+        reply = yield self.direct(b, mine_too)
+        self.assertEqual(json.loads(reply.body)["node"], "b")
+        self.assertFalse(b.router.is_down("b"))
+        self.assertEqual(count(b.metrics, "local", "failover"), 1)
+        # when every owner fails that way the client gets the last owner's 503, unmarked
+        nodes["c"].tiny.failing.add(broken)
+        resp, content = yield self.post(a, broken)
+        self.assertEqual(resp.code, 503)
+        self.assertIn(f"Could not copy model {broken}", json.loads(content)["error"])
+        self.assertFalse(resp.headers.hasHeader(b"x-tfscache-node-unavailable"))
+        self.assertFalse(a.router.is_down("c"))
+
+    @defer.inlineCallbacks
+    def test_draining_owner_is_demoted_for_every_model(self):  # type: ignore[no-untyped-def]
+        nodes = yield self.cluster(ids=("a", "b", "c", "d"))
+        a, b, d = nodes["a"], nodes["b"], nodes["d"]
+        first, second = self.name_owned_by("b", "c"), self.name_owned_by("b", "d")
+        # what the node's drain does to its front ends
+        b.rest_frontend.draining, b.grpc_bridge.accepting = True, False
+        resp, content = yield self.post(a, first)
+        self.assertEqual((resp.code, json.loads(content)["node"]), (200, "c"))
+        reply = yield self.grpc_call(d, first)
+        self.assertTrue(reply.startswith(b"c|"))
+        for router in (a.router, d.router):
+            self.assertTrue(router.is_down("b"))
+        # tried last for the other models too: no new failover, no new retry
+        resp, content = yield self.post(a, second)
+        self.assertEqual(json.loads(content)["node"], "d")
+        reply = yield self.grpc_call(d, second)
+        self.assertTrue(reply.startswith(b"d|"))
+        self.assertEqual((count(a.metrics, "b", "failover"), count(d.metrics, "b", "failover")), (1, 1))
+        self.assertEqual((a.metrics.retries._value.get(), d.metrics.retries._value.get()), (1, 1))
+
+    @defer.inlineCallbacks
+    def test_node_wide_unavailable_demotes_the_owner(self):  # type: ignore[no-untyped-def]
+        """The owner's TF Serving is unreachable (node-wide), on the owner and on the routers
+        forwarding to it."""
+        nodes = yield self.cluster(ids=("a", "b", "c", "d"))
+        a, b, d = nodes["a"], nodes["b"], nodes["d"]
+        b.tiny.mode = "down"
+        first, second = self.name_owned_by("b", "c"), self.name_owned_by("b", "d")
+        resp, content = yield self.post(a, first)
+        self.assertEqual(json.loads(content)["node"], "c")
+        reply = yield self.grpc_call(d, first)
+        self.assertTrue(reply.startswith(b"c|"))
+        reply = yield self.direct(b, first)  # b's own router, serving locally first
+        self.assertEqual(json.loads(reply.body)["node"], "c")
+        for router in (a.router, d.router, b.router):
+            self.assertTrue(router.is_down("b"))
+        resp, content = yield self.post(a, second)
+        self.assertEqual(json.loads(content)["node"], "d")
+        self.assertEqual(count(a.metrics, "b", "failover"), 1)
+        self.assertEqual(count(b.metrics, "local", "failover"), 1)
 
     @defer.inlineCallbacks
     def test_at_most_replicas_tries(self):  # type: ignore[no-untyped-def]

@@ -50,13 +50,25 @@ HTTP_STATUS: dict[Code, int] = {
 }
 
 
-class ServingError(Exception):
-    """An error with a TF Serving status code and a message fit for the client."""
+# Set by a node on its UNAVAILABLE answers (REST header, gRPC trailing metadata): "1" when
+# the node itself cannot serve (draining, its TF Serving unreachable), "0" when only the model
+# asked for cannot (its copy failed: disk full, model source unreachable).  A router marks an
+# owner down only for the former; an UNAVAILABLE without it (TF Serving's own, a proxy's, a
+# connection that failed) counts as node-wide, as before.
+NODE_UNAVAILABLE_KEY = "x-tfscache-node-unavailable"
 
-    def __init__(self, code: Code, message: str) -> None:
+
+class ServingError(Exception):
+    """An error with a TF Serving status code and a message fit for the client.
+
+    ``node_wide``: the node is unusable for every model, not just this request's (see
+    NODE_UNAVAILABLE_KEY)."""
+
+    def __init__(self, code: Code, message: str, node_wide: bool = False) -> None:
         super().__init__(message)
         self.code = Code(code)
         self.message = message
+        self.node_wide = node_wide
 
     @property
     def http_status(self) -> int:
@@ -80,8 +92,8 @@ def not_found(message: str) -> ServingError:
     return ServingError(Code.NOT_FOUND, message)
 
 
-def unavailable(message: str) -> ServingError:
-    return ServingError(Code.UNAVAILABLE, message)
+def unavailable(message: str, node_wide: bool = False) -> ServingError:
+    return ServingError(Code.UNAVAILABLE, message, node_wide)
 
 
 def deadline(message: str) -> ServingError:

@@ -13,9 +13,14 @@ Failover: a forward that cannot connect (refused, reset, not connected within
 ``connect_timeout``, REST and gRPC alike) or that the owner answers with UNAVAILABLE (gRPC) /
 HTTP 503 (REST) is retried on the next owner: at most R tries, all within the request's
 deadline (the gRPC call's own deadline, else ``forward_timeout``). Predict, classify, regress,
-metadata and status have no side effects, so a retry is safe. A member that failed that way is
-remembered as down for ``down_seconds``: the following requests try it last. A deadline that
-runs out is DEADLINE_EXCEEDED, never a hang. Any other answer of an owner (NOT_FOUND,
+metadata and status have no side effects, so a retry is safe. A member that failed in a way
+that concerns the whole node (no connection, draining, its TF Serving unreachable or itself
+answering 503/UNAVAILABLE) is remembered as down for ``down_seconds``: the following requests,
+for every model, try it last.  An UNAVAILABLE about one model only (its copy failed: disk full,
+model source unreachable), which the owner marks ``x-tfscache-node-unavailable: 0`` (REST
+header, gRPC trailing metadata; ``ServingError.node_wide`` here), fails over without that: a
+node is not demoted for all its models by one.  A deadline that runs out is DEADLINE_EXCEEDED,
+never a hang. Any other answer of an owner (NOT_FOUND,
 INVALID_ARGUMENT, ...) goes back unchanged.
 
 Forwards carry the marker (REST header / gRPC metadata ``x-tfscache-forwarded: 1``), so the
@@ -37,7 +42,7 @@ from zope.interface import implementer
 
 from tfscache.cluster.members import Member
 from tfscache.cluster.ring import Ring
-from tfscache.errors import Code, ServingError, deadline, unavailable
+from tfscache.errors import NODE_UNAVAILABLE_KEY, Code, ServingError, deadline, unavailable
 from tfscache.interfaces import IDiscovery, IRequestHandler
 from tfscache.metrics import Metrics
 from tfscache.modelspec import ModelRef, RestCall
@@ -48,10 +53,12 @@ T = TypeVar("T")
 
 FORWARDED_HEADER = b"x-tfscache-forwarded"
 FORWARDED_METADATA = (("x-tfscache-forwarded", "1"),)
-DOWN_SECONDS = 3.0        # how long a member that failed to connect is tried last
+DOWN_SECONDS = 3.0        # how long a member that failed node-wide is tried last
 CONNECT_TIMEOUT = 2.0     # a TCP connect slower than this fails over to the next owner
-# the front end that sends the forwarded reply sets these itself
-_REPLY_SKIP = {b"date", b"server"}
+# the front end that sends the forwarded reply sets these itself; the owner's node-unavailable
+# marker is for this router only (the client's node is not the one it describes)
+_NODE_UNAVAILABLE_HEADER = NODE_UNAVAILABLE_KEY.encode()
+_REPLY_SKIP = {b"date", b"server", _NODE_UNAVAILABLE_HEADER}
 # a request that reached the owner and may have been served there is not retried after these,
 # but they say nothing about the owner's health (a stale pooled connection, for instance)
 _TRANSPORT_ERRORS = (ResponseFailed, ConnectionClosed)
@@ -330,9 +337,9 @@ class Router:
             reply: HttpReply = await self.local.rest(call, request)
         except ServingError as e:
             if e.code == Code.UNAVAILABLE:
-                raise _Failover(e, mark_down=True)
+                raise _Failover(e, mark_down=e.node_wide)
             raise
-        if reply.code == 503:
+        if reply.code == 503:  # TF Serving's own 503: it is in trouble
             raise _Failover(unavailable("this node answered 503"), mark_down=True, reply=reply)
         return reply
 
@@ -358,7 +365,10 @@ class Router:
             for v in vs if k.lower() not in _REPLY_SKIP]
         reply = HttpReply(resp.code, content, out)
         if resp.code == 503:
-            raise _Failover(unavailable(f"{member.id} answered 503"), mark_down=True, reply=reply)
+            # down unless the owner said the 503 is about this model only (without the marker:
+            # its TF Serving's own 503, or not a tfscache node at all)
+            model_only = resp.headers.getRawHeaders(_NODE_UNAVAILABLE_HEADER) == [b"0"]
+            raise _Failover(unavailable(f"{member.id} answered 503"), mark_down=not model_only, reply=reply)
         return reply
 
     # -- gRPC -----------------------------------------------------------------------------------
@@ -368,7 +378,7 @@ class Router:
             reply: bytes = await self.local.grpc(method, ref, payload, remaining, metadata)
         except ServingError as e:
             if e.code == Code.UNAVAILABLE:
-                raise _Failover(e, mark_down=True)
+                raise _Failover(e, mark_down=e.node_wide)
             raise
         return reply
 
@@ -380,7 +390,9 @@ class Router:
             reply: bytes = await future_to_deferred(future, member.grpc_target)
         except ServingError as e:
             if e.code == Code.UNAVAILABLE:
-                raise _Failover(ServingError(e.code, f"{member.id}: {e.message}"), mark_down=True)
+                # node_wide unless the owner's trailing metadata said "this model only"; a failed
+                # connection has no such metadata (grpc_twisted.rpc_error_to_serving_error)
+                raise _Failover(ServingError(e.code, f"{member.id}: {e.message}"), mark_down=e.node_wide)
             raise
         return reply
 

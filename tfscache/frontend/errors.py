@@ -34,3 +34,11 @@ def rest_error_body(err: ServingError) -> bytes:
 
 def grpc_status(err: ServingError) -> grpc.StatusCode:
     return GRPC_CODES.get(int(err.code), grpc.StatusCode.UNKNOWN)
+
+
+def node_unavailable_marker(err: ServingError) -> str | None:
+    """The NODE_UNAVAILABLE_KEY value a node sends with this error: only UNAVAILABLE has one,
+    so the router of another node knows whether to mark this node down."""
+    if err.code != Code.UNAVAILABLE:
+        return None
+    return "1" if err.node_wide else "0"

@@ -23,8 +23,8 @@ from twisted.internet import defer, threads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from tfscache.errors import Code, ServingError
-from tfscache.frontend.errors import as_serving_error, grpc_status
+from tfscache.errors import NODE_UNAVAILABLE_KEY, Code, ServingError
+from tfscache.frontend.errors import as_serving_error, grpc_status, node_unavailable_marker
 from tfscache.interfaces import IRequestHandler
 from tfscache.metrics import Metrics
 from tfscache.modelspec import PREDICTION_METHODS, parse_grpc_request
@@ -131,7 +131,7 @@ class GrpcBridge(service.Service):
             waiting = list(self._waiting)
         for outcome in waiting:
             try:
-                outcome.put_nowait(Failure(ServingError(Code.UNAVAILABLE, "tfscache is shutting down")))
+                outcome.put_nowait(Failure(ServingError(Code.UNAVAILABLE, "tfscache is shutting down", node_wide=True)))
             except queue.Full:
                 pass  # its answer is there already
 
@@ -147,7 +147,7 @@ class GrpcBridge(service.Service):
         reactor.callFromThread(self.inflight.enter)  # type: ignore[attr-defined]
         try:
             if not self.accepting:
-                raise ServingError(Code.UNAVAILABLE, "tfscache is shutting down")
+                raise ServingError(Code.UNAVAILABLE, "tfscache is shutting down", node_wide=True)
             ref = parse_grpc_request(short, payload)
             remaining = context.time_remaining()
             timeout = None if remaining is None or remaining > 1e9 else remaining
@@ -164,6 +164,9 @@ class GrpcBridge(service.Service):
             if err is None:
                 err = blockingCallFromThread(reactor, as_serving_error, e)  # type: ignore[arg-type]
             code = err.code.name
+            marker = node_unavailable_marker(err)
+            if marker is not None:
+                context.set_trailing_metadata(((NODE_UNAVAILABLE_KEY, marker),))
             context.abort(grpc_status(err), err.message)
             raise  # unreachable: abort raises
         finally:

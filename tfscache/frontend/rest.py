@@ -22,8 +22,8 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from tfscache.errors import Code, ServingError, invalid
-from tfscache.frontend.errors import as_serving_error, rest_error_body
+from tfscache.errors import NODE_UNAVAILABLE_KEY, Code, ServingError, invalid
+from tfscache.frontend.errors import as_serving_error, node_unavailable_marker, rest_error_body
 from tfscache.interfaces import IRequestHandler
 from tfscache.metrics import Metrics
 from tfscache.modelspec import parse_rest_path
@@ -140,7 +140,7 @@ class RestFrontend:
         self.inflight.enter()
         try:
             if self.draining:
-                raise ServingError(Code.UNAVAILABLE, "tfscache is shutting down")
+                raise ServingError(Code.UNAVAILABLE, "tfscache is shutting down", node_wide=True)
             call = parse_rest_path(request.method.decode("latin-1"), path)
             api = call.api
             body = self._body(request)
@@ -193,6 +193,9 @@ class RestFrontend:
     def _error(request: IRequest, err: ServingError) -> bytes:
         request.setResponseCode(err.http_status)
         request.responseHeaders.setRawHeaders(b"content-type", [JSON])
+        marker = node_unavailable_marker(err)
+        if marker is not None:
+            request.responseHeaders.setRawHeaders(NODE_UNAVAILABLE_KEY.encode(), [marker.encode()])
         return rest_error_body(err)
 
 

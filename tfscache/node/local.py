@@ -219,7 +219,7 @@ class LocalNode:
             except ServingError:
                 raise
             except Exception as e:
-                raise unavailable(f"TF Serving REST API is unreachable: {type(e).__name__}")
+                raise unavailable(f"TF Serving REST API is unreachable: {type(e).__name__}", node_wide=True)
             finally:
                 if timer.active():
                     timer.cancel()
@@ -254,7 +254,7 @@ class LocalNode:
                     call.future(payload, timeout=remaining, metadata=tuple(metadata) or None))
             except ServingError as e:
                 if e.code == Code.UNAVAILABLE:
-                    raise unavailable(f"TF Serving gRPC API is unavailable: {e.message}")
+                    raise unavailable(f"TF Serving gRPC API is unavailable: {e.message}", node_wide=True)
                 raise
             return reply
         finally:

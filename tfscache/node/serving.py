@@ -148,7 +148,8 @@ class ServingController:
             if error is None:
                 d.callback(None)
             else:
-                d.errback(ServingError(error.code, f"TF Serving at {self.grpc_target}: {error.message}"))
+                d.errback(ServingError(error.code, f"TF Serving at {self.grpc_target}: {error.message}",
+                                      error.node_wide))
 
     # -- IServingBackend ---------------------------------------------------------------------
     def load(self, name: str, version: int, base_path: str, timeout: float) -> defer.Deferred[None]:

@@ -7,13 +7,20 @@ from typing import Any
 import grpc
 from twisted.internet import defer, reactor
 
-from tfscache.errors import Code, ServingError
+from tfscache.errors import NODE_UNAVAILABLE_KEY, Code, ServingError
 
 
 def rpc_error_to_serving_error(e: grpc.RpcError, target: str = "") -> ServingError:
+    """UNAVAILABLE is node-wide unless the server's trailing metadata says it is about one
+    model only: a failed connection has no server metadata at all, and a server other than
+    tfscache (TF Serving) means itself when it says UNAVAILABLE."""
     code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
     details = (e.details() if hasattr(e, "details") else None) or str(code)
-    return ServingError(Code(code.value[0]), details)
+    node_wide = False
+    if code == grpc.StatusCode.UNAVAILABLE:
+        trailers = (e.trailing_metadata() if hasattr(e, "trailing_metadata") else None) or ()
+        node_wide = (NODE_UNAVAILABLE_KEY, "0") not in tuple(trailers)
+    return ServingError(Code(code.value[0]), details, node_wide)
 
 
 def future_to_deferred(call: Any, target: str = "") -> defer.Deferred[Any]:
