@@ -256,6 +256,22 @@ class ClockTests(unittest.TestCase):
         d._set_members([])  # withdrawn: an empty list is the truth
         self.assertEqual((d.members(), fake.calls[-1]), ([], "revoke"))
 
+    def test_a_watch_not_caught_up_with_our_record_is_not_a_lost_record(self) -> None:
+        # just published, the first lists may predate our record (another node's, say): that is
+        # no reason to warn and publish again; once our record has been seen, its absence is
+        logs = LogCapture(self)
+        d, fake, clock = self.make()
+        d.publish()
+        fake.calls.clear()
+        d._set_members([member("other")])
+        self.assertEqual(ids(d.members()), {"other"})
+        self.assertEqual((fake.calls, logs.count(d, "came back without this node")), ([], 0))
+        self.assertTrue(d.published)
+        d._set_members([member("me"), member("other")])
+        d._set_members([member("other")])
+        self.assertEqual(ids(d.members()), {"me", "other"})
+        self.assertEqual((fake.calls, logs.count(d, "came back without this node")), (["keepalive", "put"], 1))
+
     def test_republish_waits_for_the_round_in_flight(self) -> None:
         d, fake, clock = self.make()
         d.publish()

@@ -135,6 +135,9 @@ class DiscoveryBase(service.Service):
         self.healthy: bool | None = None
         self.published = False         # our record is live in the backend, as far as we know
         self._lost = False             # the backend lost our record: republishing, last list kept
+        # a list with our record arrived since we (re)published: until then a list without it
+        # is the watch not caught up yet (a node that just started), not a lost record
+        self._seen_self = False
         self._want_published = False
         self._publish_call: Any = None
         self._publishing: SharedResult | None = None
@@ -181,7 +184,7 @@ class DiscoveryBase(service.Service):
         new = tuple(sorted({m.id: m for m in members}.values(), key=lambda m: m.id))
         me = self.self_member.id
         missing = all(m.id != me for m in new)
-        if self._want_published and missing and (self.published or self._lost):
+        if self._want_published and missing and ((self.published and self._seen_self) or self._lost):
             # the backend lost this node's record while it believes it is published (a Consul
             # -dev agent restarted, etcd wiped or its keys deleted): the others are most likely
             # alive and republishing too, so a list that is empty or lacks this node would move
@@ -196,11 +199,13 @@ class DiscoveryBase(service.Service):
                                   backend=self.backend, node=me, count=len(new),
                                   keeping=f", keeping the last {len(self._members)}" if keep else "")
                 self._lost = True
+                self._seen_self = False
                 self._republish()
             if keep:
                 return
         elif not missing:
             self._lost = False
+            self._seen_self = self._want_published
         if new == self._members:
             return
         self._members = new
@@ -300,6 +305,7 @@ class DiscoveryBase(service.Service):
                 self.healthy = healthy
             if not healthy:
                 self._lost = False  # not publishing: a list without this node is the truth
+                self._seen_self = False
             started = self._tick()
             if healthy:
                 await self._refresh()
@@ -331,6 +337,7 @@ class DiscoveryBase(service.Service):
     async def _withdraw(self) -> None:
         self._want_published = False
         self._lost = False
+        self._seen_self = False
         if self._publish_call is not None and self._publish_call.active():
             self._publish_call.cancel()
         self._publish_call = None
