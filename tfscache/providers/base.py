@@ -153,6 +153,14 @@ def staged_copy(
     return copied
 
 
+def stale_copy_warning(reactor: Any, log: Any, name: str, version: int, destination: str) -> Callable[[], None]:
+    """An ``on_replaced`` for ``staged_copy`` (which runs in a thread): the warning, logged
+    on the reactor thread."""
+    return lambda: reactor.callFromThread(
+        log.warn, "replaced a stale copy of model={model} version={version} at {path} that the "
+        "disk cache did not know", model=name, version=version, path=destination)
+
+
 def _daemon_thread(*args: Any, **kwargs: Any) -> threading.Thread:
     # an interpreter that exits without a reactor shutdown (a test run) must not wait for
     # idle copy threads; a copy cut short leaves only a staging directory, deleted at start-up

@@ -15,7 +15,15 @@ from zope.interface import implementer
 from tfscache.errors import Code, ServingError, not_found, unavailable
 from tfscache.interfaces import IModelProvider
 from tfscache.modelspec import validate_name
-from tfscache.providers.base import CopyControl, CopyStopped, CopyThreads, ListingCache, copy_error, staged_copy
+from tfscache.providers.base import (
+    CopyControl,
+    CopyStopped,
+    CopyThreads,
+    ListingCache,
+    copy_error,
+    staged_copy,
+    stale_copy_warning,
+)
 
 
 def tree_size(path: str) -> int:
@@ -101,15 +109,10 @@ class DiskModelProvider:
                     self.copy_file(os.path.join(root, f), os.path.join(target, f))
             return tree_size(tmp)
 
-        def replaced() -> None:
-            self._reactor.callFromThread(
-                self.log.warn,
-                "replaced a stale copy of model={model} version={version} at {path} that the "
-                "disk cache did not know", model=name, version=version, path=destination)
-
         def copy() -> int:
             try:
-                return staged_copy(destination, fill, control, replaced)
+                return staged_copy(destination, fill, control,
+                                   stale_copy_warning(self._reactor, self.log, name, version, destination))
             except CopyStopped:
                 raise
             except Exception as e:

@@ -40,7 +40,7 @@ from zope.interface import implementer
 from tfscache.errors import Code, ServingError, not_found
 from tfscache.interfaces import IModelProvider
 from tfscache.modelspec import validate_name
-from tfscache.providers.base import CopyThreads, ListingCache, copy_error, staged_copy
+from tfscache.providers.base import CopyThreads, ListingCache, copy_error, staged_copy, stale_copy_warning
 
 MIB = 1024 * 1024
 _VERSION_RE = re.compile(r"[0-9]{1,19}")
@@ -468,10 +468,8 @@ class S3ModelProvider:
             if job.stop.is_set():  # cancelled while it waited for a copy thread
                 raise _Stopped()
             copied = staged_copy(job.destination, lambda tmp: self._fill(job, key_prefix, tmp),
-                                 on_replaced=lambda: self._reactor.callFromThread(
-                                     self.log.warn, "replaced a stale copy of model={model} "
-                                     "version={version} at {path} that the disk cache did not know",
-                                     model=job.name, version=job.version, path=job.destination))
+                                 on_replaced=stale_copy_warning(self._reactor, self.log, job.name,
+                                                                job.version, job.destination))
             job.committed, job.copied = True, copied
             return copied
         except _Stopped:
