@@ -1,5 +1,4 @@
-"""What every model provider shares: a short-lived listing cache, staged copies, and the
-bounded thread pool the copies run in."""
+"""What every model provider shares: a short-lived listing cache and staged copies."""
 
 from __future__ import annotations
 
@@ -13,8 +12,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet import defer, threads
-from twisted.python.threadpool import ThreadPool
+from twisted.internet import defer
 
 from tfscache.errors import Code, ServingError
 from tfscache.util.deferreds import SharedResult
@@ -159,63 +157,6 @@ def stale_copy_warning(reactor: Any, log: Any, name: str, version: int, destinat
     return lambda: reactor.callFromThread(
         log.warn, "replaced a stale copy of model={model} version={version} at {path} that the "
         "disk cache did not know", model=name, version=version, path=destination)
-
-
-def _daemon_thread(*args: Any, **kwargs: Any) -> threading.Thread:
-    # an interpreter that exits without a reactor shutdown (a test run) must not wait for
-    # idle copy threads; a copy cut short leaves only a staging directory, deleted at start-up
-    return threading.Thread(*args, daemon=True, **kwargs)
-
-
-class CopyThreads:
-    """A provider's own bounded thread pool for copies.
-
-    Copies block a thread for as long as they take; in the reactor's shared pool a burst of
-    cold copies would hold every thread that etcd calls and DNS lookups need too.  Started at
-    the first copy.  Its owner stops it (``stop()``, once no copy runs) when it closes;
-    otherwise it stops as the reactor's own pool does, during shutdown (after the 'before'
-    phase, so after a node's drain): ``stop_work`` asks the copies still running to stop, then
-    the threads are joined."""
-
-    def __init__(
-        self, reactor: Any, size: int, name: str, stop_work: Callable[[], None] | None = None,
-    ) -> None:
-        if size < 1:
-            raise ValueError("a copy thread pool needs at least one thread")
-        self.size = size
-        self.name = name
-        self._reactor = reactor
-        self._stop_work = stop_work
-        self._pool: ThreadPool | None = None
-        self._trigger: Any = None
-
-    @property
-    def started(self) -> bool:
-        return self._pool is not None
-
-    def run(self, f: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
-        if self._pool is None:
-            pool = ThreadPool(minthreads=0, maxthreads=self.size, name=self.name)
-            pool.threadFactory = _daemon_thread  # type: ignore[assignment]
-            pool.start()
-            self._pool = pool
-            self._trigger = self._reactor.addSystemEventTrigger("during", "shutdown", self._shutting_down)
-        return threads.deferToThreadPool(self._reactor, self._pool, f, *args)
-
-    def _shutting_down(self) -> None:
-        self._trigger = None  # firing now: nothing to remove
-        if self._stop_work is not None:
-            self._stop_work()
-        self.stop()
-
-    def stop(self) -> None:
-        """Join the threads: at once when no copy runs, else once each has stopped."""
-        if self._trigger is not None:
-            self._reactor.removeSystemEventTrigger(self._trigger)
-            self._trigger = None
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.stop()
 
 
 def copy_error(name: str, version: int, error: BaseException) -> ServingError:

@@ -18,12 +18,12 @@ from tfscache.modelspec import validate_name
 from tfscache.providers.base import (
     CopyControl,
     CopyStopped,
-    CopyThreads,
     ListingCache,
     copy_error,
     staged_copy,
     stale_copy_warning,
 )
+from tfscache.util.threads import OwnThreadPool
 
 
 def tree_size(path: str) -> int:
@@ -66,7 +66,8 @@ class DiskModelProvider:
         self.base_path = os.path.abspath(base_path)
         self.listings = ListingCache(listing_ttl)
         self._reactor = reactor
-        self._threads = CopyThreads(reactor, copy_threads, "tfscache-disk-copy", self._stop_all)
+        self._threads = OwnThreadPool(reactor, copy_threads, "tfscache-disk-copy", stop_at_shutdown=True,
+                                      stop_work=self._stop_all)
         self._jobs: dict[int, CopyControl] = {}
         self._workers: set[defer.Deferred[Any]] = set()
         self._closed = False
@@ -173,7 +174,7 @@ class DiskModelProvider:
         self._closed = True
         self._stop_all()
 
-        def stop(_: Any) -> None:
-            self._threads.stop()
+        def stop(_: Any) -> defer.Deferred[None]:
+            return self._threads.stop()
 
         return self.wait_idle().addCallback(stop)

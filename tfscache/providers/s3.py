@@ -40,7 +40,8 @@ from zope.interface import implementer
 from tfscache.errors import Code, ServingError, not_found
 from tfscache.interfaces import IModelProvider
 from tfscache.modelspec import validate_name
-from tfscache.providers.base import CopyThreads, ListingCache, copy_error, staged_copy, stale_copy_warning
+from tfscache.providers.base import ListingCache, copy_error, staged_copy, stale_copy_warning
+from tfscache.util.threads import OwnThreadPool
 
 MIB = 1024 * 1024
 _VERSION_RE = re.compile(r"[0-9]{1,19}")
@@ -187,7 +188,8 @@ class S3ModelProvider:
         self._workers: set[defer.Deferred[Any]] = set()
         self._closed = False
         # each copy holds one of these, plus max_concurrency TransferManager threads of its own
-        self._copies = CopyThreads(reactor, copy_threads, "tfscache-s3-copy", self.stop_all)
+        self._copies = OwnThreadPool(reactor, copy_threads, "tfscache-s3-copy", stop_at_shutdown=True,
+                                     stop_work=self.stop_all)
         # a copy must not hold up the reactor's shutdown (its thread pool joins its threads);
         # a node that drains first closes its provider itself (own_shutdown=False)
         self._trigger: Any = (reactor.addSystemEventTrigger("before", "shutdown", self._on_shutdown)
@@ -638,10 +640,11 @@ class S3ModelProvider:
         self.stop_all()
 
         def release(_: Any) -> defer.Deferred[None] | None:
-            self._copies.stop()  # no copy runs by now: the join is quick
             s3, self._s3 = self._s3, None
             if s3 is not None and hasattr(s3, "close"):
                 return self._in_thread_always(s3.close)
             return None
 
-        return self.wait_idle().addCallback(release).addCallback(lambda _: None)
+        # no copy runs by now: the join is quick
+        d = self.wait_idle().addCallback(lambda _: self._copies.stop())
+        return d.addCallback(release).addCallback(lambda _: None)

@@ -46,14 +46,14 @@ from etcd3gw.client import Etcd3Client
 from etcd3gw.lease import Lease
 from etcd3gw.utils import _decode, _encode, _increment_last_byte
 from requests.adapters import HTTPAdapter
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.python.threadpool import ThreadPool
 from urllib3.connection import HTTPConnection
 
 from tfscache.cluster.discovery import MAX_BACKOFF, MIN_BACKOFF, DiscoveryBase, HealthCheck, endpoint_url, tls_requested
 from tfscache.cluster.members import Member, MemberError
+from tfscache.util.threads import OwnThreadPool
 
 T = TypeVar("T")
 ETCD_THREADS = 2   # EtcdConnection serialises its calls: one for the publish loop, one queued
@@ -409,7 +409,9 @@ class EtcdDiscovery(DiscoveryBase):
             keepalive_idle=max(1, math.ceil(self.ttl)))
         self.watch_silence = watch_silence or WATCH_SILENCE_TTLS * self.ttl
         self._run = run_blocking or self._in_pool
-        self._pool: ThreadPool | None = None
+        from twisted.internet import reactor  # the real one: self.clock may be a test's Clock
+
+        self._pool = OwnThreadPool(reactor, ETCD_THREADS, "tfscache-etcd")
         self.lease_id: int | None = None
         self._by_key: dict[str, Member] = {}
         self._watch: WatchStream | None = None
@@ -418,40 +420,11 @@ class EtcdDiscovery(DiscoveryBase):
 
     # -- threads --------------------------------------------------------------------------------
     def startService(self) -> None:
-        self._threads()
+        self._pool.start()
         super().startService()
 
-    def _threads(self) -> ThreadPool:
-        """The pool of the blocking etcd calls, started with the service (or by a publish()
-        that comes first); a stopped pool cannot be restarted, so a new one then."""
-        if self._pool is None:
-            self._pool = ThreadPool(minthreads=0, maxthreads=ETCD_THREADS, name="tfscache-etcd")
-            self._pool.start()
-        return self._pool
-
     def _in_pool(self, fn: Callable[..., T], *args: Any) -> defer.Deferred[T]:
-        from twisted.internet import reactor
-
-        return threads.deferToThreadPool(reactor, self._threads(), fn, *args)  # type: ignore[arg-type]
-
-    def _stop_pool(self) -> defer.Deferred[None]:
-        """Join the pool's threads off the reactor thread (a call in flight may take up to
-        its timeout)."""
-        from twisted.internet import reactor
-
-        pool, self._pool = self._pool, None
-        if pool is None:
-            return defer.succeed(None)
-        done: defer.Deferred[None] = defer.Deferred()
-
-        def stop() -> None:
-            try:
-                pool.stop()
-            finally:
-                reactor.callFromThread(done.callback, None)  # type: ignore[attr-defined]
-
-        threading.Thread(target=stop, name="tfscache-etcd-stop", daemon=True).start()
-        return done
+        return self._pool.run(fn, *args)
 
     async def _blocking(self, fn: Callable[..., T], *args: Any) -> T:
         result: T = await self._run(fn, *args)
@@ -556,4 +529,4 @@ class EtcdDiscovery(DiscoveryBase):
     def _closed(self) -> defer.Deferred[None]:
         if self._watch is not None:
             self._watch.stop()
-        return self._stop_pool()
+        return self._pool.stop()
