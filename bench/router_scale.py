@@ -36,6 +36,8 @@ import time
 import tracemalloc
 from typing import Any
 
+from twisted.internet.task import Clock
+
 from bench.common import parse_args, print_table, write_report
 from tfscache.cluster.discovery.static import StaticDiscovery
 from tfscache.cluster.members import Member
@@ -97,7 +99,7 @@ def measure(n_members: int, names: list[str], replicas: int, passes: int, seed: 
 
     # the router's whole decision on a warm ring
     discovery = StaticDiscovery(members, members[0])
-    router = Router(None, discovery, members[0].id, replicas, forward_timeout=30.0,  # type: ignore[arg-type]
+    router = Router(None, discovery, members[0].id, replicas, forward_timeout=30.0, clock=Clock(),  # type: ignore[arg-type]
                     spread_threshold=32, metrics=Metrics())
     for name in names:
         router.candidates(name)

@@ -1083,42 +1083,43 @@ class SecretTests(NodeTestCase):
 
 
 class BoundedBodyTests(unittest.TestCase):
-    """A body over listen.max_request_bytes is counted, not kept: neither in memory nor in the
-    temporary file Twisted spools large bodies to (one huge upload could fill the disk)."""
+    """A body over listen.max_request_bytes is counted, not kept (one huge upload must not fill
+    the memory): the REST port's HTTP server fed byte by byte (tests/test_http_server.py has
+    the rest of its behaviour)."""
 
-    def request(self, limit: int) -> Any:
-        from twisted.web.test.requesthelper import DummyChannel
+    def connection(self, limit: int) -> Any:
+        from tests.test_http_server import RecordingApp, connect
+        from tfscache.transport.http_server import HttpLimits
 
-        from tfscache.frontend.rest import bounded_request
-
-        return bounded_request(limit)(DummyChannel())
+        self.app = RecordingApp()
+        return connect(self.app, HttpLimits(max_body=limit))
 
     def test_declared_length_over_the_limit_keeps_nothing(self) -> None:
-        req = self.request(100)
-        req.gotLength(10 * 1024**3)
+        proto, _transport = self.connection(100)
+        proto.dataReceived(b"POST /v1/models/m:predict HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % (10 * 1024**3))
         for _ in range(10):
-            req.handleContentChunk(b"x" * 1000)
-        req.content.seek(0, 2)
-        self.assertEqual(req.content.tell(), 10_000)  # counted, for the error message
-        req.content.seek(0)
-        self.assertEqual(req.content.read(), b"")
+            proto.dataReceived(b"x" * 1000)
+        self.assertEqual(proto._length, 10_000)  # counted, for the error message
+        self.assertEqual(proto._parts, [])
+        self.assertEqual(proto.factory.buffered, 0)
 
     def test_chunked_body_that_grows_past_the_limit_is_dropped(self) -> None:
-        req = self.request(100)
-        req.gotLength(None)  # chunked: no length up front
-        req.handleContentChunk(b"a" * 60)
-        req.content.seek(0)
-        self.assertEqual(req.content.read(), b"a" * 60)  # under the limit: kept
-        req.handleContentChunk(b"b" * 60)
-        req.handleContentChunk(b"c" * 5000)
-        req.content.seek(0, 2)
-        self.assertEqual(req.content.tell(), 5120)
-        req.content.seek(0)
-        self.assertEqual(req.content.read(), b"")
+        proto, _transport = self.connection(100)
+        proto.dataReceived(b"POST /v1/models/m:predict HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+        proto.dataReceived(b"3c\r\n" + b"a" * 60 + b"\r\n")
+        self.assertEqual(b"".join(proto._parts), b"a" * 60)  # under the limit: kept
+        proto.dataReceived(b"3c\r\n" + b"b" * 60 + b"\r\n")
+        proto.dataReceived(b"1388\r\n" + b"c" * 5000 + b"\r\n")
+        self.assertEqual(proto._length, 5120)
+        self.assertEqual(proto._parts, [])
+        proto.dataReceived(b"0\r\n\r\n")
+        [(request, error)] = self.app.requests
+        self.assertEqual(request.body, b"")
+        self.assertIn("exceeds the limit of 100 bytes", error.message)
 
     def test_body_at_the_limit_is_kept(self) -> None:
-        req = self.request(100)
-        req.gotLength(100)
-        req.handleContentChunk(b"z" * 100)
-        req.content.seek(0)
-        self.assertEqual(req.content.read(), b"z" * 100)
+        proto, _transport = self.connection(100)
+        proto.dataReceived(b"POST /v1/models/m:predict HTTP/1.1\r\nContent-Length: 100\r\n\r\n" + b"z" * 100)
+        [(request, error)] = self.app.requests
+        self.assertIsNone(error)
+        self.assertEqual(request.body, b"z" * 100)

@@ -13,7 +13,6 @@ import treq
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 from twisted.web.client import HTTPConnectionPool
-from twisted.web.server import Site
 
 from tests.harness.process import free_port
 from tfscache.cluster.discovery.static import StaticDiscovery
@@ -21,13 +20,13 @@ from tfscache.cluster.members import Member
 from tfscache.cluster.ring import owners
 from tfscache.cluster.router import CONNECT_TIMEOUT, Router
 from tfscache.errors import Code, ServingError
-from tfscache.frontend.grpc_bridge import GrpcBridge
+from tfscache.frontend.grpc_server import GrpcFrontend
 from tfscache.frontend.rest import RestFrontend
 from tfscache.metrics import Metrics
 from tfscache.modelspec import ModelRef, RestCall, parse_rest_path
-from tfscache.node.local import HttpReply, HttpRequest
 from tfscache.proto import model_spec_pb2
 from tfscache.util.grpc_twisted import future_to_deferred
+from tfscache.wire import HttpReply, HttpRequest
 
 PREDICT = "/tensorflow.serving.PredictionService/Predict"
 
@@ -102,11 +101,11 @@ class Node:
         self.router: Router | None = None
         self.routed = 0  # requests that reached this node's router (not forwarded ones)
         self.rest_frontend = RestFrontend(self, self.metrics, local=self.tiny)
-        self.grpc_bridge = GrpcBridge(self, self.metrics, "127.0.0.1", 0, threads_count=8, local=self.tiny)
+        self.grpc_bridge = GrpcFrontend(self, self.metrics, "127.0.0.1", 0, local=self.tiny)
         self.port: Any = None
 
     def start(self) -> Node:
-        self.port = reactor.listenTCP(0, Site(self.rest_frontend.resource()), interface="127.0.0.1")
+        self.port = reactor.listenTCP(0, self.rest_frontend.factory(reactor), interface="127.0.0.1")
         self.grpc_bridge.startService()
         return self
 
@@ -181,16 +180,16 @@ class RouterTestCase(unittest.TestCase):
         nodes = {i: Node(i).start() for i in ids}
         for n in nodes.values():
             self.addCleanup(n.stop)
+            yield n.grpc_bridge.started
         members = [n.member for n in nodes.values()]
         members += [Member(d, "127.0.0.1", free_port(), free_port()) for d in dead]
         members += [Member(h, "127.0.0.1", black_hole(self), black_hole(self)) for h in holes]
         self.members = members
         for n in nodes.values():
             n.router = Router(n.tiny, StaticDiscovery(members, n.member), n.id, replicas, forward_timeout,
-                              spread_threshold, n.metrics, down_seconds=down_seconds)
+                              spread_threshold, n.metrics, reactor, down_seconds=down_seconds)
         self.channels: list[grpc.Channel] = []
         self.addCleanup(lambda: [c.close() for c in self.channels])
-        yield defer.succeed(None)
         return nodes
 
     def name_owned_by(self, *order: str) -> str:
@@ -331,7 +330,7 @@ class RoutingTests(RouterTestCase):
             def members(self) -> list[Member]:
                 return []
 
-        a.router = Router(a.tiny, Empty([], a.member), "a", 2, 5.0, 10, a.metrics)
+        a.router = Router(a.tiny, Empty([], a.member), "a", 2, 5.0, 10, a.metrics, reactor)
         reply = yield self.direct(a, "anything")
         self.assertEqual(json.loads(reply.body)["node"], "a")
 

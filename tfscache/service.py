@@ -10,18 +10,16 @@ from types import SimpleNamespace
 from typing import Any, cast
 
 import grpc
-import treq
-from grpc_health.v1 import health, health_pb2
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from twisted.application import internet, service
-from twisted.internet import defer, reactor, task
-from twisted.internet.interfaces import IReactorCore, IReactorFromThreads, IReactorTime
+from twisted.application import service
+from twisted.internet import defer
+from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint
+from twisted.internet.interfaces import IListeningPort, IReactorCore, IReactorFromThreads, IReactorTime
 from twisted.logger import Logger
-from twisted.web.server import Site
 
 from tfscache.errors import Code, ServingError
-from tfscache.frontend.grpc_bridge import GrpcBridge
-from tfscache.frontend.rest import RestFrontend, bounded_request
+from tfscache.frontend.grpc_server import GrpcFrontend
+from tfscache.frontend.rest import RestFrontend, error_reply, json_reply
 from tfscache.interfaces import IModelProvider
 from tfscache.metrics import Metrics
 from tfscache.node.disk_cache import DiskCache
@@ -29,6 +27,8 @@ from tfscache.node.health import BackendMonitor
 from tfscache.node.local import LocalNode
 from tfscache.node.manager import CacheLimits, CacheManager
 from tfscache.node.serving import ServingController
+from tfscache.transport.http_server import HttpLimits
+from tfscache.wire import HttpReply, HttpRequest
 
 
 def make_provider(cfg: SimpleNamespace, own_shutdown: bool = True) -> IModelProvider:
@@ -48,19 +48,6 @@ class StartupError(Exception):
     """The node cannot start; the reason has been logged as one line."""
 
 
-class QuietSite(Site):
-    """No access-log line per request: metrics count requests; logs are for events.
-
-    Form bodies are not parsed: TF Serving's API takes JSON only, and Twisted would answer a
-    broken multipart body with a bare 400 before the resource could give TF Serving's error."""
-
-    def __init__(self, resource: Any, max_body: int = 64 * 1024 * 1024) -> None:
-        super().__init__(resource, requestFactory=bounded_request(max_body), parsePOSTFormSubmission=False)
-
-    def log(self, request: Any) -> None:
-        pass
-
-
 class NodeService(service.MultiService):
     """One tfscache node: cache manager, TF Serving controller, REST and gRPC front ends.
 
@@ -69,8 +56,12 @@ class NodeService(service.MultiService):
 
     log = Logger()
 
-    def __init__(self, cfg: SimpleNamespace, config_path: str | None = None, daemon: bool = False) -> None:
+    def __init__(self, cfg: SimpleNamespace, config_path: str | None = None, daemon: bool = False,
+                 reactor: Any = None) -> None:
         super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor
+        self.reactor = reactor
         self.cfg = cfg
         self.config_path = config_path
         self.daemon = daemon  # under twistd: own the log observers and SIGHUP
@@ -92,8 +83,8 @@ class NodeService(service.MultiService):
             self.metrics,
         )
         self.local = LocalNode(
-            self.cache, s.rest_url, self.backend.channel, self.metrics,
-            request_timeout=s.request_timeout_seconds, load_timeout=s.load_timeout_seconds,
+            self.cache, s.rest_url, s.grpc_target, self.metrics,
+            request_timeout=s.request_timeout_seconds, load_timeout=s.load_timeout_seconds, clock=reactor,
         )
         # the router replaces the local node as the front ends' handler once the listening
         # ports (which the member record carries) are known
@@ -119,21 +110,15 @@ class NodeService(service.MultiService):
             local=self.local,
             admin=self.admin,
         )
-        site = QuietSite(self.rest.resource(), cfg.listen.max_request_bytes)
-        self.rest_listener: Any
-        if cfg.listen.tls_cert:
-            self.rest_listener = internet.SSLServer(
-                cfg.listen.rest_port, site, tls_options(cfg.listen.tls_cert, cfg.listen.tls_key),
-                interface=cfg.listen.host,
-            )
-        else:
-            self.rest_listener = internet.TCPServer(cfg.listen.rest_port, site, interface=cfg.listen.host)
-        self.health = health.HealthServicer()
-        self._set_health(False)
-        self.grpc = GrpcBridge(
+        lc = cfg.listen
+        self.rest_factory = self.rest.factory(reactor, HttpLimits(
+            max_buffered=lc.max_buffered_bytes, max_connections=lc.max_connections,
+            idle_timeout=lc.idle_timeout_seconds, header_timeout=lc.header_timeout_seconds,
+            body_timeout=lc.body_timeout_seconds))
+        self.rest_listener: IListeningPort | None = None
+        self.grpc = GrpcFrontend(
             self.handler, self.metrics, cfg.listen.host, cfg.listen.grpc_port,
-            threads_count=cfg.listen.grpc_threads, max_message_bytes=cfg.listen.max_request_bytes,
-            local=self.local, health=self.health,
+            max_message_bytes=cfg.listen.max_request_bytes, local=self.local,
             credentials=grpc_credentials(cfg.listen.tls_cert, cfg.listen.tls_key),
         )
         self.monitor = BackendMonitor(self.cache, self.backend, interval=cfg.serving.health_interval_seconds)
@@ -142,8 +127,9 @@ class NodeService(service.MultiService):
 
     @property
     def rest_port(self) -> int:
-        port = getattr(self.rest_listener, "_port", None)
-        return port.getHost().port if port is not None else self.cfg.listen.rest_port
+        if self.rest_listener is None:
+            return int(self.cfg.listen.rest_port)
+        return int(self.rest_listener.getHost().port)  # type: ignore[attr-defined]  # an IPv4Address
 
     def startService(self) -> None:
         service.Service.startService(self)
@@ -151,7 +137,7 @@ class NodeService(service.MultiService):
             from tfscache import logs
 
             logs.install(self.cfg.logging.level, self.cfg.logging.format)
-            reactor.callWhenRunning(self._install_signals)
+            self.reactor.callWhenRunning(self._install_signals)
         d = defer.ensureDeferred(self._start())
 
         def failed(f: Any) -> Any:
@@ -187,7 +173,7 @@ class NodeService(service.MultiService):
         0, which a supervisor reads as a clean stop and does not restart)."""
         if not self.daemon:
             return
-        core = cast(IReactorCore, reactor)
+        core = cast(IReactorCore, self.reactor)
 
         def exit_1() -> None:
             for stream in (sys.__stdout__, sys.__stderr__):
@@ -202,8 +188,8 @@ class NodeService(service.MultiService):
         """After the reactor's own handlers: SIGHUP reloads; SIGTERM drains and exits 0 (the
         reactor's handler would re-raise SIGTERM at exit, which reads as a crash)."""
 
-        threads_reactor = cast(IReactorFromThreads, reactor)
-        core = cast(IReactorCore, reactor)
+        threads_reactor = cast(IReactorFromThreads, self.reactor)
+        core = cast(IReactorCore, self.reactor)
 
         def terminate(_signum: int, _frame: object) -> None:
             self.log.info("SIGTERM: draining, then exiting")
@@ -212,9 +198,23 @@ class NodeService(service.MultiService):
         signal.signal(signal.SIGHUP, lambda _s, _f: threads_reactor.callFromThread(self.reload))
         signal.signal(signal.SIGTERM, terminate)
 
-    def _listen(self) -> defer.Deferred[None]:
-        self.rest_listener.setServiceParent(self)
-        self.grpc.setServiceParent(self)
+    async def _listen(self) -> None:
+        listen = self.cfg.listen
+        if listen.tls_cert:
+            endpoint: Any = SSL4ServerEndpoint(self.reactor, listen.rest_port,
+                                               tls_options(listen.tls_cert, listen.tls_key), interface=listen.host)
+        else:
+            endpoint = TCP4ServerEndpoint(self.reactor, listen.rest_port, interface=listen.host)
+        try:
+            self.rest_listener = await endpoint.listen(self.rest_factory)
+            self.grpc.setServiceParent(self)
+            await self.grpc.started
+        except Exception as e:
+            self.log.error("cannot listen on {host} (listen.rest_port {rest}, listen.grpc_port {grpc}): {error}; "
+                           "stopping", host=listen.host, rest=listen.rest_port, grpc=listen.grpc_port,
+                           error=str(e) or repr(e))
+            self._exit_failed()
+            raise StartupError(str(e))
         self.monitor.setServiceParent(self)
         self._join_cluster()
         self.ready = True
@@ -223,7 +223,7 @@ class NodeService(service.MultiService):
             node=self.cfg.node.id, rest=self.rest_port, grpc=self.grpc.bound_port,
             backend=self.cfg.serving.grpc_target,
         )
-        return self.discovery.publish()
+        await self.discovery.publish()
 
     def _join_cluster(self) -> None:
         from tfscache.cluster.discovery import make_discovery
@@ -237,7 +237,7 @@ class NodeService(service.MultiService):
         self.router = Router(
             self.local, self.discovery, c.node.id, c.cluster.replicas_per_model,
             c.cluster.forward_timeout_seconds, c.cluster.spread_inflight_threshold, self.metrics,
-            tls=bool(c.listen.tls_cert), tls_ca=read_file(c.cluster.tls_ca_cert),
+            clock=self.reactor, tls=bool(c.listen.tls_cert), tls_ca=read_file(c.cluster.tls_ca_cert),
         )
         self.handler = self.rest.handler = self.grpc.handler = self.router
         self.discovery.setServiceParent(self)
@@ -251,14 +251,12 @@ class NodeService(service.MultiService):
         self._set_health(False)
         self.rest.draining = True
         self.grpc.accepting = False
-        clock = cast(IReactorTime, reactor)
+        clock = cast(IReactorTime, self.reactor)
         deadline = clock.seconds() + self.cfg.listen.drain_timeout_seconds
-        # a gRPC call that got past the accepting check has queued its count: let the reactor
-        # run that queue before the count is read
-        yield task.deferLater(clock, 0, lambda: None)
         yield self._withdraw()
-        if self.rest_listener.running:
-            yield self.rest_listener.stopService()  # no new connections
+        if self.rest_listener is not None:
+            yield self.rest_listener.stopListening()  # no new connections
+            self.rest_factory.close_idle()
         left = max(0.0, deadline - clock.seconds())
         rest_idle, grpc_idle = yield defer.gatherResults([
             self.rest.inflight.wait_idle(left, clock), self.grpc.inflight.wait_idle(left, clock)])
@@ -268,7 +266,7 @@ class NodeService(service.MultiService):
         # what is left of the drain time is grpcio's grace for replies still being sent
         self.grpc.stop_grace = max(0.0, deadline - clock.seconds())
         yield service.MultiService.stopService(self)
-        yield self.local.pool.closeCachedConnections()
+        yield self.local.close()
         if self.router is not None:
             yield self.router.close()
         self.backend.close()
@@ -344,10 +342,9 @@ class NodeService(service.MultiService):
         return applied, refused
 
     def _set_health(self, healthy: bool) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if healthy and not self.rest_draining \
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        for name in ("", "tensorflow.serving.PredictionService", "tensorflow.serving.ModelService"):
-            self.health.set(name, status)
+        grpc_frontend = getattr(self, "grpc", None)
+        if grpc_frontend is not None:
+            grpc_frontend.set_serving(healthy and not self.rest_draining)
 
     @property
     def rest_draining(self) -> bool:
@@ -367,52 +364,53 @@ class NodeService(service.MultiService):
         return [self._describe(m) for m in self.router.owners_for(name)] if self.router else []
 
     # -- operational pages -------------------------------------------------------------------
-    def _metrics_page(self, request: Any) -> defer.Deferred[bytes]:
+    def _metrics_page(self, request: HttpRequest) -> defer.Deferred[HttpReply]:
         """Our metrics, then TF Serving's own when it exposes them (its names start with
         ``:tensorflow:``, so they cannot collide with ours)."""
-        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
+        headers = [(b"Content-Type", CONTENT_TYPE_LATEST.encode())]
         ours = generate_latest(self.metrics.registry)
         if not self.cfg.metrics.relay_backend:
-            return defer.succeed(ours)
+            return defer.succeed(HttpReply(200, ours, headers))
+        local = self.local
+        d = local.http.request(local.rest_scheme, local.rest_host, local.rest_port, b"GET",
+                               local.rest_prefix + b"/monitoring/prometheus/metrics", [], [])
+        timer = self.reactor.callLater(1.0, d.cancel)
 
-        async def relay() -> bytes:
-            try:
-                resp = await treq.get(self.cfg.serving.rest_url.rstrip("/") + "/monitoring/prometheus/metrics",
-                                      timeout=1.0, pool=self.local.pool)
-                body = await treq.content(resp)
-            except Exception:
-                return ours  # TF Serving down or slow: our own metrics still answer
-            if resp.code != 200:
-                return ours
-            return ours + b"# TF Serving's own metrics, relayed\n" + body
+        def relayed(reply: HttpReply) -> HttpReply:
+            if timer.active():
+                timer.cancel()
+            if reply.code != 200:
+                return HttpReply(200, ours, headers)
+            return HttpReply(200, [ours, b"# TF Serving's own metrics, relayed\n", *reply.parts], headers)
 
-        return defer.ensureDeferred(relay())
+        def failed(_f: Any) -> HttpReply:
+            if timer.active():
+                timer.cancel()
+            return HttpReply(200, ours, headers)  # TF Serving down or slow: our own metrics still answer
+
+        return d.addCallbacks(relayed, failed)
 
     def _published(self) -> defer.Deferred[None]:
         if self.discovery is not None and getattr(self.discovery, "published", False):
             return defer.succeed(None)
         return defer.fail(RuntimeError("not registered in discovery"))
 
-    def _metrics_disabled(self, request: Any) -> bytes:
-        return RestFrontend._error(request, ServingError(
-            Code.NOT_FOUND, "Metrics are disabled on this node (metrics.enabled: false)"))
+    def _metrics_disabled(self, request: HttpRequest) -> HttpReply:
+        return error_reply(ServingError(Code.NOT_FOUND, "Metrics are disabled on this node (metrics.enabled: false)"))
 
-    def _healthz(self, request: Any) -> bytes:
-        request.setHeader(b"content-type", b"application/json")
-        return b'{"status":"alive"}'
+    def _healthz(self, request: HttpRequest) -> HttpReply:
+        return json_reply(b'{"status":"alive"}')
 
-    def _readyz(self, request: Any) -> defer.Deferred[bytes]:
-        request.setHeader(b"content-type", b"application/json")
+    def _readyz(self, request: HttpRequest) -> defer.Deferred[HttpReply]:
         checks = {"tfserving": self.backend.check(), "provider": self.provider.check(),
                   "discovery": self._published()}
 
-        def report(results: list[tuple[bool, Any]]) -> bytes:
+        def report(results: list[tuple[bool, Any]]) -> HttpReply:
             out = {name: ("ok" if ok else val.getErrorMessage())
                    for name, (ok, val) in zip(checks, results, strict=True)}
             ok = self.ready and all(r[0] for r in results)
             out["node"] = "ok" if self.ready else "starting"
-            request.setResponseCode(200 if ok else 503)
-            return json.dumps(out).encode()
+            return json_reply(json.dumps(out).encode(), 200 if ok else 503)
 
         return defer.DeferredList(list(checks.values()), consumeErrors=True).addCallback(report)
 

@@ -26,6 +26,13 @@ def makeService(options: Options) -> IService:
         # one clear line, no traceback: twistd prints a SystemExit's message and exits 1
         print(f"tfscache: configuration error: {e}", file=sys.stderr)
         raise SystemExit(1)
+    from tfscache.reactor import ensure_installed
+
+    try:
+        ensure_installed()
+    except RuntimeError as e:
+        print(f"tfscache: {e}", file=sys.stderr)
+        raise SystemExit(1)
     from tfscache.service import NodeService
 
     return NodeService(cfg, config_path=options["config"], daemon=True)

@@ -34,61 +34,35 @@ from typing import Any, TypeVar
 
 import grpc
 from twisted.internet import defer, ssl
-from twisted.internet.error import ConnectError, ConnectionClosed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.web.client import BrowserLikePolicyForHTTPS, HTTPConnectionPool, ResponseFailed, readBody
+from twisted.web.client import BrowserLikePolicyForHTTPS
 from zope.interface import implementer
 
 from tfscache.cluster.members import Member
 from tfscache.cluster.ring import Ring
-from tfscache.errors import NODE_UNAVAILABLE_KEY, Code, ServingError, deadline, unavailable
+from tfscache.errors import Code, ServingError, deadline, unavailable
 from tfscache.interfaces import IDiscovery, IRequestHandler
 from tfscache.metrics import Metrics
 from tfscache.modelspec import ModelRef, RestCall
-from tfscache.node.local import BytesProducer, HttpReply, HttpRequest, Metadata, forwardable_headers, http_agent
-from tfscache.util.grpc_twisted import future_to_deferred
+from tfscache.transport.grpc_client import CONNECT_TIMEOUT, GrpcChannel
+from tfscache.transport.http_client import ConnectFailed, ExchangeFailed, HttpClientPool
+from tfscache.wire import (
+    FORWARDED_HEADER,
+    FORWARDED_METADATA,
+    NODE_UNAVAILABLE_HEADER,
+    HttpReply,
+    HttpRequest,
+    Metadata,
+    forwardable_headers,
+    reply_headers,
+)
 
 T = TypeVar("T")
 
-FORWARDED_HEADER = b"x-tfscache-forwarded"
-FORWARDED_METADATA = (("x-tfscache-forwarded", "1"),)
 DOWN_SECONDS = 3.0        # how long a member that failed node-wide is tried last
-CONNECT_TIMEOUT = 2.0     # a TCP connect slower than this fails over to the next owner
-# the front end that sends the forwarded reply sets these itself; the owner's node-unavailable
-# marker is for this router only (the client's node is not the one it describes)
-_NODE_UNAVAILABLE_HEADER = NODE_UNAVAILABLE_KEY.encode()
-_REPLY_SKIP = {b"date", b"server", _NODE_UNAVAILABLE_HEADER}
-# a request that reached the owner and may have been served there is not retried after these,
-# but they say nothing about the owner's health (a stale pooled connection, for instance)
-_TRANSPORT_ERRORS = (ResponseFailed, ConnectionClosed)
 
-
-def channel_options(connect_timeout: float = CONNECT_TIMEOUT) -> list[tuple[str, int]]:
-    """Options of a channel to another node: reconnect quickly after a node comes back, and
-    give up a connection attempt (TCP, TLS, HTTP/2 settings) after ``connect_timeout``, like a
-    REST forward, so a black-holed owner fails over with UNAVAILABLE instead of using the whole
-    deadline.  gRPC core has no option named for the connect timeout: it takes
-    ``min_reconnect_backoff_ms`` as its minimum connect timeout (default 20 s), while the delay
-    before the next attempt comes from ``initial_reconnect_backoff_ms``."""
-    return [
-        ("grpc.max_receive_message_length", -1),
-        ("grpc.max_send_message_length", -1),
-        ("grpc.initial_reconnect_backoff_ms", 100),
-        ("grpc.min_reconnect_backoff_ms", max(100, round(connect_timeout * 1000))),
-        ("grpc.max_reconnect_backoff_ms", 1000),
-        ("grpc.enable_retries", 0),
-    ]
-
-
-def default_channel(target: str, connect_timeout: float = CONNECT_TIMEOUT) -> grpc.Channel:
-    """An insecure channel to another node."""
-    return grpc.insecure_channel(target, options=channel_options(connect_timeout))
-
-
-def secure_channel(target: str, credentials: grpc.ChannelCredentials,
-                   connect_timeout: float = CONNECT_TIMEOUT) -> grpc.Channel:
-    return grpc.secure_channel(target, credentials, options=channel_options(connect_timeout))
+ChannelFactory = Callable[[str], GrpcChannel]
 
 
 class _RouteState:
@@ -125,44 +99,34 @@ class Router:
         forward_timeout: float,
         spread_threshold: int,
         metrics: Metrics,
-        clock: IReactorTime | None = None,
-        pool: HTTPConnectionPool | None = None,
-        grpc_channel_factory: Callable[[str], grpc.Channel] | None = None,
+        clock: IReactorTime,
+        http: HttpClientPool | None = None,
+        grpc_channel_factory: ChannelFactory | None = None,
         down_seconds: float = DOWN_SECONDS,
         connect_timeout: float = CONNECT_TIMEOUT,
         tls_ca: bytes | None = None,
         tls: bool = False,
     ) -> None:
-        from twisted.internet import reactor
-
         self.local, self.discovery, self.self_id = local, discovery, self_id
         self.replicas = max(1, replicas)
         self.forward_timeout = forward_timeout
         self.spread_threshold = spread_threshold
         self.metrics = metrics
-        self.clock: IReactorTime = clock or reactor  # type: ignore[assignment]
+        self.clock = clock
         self.down_seconds = down_seconds
-        if pool is None:
-            pool = HTTPConnectionPool(reactor, persistent=True)
-            pool.maxPersistentPerHost = 64
-            # below the idle timeout of a Twisted web server (60 s): the server never closes
-            # a connection the pool is about to reuse
-            pool.cachedConnectionTimeout = 50
-        self.pool = pool
         # TLS between nodes when the cluster serves TLS: peers are verified against tls_ca (or
         # the system's roots)
-        self.scheme = b"https://" if tls else b"http://"
+        self.scheme = b"https" if tls else b"http"
         policy = None
         if tls:
             trust = ssl.Certificate.loadPEM(tls_ca) if tls_ca else None
             policy = BrowserLikePolicyForHTTPS(trustRoot=trust) if trust else BrowserLikePolicyForHTTPS()
-        self.agent = http_agent(reactor, pool, connect_timeout, policy)
-        if grpc_channel_factory is None and tls:
-            credentials = grpc.ssl_channel_credentials(root_certificates=tls_ca)
-            grpc_channel_factory = lambda target: secure_channel(target, credentials, connect_timeout)  # noqa: E731
-        self._channel_factory = grpc_channel_factory or (lambda target: default_channel(target, connect_timeout))
-        self._channels: dict[str, tuple[str, grpc.Channel]] = {}
-        self._methods: dict[tuple[str, str], grpc.UnaryUnaryMultiCallable] = {}
+        self.http = http or HttpClientPool(clock, connect_timeout, max_idle_per_host=256, tls_policy=policy)
+        if grpc_channel_factory is None:
+            credentials = grpc.ssl_channel_credentials(root_certificates=tls_ca) if tls else None
+            grpc_channel_factory = lambda target: GrpcChannel(target, credentials, connect_timeout)  # noqa: E731
+        self._channel_factory = grpc_channel_factory
+        self._channels: dict[str, GrpcChannel] = {}
         self._down_until: dict[str, float] = {}
         self._inflight: dict[tuple[str, str], int] = {}
         self._version = 0
@@ -176,13 +140,13 @@ class Router:
         self._ring = Ring(members, self.replicas, self._version)
         self.metrics.members.set(len(self._ring))
         live = {m.id: m for m in self._ring.members}
-        for mid, (target, channel) in list(self._channels.items()):
+        for mid, channel in list(self._channels.items()):
             m = live.get(mid)
-            if m is None or m.grpc_target != target:
+            if m is None or m.grpc_target != channel.target:
                 del self._channels[mid]
-                for key in [k for k in self._methods if k[0] == mid]:
-                    del self._methods[key]
-                channel.close()
+                # calls in flight to a member that left (a rolling restart drains it) finish:
+                # they are cancelled only past the forward deadline
+                channel.close(grace=self.forward_timeout)
         for mid in [mid for mid in self._down_until if mid not in live]:
             del self._down_until[mid]
 
@@ -258,11 +222,9 @@ class Router:
 
     def close(self) -> defer.Deferred[None]:
         """Close the gRPC channels and the pooled HTTP connections (at shutdown)."""
-        for _target, channel in self._channels.values():
-            channel.close()
-        self._channels.clear()
-        self._methods.clear()
-        return self.pool.closeCachedConnections()
+        channels, self._channels = list(self._channels.values()), {}
+        closing = [channel.close() for channel in channels]
+        return defer.gatherResults([*closing, self.http.close()]).addCallback(lambda _: None)
 
     # -- the route ------------------------------------------------------------------------------
     async def _route(
@@ -345,30 +307,24 @@ class Router:
 
     async def _rest_remote(self, member: Member, request: HttpRequest, remaining: float) -> HttpReply:
         headers = forwardable_headers(request.headers)
-        headers.setRawHeaders(FORWARDED_HEADER, [b"1"])
-        method = request.method.upper()
-        body = None
-        if request.body or method not in (b"GET", b"HEAD", b"DELETE", b"OPTIONS"):
-            body = BytesProducer(request.body)
-        url = self.scheme + member.rest_base.encode("ascii").split(b"://", 1)[1] + request.path
+        headers.append((FORWARDED_HEADER, b"1"))
         try:
-            resp = await self.agent.request(method, url, headers, body)
-            content: bytes = await readBody(resp)
-        except ConnectError as e:
-            raise _Failover(unavailable(f"{member.id} refused the connection or did not accept it "
-                                        f"in time ({type(e).__name__})"), mark_down=True)
-        except _TRANSPORT_ERRORS as e:
-            raise _Failover(unavailable(f"the connection to {member.id} failed ({type(e).__name__})"),
-                            mark_down=False)
-        out = [(k, v) for k, vs in forwardable_headers(
-            [(k, v) for k, vs in resp.headers.getAllRawHeaders() for v in vs]).getAllRawHeaders()
-            for v in vs if k.lower() not in _REPLY_SKIP]
-        reply = HttpReply(resp.code, content, out)
-        if resp.code == 503:
+            reply: HttpReply = await self.http.request(self.scheme, member.host, member.rest_port, request.method,
+                                                       request.path, headers, request.parts)
+        except ConnectFailed as e:
+            raise _Failover(unavailable(f"{member.id} refused the connection or did not accept it in time ({e})"),
+                            mark_down=True)
+        except ExchangeFailed as e:
+            # reached the owner, which may have served it, but says nothing about its health
+            # (a stale pooled connection, for instance)
+            raise _Failover(unavailable(f"the connection to {member.id} failed ({e})"), mark_down=False)
+        if reply.code == 503:
             # down unless the owner said the 503 is about this model only (without the marker:
             # its TF Serving's own 503, or not a tfscache node at all)
-            model_only = resp.headers.getRawHeaders(_NODE_UNAVAILABLE_HEADER) == [b"0"]
+            model_only = reply.header(NODE_UNAVAILABLE_HEADER) == b"0"
+            reply.headers = reply_headers(reply.headers)
             raise _Failover(unavailable(f"{member.id} answered 503"), mark_down=not model_only, reply=reply)
+        reply.headers = reply_headers(reply.headers)
         return reply
 
     # -- gRPC -----------------------------------------------------------------------------------
@@ -384,26 +340,17 @@ class Router:
 
     async def _grpc_remote(self, member: Member, method: str, payload: bytes, remaining: float,
                            metadata: Metadata) -> bytes:
-        call = self._method(member, method)
-        future = call.future(payload, timeout=remaining, metadata=FORWARDED_METADATA + tuple(metadata))
+        channel = self._channels.get(member.id)
+        if channel is None or channel.target != member.grpc_target:
+            if channel is not None:
+                channel.close(grace=self.forward_timeout)
+            channel = self._channels[member.id] = self._channel_factory(member.grpc_target)
         try:
-            reply: bytes = await future_to_deferred(future, member.grpc_target)
+            reply: bytes = await channel.call(method, payload, remaining, FORWARDED_METADATA + tuple(metadata))
         except ServingError as e:
             if e.code == Code.UNAVAILABLE:
                 # node_wide unless the owner's trailing metadata said "this model only"; a failed
-                # connection has no such metadata (grpc_twisted.rpc_error_to_serving_error)
+                # connection has no such metadata (grpc_client.rpc_error_to_serving_error)
                 raise _Failover(ServingError(e.code, f"{member.id}: {e.message}"), mark_down=e.node_wide)
             raise
         return reply
-
-    def _method(self, member: Member, method: str) -> Any:  # a grpc.UnaryUnaryMultiCallable
-        call = self._methods.get((member.id, method))
-        if call is not None:
-            return call
-        entry = self._channels.get(member.id)
-        if entry is None or entry[0] != member.grpc_target:
-            if entry is not None:
-                entry[1].close()
-            entry = self._channels[member.id] = (member.grpc_target, self._channel_factory(member.grpc_target))
-        call = self._methods[(member.id, method)] = entry[1].unary_unary(method)
-        return call

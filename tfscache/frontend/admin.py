@@ -6,29 +6,43 @@
     POST /admin/models/{name}/versions/{v}:evict         unload and delete from disk
     GET  /admin/members                                  the cluster members this node sees
     GET  /admin/owners/{name}                            which members own a model name
+
+Six routes, matched here by expression on the percent-decoded path: a web framework would
+answer some requests in its own (HTML) formats where this API answers JSON.
 """
 
 from __future__ import annotations
 
 import hmac
 import json
+import re
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import unquote
 
-from klein import Klein
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.web.iweb import IRequest
 
 from tfscache.errors import Code, ServingError, invalid
 from tfscache.frontend.errors import as_serving_error
 from tfscache.modelspec import ModelId, validate_name, validate_version
 from tfscache.node.manager import CacheManager
+from tfscache.wire import HttpReply, HttpRequest, header_value
+
+_JSON = [(b"Content-Type", b"application/json")]
+_NAME = r"([^/:]+)"
+_ROUTES: list[tuple[bytes, re.Pattern[str], str]] = [
+    (b"GET", re.compile(r"/admin/models"), "models"),
+    (b"GET", re.compile(r"/admin/members"), "list_members"),
+    (b"GET", re.compile(rf"/admin/owners/{_NAME}"), "list_owners"),
+    (b"POST", re.compile(rf"/admin/models/{_NAME}:preload"), "preload_latest"),
+    (b"POST", re.compile(rf"/admin/models/{_NAME}/versions/([^/:]+):([^/:]+)"), "version_action"),
+]
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class AdminApi:
     log = Logger()
-    app = Klein()
 
     def __init__(
         self,
@@ -40,31 +54,38 @@ class AdminApi:
         self.cache, self.token = cache, token.encode()
         self.members, self.owners = members, owners
 
-    def resource(self) -> Any:
-        return self.app.resource()
-
     # -- plumbing ----------------------------------------------------------------------------
-    def _authorised(self, request: IRequest) -> bool:
-        header = request.getHeader(b"authorization") or b""
-        scheme, _, given = header.partition(b" ")
-        return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self.token)
-
-    def _run(self, request: IRequest, work: Callable[[], Any]) -> defer.Deferred[bytes]:
-        request.setHeader(b"content-type", b"application/json")
+    def handle(self, request: HttpRequest, path: str) -> defer.Deferred[HttpReply]:
+        """Answer one request under /admin (``path``: the request's path, still encoded)."""
         if not self._authorised(request):
-            request.setResponseCode(401)
-            request.setHeader(b"www-authenticate", b'Bearer realm="tfscache admin"')
-            return defer.succeed(json.dumps({"error": "A valid bearer token is required"}).encode())
+            return defer.succeed(HttpReply(
+                401, json.dumps({"error": "A valid bearer token is required"}).encode(),
+                [*_JSON, (b"WWW-Authenticate", b'Bearer realm="tfscache admin"')]))
+        try:
+            decoded = unquote(path, errors="strict")
+        except UnicodeDecodeError:
+            decoded = "\x00"
+        work = _bind(_not_found, (path,))
+        if not _CONTROL.search(decoded):
+            for method, pattern, route in _ROUTES:
+                m = pattern.fullmatch(decoded)
+                if m is not None and request.method.upper() == method:
+                    work = _bind(getattr(self, route), m.groups())
+                    break
 
-        def ok(result: Any) -> bytes:
-            return json.dumps(result).encode()
+        def ok(result: Any) -> HttpReply:
+            return HttpReply(200, json.dumps(result).encode(), list(_JSON))
 
-        def failed(f: Any) -> bytes:
+        def failed(f: Any) -> HttpReply:
             err = as_serving_error(f)
-            request.setResponseCode(err.http_status)
-            return json.dumps({"error": err.message}).encode()
+            return HttpReply(err.http_status, json.dumps({"error": err.message}).encode(), list(_JSON))
 
         return defer.maybeDeferred(work).addCallbacks(ok, failed)
+
+    def _authorised(self, request: HttpRequest) -> bool:
+        header = header_value(request.headers, b"authorization") or b""
+        scheme, _, given = header.partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self.token)
 
     @staticmethod
     def _model_id(name: str, version: str) -> ModelId:
@@ -75,34 +96,24 @@ class AdminApi:
         return ModelId(validate_name(name), validate_version(v))
 
     # -- routes ------------------------------------------------------------------------------
-    @app.route("/admin/models", methods=["GET"])
-    def models(self, request: IRequest) -> Any:
-        return self._run(request, lambda: {"models": self.cache.snapshot()})
+    def models(self) -> Any:
+        return {"models": self.cache.snapshot()}
 
-    @app.route("/admin/members", methods=["GET"])
-    def list_members(self, request: IRequest) -> Any:
-        return self._run(request, lambda: {"members": self.members()})
+    def list_members(self) -> Any:
+        return {"members": self.members()}
 
-    @app.route("/admin/owners/<name>", methods=["GET"])
-    def list_owners(self, request: IRequest, name: str) -> Any:
-        return self._run(request, lambda: {"name": validate_name(name), "owners": self.owners(name)})
+    def list_owners(self, name: str) -> Any:
+        return {"name": validate_name(name), "owners": self.owners(name)}
 
-    @app.route("/admin/models/<name>:preload", methods=["POST"])
-    def preload_latest(self, request: IRequest, name: str) -> Any:
-        return self._run(request, lambda: defer.ensureDeferred(self._preload(name, None)))
+    def preload_latest(self, name: str) -> Any:
+        return defer.ensureDeferred(self._preload(name, None))
 
-    @app.route("/admin/models/<name>/versions/<version>:<action>", methods=["POST"])
-    def version_action(self, request: IRequest, name: str, version: str, action: str) -> Any:
+    def version_action(self, name: str, version: str, action: str) -> Any:
         actions = {"preload": self._preload_version, "pin": self._pin, "unpin": self._unpin,
                    "evict": self._evict}
         if action not in actions:
-            return self._run(request, lambda: defer.fail(invalid(f"Unknown admin action: {action}")))
-        return self._run(request, lambda: actions[action](name, version))
-
-    @app.route("/admin", branch=True)
-    def unknown(self, request: IRequest) -> Any:
-        path = request.path.decode("latin-1")
-        return self._run(request, lambda: defer.fail(ServingError(Code.NOT_FOUND, f"No admin API at {path}")))
+            raise invalid(f"Unknown admin action: {action}")
+        return actions[action](name, version)
 
     async def _preload(self, name: str, version: int | None) -> dict[str, Any]:
         mid = await self.cache.resolve(validate_name(name), version)
@@ -147,3 +158,11 @@ class AdminApi:
         if entry is None:
             raise ServingError(Code.NOT_FOUND, f"Model {mid.name} version {mid.version} is not on this node")
         return entry.describe()
+
+
+def _bind(route: Callable[..., Any], args: tuple[str, ...]) -> Callable[[], Any]:
+    return lambda: route(*args)
+
+
+def _not_found(path: str) -> Any:
+    raise ServingError(Code.NOT_FOUND, f"No admin API at {path}")

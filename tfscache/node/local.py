@@ -15,53 +15,23 @@ is not pinned either: its specs sit inside repeated tasks, and appending one wou
 
 from __future__ import annotations
 
-import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
-import grpc
 from twisted.internet import defer
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IStreamClientEndpoint
-from twisted.web.client import URI, Agent, HTTPConnectionPool, readBody
-from twisted.web.error import SchemeNotSupported
-from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IPolicyForHTTPS
+from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tfscache.errors import Code, ServingError, deadline, unavailable
 from tfscache.interfaces import IRequestHandler
 from tfscache.metrics import Metrics
 from tfscache.modelspec import ModelId, ModelRef, RestCall
-from tfscache.node.manager import CacheManager
+from tfscache.node.manager import CacheManager, Lease
 from tfscache.proto import model_spec_pb2
-from tfscache.util.grpc_twisted import future_to_deferred
-
-# Hop-by-hop and framing headers are the transport's business, not the payload's.
-_SKIP_HEADERS = {b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"host",
-                 b"te", b"trailer", b"upgrade", b"proxy-connection", b"x-tfscache-forwarded"}
-
-
-@dataclass
-class HttpRequest:
-    method: bytes
-    path: bytes                      # raw, still percent-encoded, with the query string
-    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
-    body: bytes = b""
-
-
-@dataclass
-class HttpReply:
-    code: int
-    body: bytes
-    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
-
-
-Metadata = Sequence[tuple[str, str | bytes]]
-# what a gRPC client sends that is not its own metadata: the transport's, and our marker
-_SKIP_METADATA = frozenset({"user-agent", "te", "content-type", "x-tfscache-forwarded"})
-
+from tfscache.transport.grpc_client import GrpcChannel
+from tfscache.transport.http_client import HttpClientPool
+from tfscache.wire import HttpReply, HttpRequest, Metadata, forwardable_headers, reply_headers
 
 # gRPC methods whose request has model_spec as field 1 and whose answer for no version is the
 # same as for the version it resolves to
@@ -98,164 +68,93 @@ def pinned_grpc_payload(method: str, ref: ModelRef, payload: bytes, mid: ModelId
     return payload + spec.SerializeToString()
 
 
-def forwardable_metadata(metadata: Sequence[tuple[str, str | bytes]] | None) -> tuple[tuple[str, str | bytes], ...]:
-    """A gRPC client's own metadata, to pass on as REST headers are (tracing ids, auth for a
-    proxy in front of TF Serving); gRPC's reserved keys stay behind."""
-    return tuple((k, v) for k, v in metadata or ()
-                 if k not in _SKIP_METADATA and not k.startswith(("grpc-", ":")))
-
-
-def forwardable_headers(headers: list[tuple[bytes, bytes]]) -> Headers:
-    out = Headers()
-    for k, v in headers:
-        if k.lower() not in _SKIP_HEADERS:
-            out.addRawHeader(k, v)
-    return out
-
-
-@implementer(IAgentEndpointFactory)
-class CachedEndpoints:
-    """An Agent's endpoints, one per (scheme, host, port), built once: the Agent's own factory
-    makes a new HostnameEndpoint for every request, and its IDNA host check alone costs about
-    a tenth of a warm request's CPU (profiled; bench/profile_warm.py)."""
-
-    def __init__(self, reactor: Any, connect_timeout: float | None = None,
-                 tls_policy: IPolicyForHTTPS | None = None) -> None:
-        self.reactor, self.connect_timeout, self.tls_policy = reactor, connect_timeout, tls_policy
-        self._endpoints: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
-
-    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
-        key = (uri.scheme, uri.host, uri.port)
-        endpoint = self._endpoints.get(key)
-        if endpoint is None:
-            if len(self._endpoints) >= 1024:  # a bound; only the members and the backend are here
-                self._endpoints.clear()
-            timeout = 30 if self.connect_timeout is None else self.connect_timeout  # 30: Twisted's default
-            endpoint = HostnameEndpoint(self.reactor, uri.host.decode("ascii"), uri.port, timeout=timeout)
-            if uri.scheme == b"https" and self.tls_policy is not None:
-                endpoint = wrapClientTLS(self.tls_policy.creatorForNetloc(uri.host, uri.port), endpoint)
-            elif uri.scheme != b"http":
-                raise SchemeNotSupported(f"Unsupported scheme: {uri.scheme!r}")
-            self._endpoints[key] = endpoint
-        return endpoint
-
-
-@implementer(IBodyProducer)
-class BytesProducer:
-    """A request body that is in memory already, written in one go (a FileBodyProducer would
-    write it from a cooperative task, a reactor iteration later)."""
-
-    def __init__(self, body: bytes) -> None:
-        self.body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer: Any) -> defer.Deferred[None]:
-        consumer.write(self.body)
-        return defer.succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
-
-
-def http_agent(reactor: Any, pool: HTTPConnectionPool, connect_timeout: float | None = None,
-               tls_policy: IPolicyForHTTPS | None = None) -> Agent:
-    """A plain Agent (no redirects, cookies or content decoding: bytes pass through as they
-    are) over ``pool``, with endpoints built once per host."""
-    return Agent.usingEndpointFactory(reactor, CachedEndpoints(reactor, connect_timeout, tls_policy), pool=pool)
-
-
 @implementer(IRequestHandler)
 class LocalNode:
+    """The warm path is a chain of Deferreds that have fired already (resolve, lease) and
+    one forward: no coroutine, no thread."""
+
     def __init__(
         self,
         cache: CacheManager,
         rest_base: str,
-        grpc_channel: grpc.Channel,
+        grpc_target: str,
         metrics: Metrics,
         request_timeout: float,
         load_timeout: float,
-        pool: HTTPConnectionPool | None = None,
+        clock: IReactorTime,
+        http: HttpClientPool | None = None,
+        grpc_channel: GrpcChannel | None = None,
     ) -> None:
-        from twisted.internet import reactor
-
-        self.cache, self.metrics = cache, metrics
-        self.rest_base = rest_base.rstrip("/").encode()
-        self.channel = grpc_channel
+        self.cache, self.metrics, self.clock = cache, metrics, clock
+        url = urlsplit(rest_base.rstrip("/"))
+        self.rest_scheme = url.scheme.encode()
+        self.rest_host = url.hostname or "127.0.0.1"
+        self.rest_port = url.port or (443 if url.scheme == "https" else 80)
+        self.rest_prefix = url.path.encode()
         self.request_timeout, self.load_timeout = request_timeout, load_timeout
-        self.clock = reactor
-        self.pool = pool or HTTPConnectionPool(reactor, persistent=True)
-        self.pool.maxPersistentPerHost = 64
-        self.agent = http_agent(reactor, self.pool)
-        self._grpc_methods: dict[str, grpc.UnaryUnaryMultiCallable] = {}
+        # no connect timeout of gRPC's own for TF Serving: its channel reconnects at once
+        self.http = http or HttpClientPool(clock, max_idle_per_host=256)
+        self.channel = grpc_channel or GrpcChannel(grpc_target, connect_timeout=None)
 
-    async def _lease(self, ref: ModelRef, timeout: float | None):  # type: ignore[no-untyped-def]
-        mid = await self.cache.resolve(ref.name, ref.version, ref.label)
-        return await self.cache.acquire(mid, timeout)
+    def _lease(self, ref: ModelRef, timeout: float | None) -> defer.Deferred[Lease]:
+        d = self.cache.resolve(ref.name, ref.version, ref.label)
+        return d.addCallback(self.cache.acquire, timeout)
+
+    def close(self) -> defer.Deferred[None]:
+        """Close the connections to TF Serving (at shutdown, after the drain)."""
+        return defer.gatherResults([self.http.close(), self.channel.close()]).addCallback(lambda _: None)
 
     # -- REST --------------------------------------------------------------------------------
     def rest(self, call: RestCall, request: HttpRequest) -> defer.Deferred[HttpReply]:
-        return defer.ensureDeferred(self._rest(call, request))
+        return self._lease(call.ref, self.load_timeout).addCallback(self._rest_forward, call, request)
 
-    async def _rest(self, call: RestCall, request: HttpRequest) -> HttpReply:
-        lease = await self._lease(call.ref, self.load_timeout)
-        try:
-            producer = BytesProducer(request.body) if request.body else None
-            path = pinned_rest_path(call, request.path, lease.model_id)
-            d: defer.Deferred[Any] = self.agent.request(request.method, self.rest_base + path,
-                                   forwardable_headers(request.headers), producer)
-            # the deadline covers the answer and its body (cancelling d cancels readBody too)
-            d.addCallback(lambda resp: readBody(resp).addCallback(lambda body: (resp, body)))
-            timer = self.clock.callLater(self.request_timeout, d.cancel)
-            try:
-                resp, body = await d
-            except defer.CancelledError:
-                raise deadline(f"TF Serving did not answer within {self.request_timeout:g}s")
-            except ServingError:
-                raise
-            except Exception as e:
-                raise unavailable(f"TF Serving REST API is unreachable: {type(e).__name__}", node_wide=True)
-            finally:
-                if timer.active():
-                    timer.cancel()
-            headers = [(k, v) for k, vs in resp.headers.getAllRawHeaders() for v in vs
-                       if k.lower() not in _SKIP_HEADERS]
-            return HttpReply(resp.code, body, headers)
-        finally:
-            lease.release()
+    def _rest_forward(self, lease: Lease, call: RestCall, request: HttpRequest) -> defer.Deferred[HttpReply]:
+        path = pinned_rest_path(call, request.path, lease.model_id)
+        d = self.http.request(self.rest_scheme, self.rest_host, self.rest_port, request.method,
+                              self.rest_prefix + path, forwardable_headers(request.headers), request.parts)
+        # the deadline covers the answer and its body
+        timer = self.clock.callLater(self.request_timeout, d.cancel)
+        return d.addBoth(self._rest_done, lease, timer)
+
+    def _rest_done(self, result: HttpReply | Failure, lease: Lease, timer: Any) -> HttpReply:
+        lease.release()
+        if timer.active():
+            timer.cancel()
+        elif isinstance(result, Failure) and result.check(defer.CancelledError):
+            raise deadline(f"TF Serving did not answer within {self.request_timeout:g}s")
+        if isinstance(result, Failure):
+            if result.check(defer.CancelledError, ServingError):
+                result.raiseException()
+            raise unavailable(f"TF Serving REST API is unreachable: {type(result.value).__name__}", node_wide=True)
+        result.headers = reply_headers(result.headers)
+        return result
 
     # -- gRPC --------------------------------------------------------------------------------
     def grpc(
         self, method: str, ref: ModelRef, payload: bytes, timeout: float | None, metadata: Metadata = ()
     ) -> defer.Deferred[bytes]:
-        return defer.ensureDeferred(self._grpc(method, ref, payload, timeout, metadata))
+        started = self.clock.seconds()
+        d = self._lease(ref, timeout if timeout is not None else self.load_timeout)
+        return d.addCallback(self._grpc_forward, method, ref, payload, timeout, metadata, started)
 
-    async def _grpc(self, method: str, ref: ModelRef, payload: bytes, timeout: float | None,
-                    metadata: Metadata) -> bytes:
-        started = time.monotonic()
-        lease = await self._lease(ref, timeout if timeout is not None else self.load_timeout)
-        try:
-            remaining = self.request_timeout
-            if timeout is not None:
-                remaining = timeout - (time.monotonic() - started)
-                if remaining <= 0:
-                    raise deadline("Deadline Exceeded")
-            call = self._grpc_methods.get(method)
-            if call is None:
-                call = self._grpc_methods[method] = self.channel.unary_unary(method)
-            try:
-                payload = pinned_grpc_payload(method, ref, payload, lease.model_id)
-                reply: bytes = await future_to_deferred(
-                    call.future(payload, timeout=remaining, metadata=tuple(metadata) or None))
-            except ServingError as e:
-                if e.code == Code.UNAVAILABLE:
-                    raise unavailable(f"TF Serving gRPC API is unavailable: {e.message}", node_wide=True)
-                raise
-            return reply
-        finally:
-            lease.release()
+    def _grpc_forward(self, lease: Lease, method: str, ref: ModelRef, payload: bytes, timeout: float | None,
+                      metadata: Metadata, started: float) -> defer.Deferred[bytes]:
+        remaining = self.request_timeout
+        if timeout is not None:
+            remaining = timeout - (self.clock.seconds() - started)
+            if remaining <= 0:
+                lease.release()
+                raise deadline("Deadline Exceeded")
+        payload = pinned_grpc_payload(method, ref, payload, lease.model_id)
+        d = self.channel.call(method, payload, remaining, metadata)
+        return d.addBoth(self._grpc_done, lease)
+
+    @staticmethod
+    def _grpc_done(result: bytes | Failure, lease: Lease) -> bytes:
+        lease.release()
+        if isinstance(result, Failure):
+            e = result.value
+            if isinstance(e, ServingError) and e.code == Code.UNAVAILABLE:
+                raise unavailable(f"TF Serving gRPC API is unavailable: {e.message}", node_wide=True)
+            result.raiseException()
+        return result  # type: ignore[return-value]

@@ -1,26 +1,16 @@
-"""Calling gRPC from the reactor: grpcio futures as Deferreds, gRPC errors as ServingErrors."""
+"""Calling grpcio's synchronous channels from the reactor: their futures as Deferreds (the
+control calls to TF Serving's ModelService, and the tests' clients).  The data path uses
+``tfscache.transport.grpc_client`` (grpc.aio, no threads)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import grpc
-from twisted.internet import defer, reactor
+from twisted.internet import defer
 
-from tfscache.errors import NODE_UNAVAILABLE_KEY, Code, ServingError
-
-
-def rpc_error_to_serving_error(e: grpc.RpcError, target: str = "") -> ServingError:
-    """UNAVAILABLE is node-wide unless the server's trailing metadata says it is about one
-    model only: a failed connection has no server metadata at all, and a server other than
-    tfscache (TF Serving) means itself when it says UNAVAILABLE."""
-    code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
-    details = (e.details() if hasattr(e, "details") else None) or str(code)
-    node_wide = False
-    if code == grpc.StatusCode.UNAVAILABLE:
-        trailers = (e.trailing_metadata() if hasattr(e, "trailing_metadata") else None) or ()
-        node_wide = (NODE_UNAVAILABLE_KEY, "0") not in tuple(trailers)
-    return ServingError(Code(code.value[0]), details, node_wide)
+from tfscache.errors import Code, ServingError
+from tfscache.transport.grpc_client import rpc_error_to_serving_error
 
 
 def future_to_deferred(call: Any, target: str = "") -> defer.Deferred[Any]:
@@ -28,6 +18,8 @@ def future_to_deferred(call: Any, target: str = "") -> defer.Deferred[Any]:
 
     Cancelling the Deferred cancels the RPC."""
     d: defer.Deferred[Any] = defer.Deferred(lambda _d: call.cancel())
+
+    from twisted.internet import reactor
 
     def done(fut: Any) -> None:
         reactor.callFromThread(_deliver, d, fut, target)  # type: ignore[attr-defined]

@@ -1,5 +1,7 @@
-"""twistd entry point: ``twistd -n tfscache --config FILE``."""
+"""twistd entry point: ``twistd -n tfscache --config FILE``; and the reactor it runs on,
+``tfscache`` (``twistd -r tfscache``, ``trial --reactor=tfscache``): asyncio on uvloop."""
 
+from twisted.application.reactors import Reactor
 from twisted.application.service import ServiceMaker
 
 serviceMaker = ServiceMaker(
@@ -8,3 +10,5 @@ serviceMaker = ServiceMaker(
     "A model cache in front of TensorFlow Serving",
     "tfscache",
 )
+
+tfscacheReactor = Reactor("tfscache", "tfscache.reactor", "asyncio on uvloop, as tfscache runs (grpc.aio)")

@@ -1,0 +1,203 @@
+"""The REST port's HTTP server (tfscache.transport.http_server) byte by byte: framing,
+keep-alive, pipelining, limits and timeouts, on a string transport and a Clock."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.trial import unittest
+
+from tfscache.errors import ServingError
+from tfscache.frontend.rest import error_reply
+from tfscache.transport.http_server import HttpLimits, HttpServerFactory, HttpServerProtocol
+from tfscache.wire import HttpReply, HttpRequest
+
+
+class RecordingApp:
+    """Answers each request with its path, at once or when ``hold`` asks it to wait."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[HttpRequest, ServingError | None]] = []
+        self.hold = False
+        self.held: list[defer.Deferred[HttpReply]] = []
+        self.cancelled = 0
+
+    def handle(self, request: HttpRequest, error: ServingError | None) -> Any:
+        self.requests.append((request, error))
+        if error is not None:
+            return error_reply(error)
+        reply = HttpReply(200, request.path + b"|" + request.body, [(b"X-Path", request.path)])
+        if self.hold:
+            d: defer.Deferred[HttpReply] = defer.Deferred(self._cancelled)
+            self.held.append(d)
+            return d.addCallback(lambda _: reply)
+        return reply
+
+    def _cancelled(self, _d: defer.Deferred[HttpReply]) -> None:
+        self.cancelled += 1
+
+    def error_reply(self, error: ServingError) -> HttpReply:
+        return error_reply(error)
+
+
+def connect(app: Any, limits: HttpLimits | None = None, clock: Clock | None = None) -> tuple[Any, StringTransport]:
+    factory = HttpServerFactory(app, limits or HttpLimits(), clock or Clock())
+    proto = factory.buildProtocol(None)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    return proto, transport
+
+
+def replies(data: bytes) -> list[bytes]:
+    """The status lines in ``data``."""
+    return [line for line in data.split(b"\r\n") if line.startswith(b"HTTP/1.")]
+
+
+class FramingTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.app = RecordingApp()
+        self.clock = Clock()
+        self.proto: HttpServerProtocol
+        self.proto, self.transport = connect(self.app, clock=self.clock)
+
+    def test_keep_alive_and_content_length(self) -> None:
+        self.proto.dataReceived(b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc")
+        out = self.transport.value()
+        self.assertTrue(out.startswith(b"HTTP/1.1 200 OK\r\n"), out)
+        self.assertIn(b"Content-Length: 6\r\n", out)
+        self.assertTrue(out.endswith(b"\r\n\r\n/a|abc"), out)
+        self.assertFalse(self.transport.disconnecting)
+
+    def test_http_1_0_closes_unless_asked_to_keep_alive(self) -> None:
+        self.proto.dataReceived(b"GET /a HTTP/1.0\r\n\r\n")
+        self.assertIn(b"Connection: close", self.transport.value())
+        self.assertTrue(self.transport.disconnecting)
+        proto, transport = connect(self.app)
+        proto.dataReceived(b"GET /b HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        self.assertIn(b"Connection: keep-alive", transport.value())
+        self.assertFalse(transport.disconnecting)
+
+    def test_pipelined_requests_are_answered_in_order(self) -> None:
+        self.app.hold = True
+        self.proto.dataReceived(b"GET /1 HTTP/1.1\r\n\r\nGET /2 HTTP/1.1\r\n\r\nGET /3 HTTP/1.1\r\n\r\n")
+        self.assertEqual(len(self.app.requests), 1)  # one at a time
+        self.assertEqual(self.transport.producerState, "paused")
+        while self.app.held:
+            self.app.held.pop(0).callback(None)
+        out = self.transport.value()
+        self.assertEqual(out.count(b"HTTP/1.1 200 OK"), 3)
+        self.assertLess(out.index(b"/1|"), out.index(b"/2|"))
+        self.assertLess(out.index(b"/2|"), out.index(b"/3|"))
+        self.assertEqual(self.transport.producerState, "producing")
+
+    def test_chunked_body_is_dechunked(self) -> None:
+        self.proto.dataReceived(b"POST /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
+        [(request, error)] = self.app.requests
+        self.assertIsNone(error)
+        self.assertEqual(request.parts, [b"abc", b"de"])
+        self.assertEqual(request.body, b"abcde")
+
+    def test_expect_100_continue(self) -> None:
+        self.proto.dataReceived(b"POST /e HTTP/1.1\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n")
+        self.assertEqual(self.transport.value(), b"HTTP/1.1 100 Continue\r\n\r\n")
+        self.proto.dataReceived(b"ok")
+        self.assertIn(b"HTTP/1.1 200 OK", self.transport.value())
+
+    def test_head_has_no_body(self) -> None:
+        self.proto.dataReceived(b"HEAD /h HTTP/1.1\r\n\r\n")
+        out = self.transport.value()
+        self.assertIn(b"Content-Length: 3\r\n", out)
+        self.assertTrue(out.endswith(b"\r\n\r\n"), out)
+
+    def test_garbage_gets_a_json_400_and_a_close(self) -> None:
+        self.proto.dataReceived(b"\x16\x03\x01garbage\r\n\r\n")
+        out = self.transport.value()
+        self.assertTrue(out.startswith(b"HTTP/1.1 400 "), out)
+        self.assertIn(b'{"error": "Malformed HTTP request', out)
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(self.app.requests, [])
+
+    def test_too_many_headers_is_refused(self) -> None:
+        proto, transport = connect(self.app, HttpLimits(max_headers=10))
+        proto.dataReceived(b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(11)) + b"\r\n")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 400 "))
+        self.assertTrue(transport.disconnecting)
+
+    def test_client_gone_cancels_the_reply(self) -> None:
+        self.app.hold = True
+        self.proto.dataReceived(b"GET /g HTTP/1.1\r\n\r\n")
+        self.proto.connectionLost()
+        self.assertEqual(self.app.cancelled, 1)
+        self.assertEqual(self.transport.value(), b"")
+
+
+class LimitTests(unittest.TestCase):
+    def test_bodies_over_the_shared_budget_are_refused(self) -> None:
+        app = RecordingApp()
+        app.hold = True
+        factory = HttpServerFactory(app, HttpLimits(max_buffered=150), Clock())
+        first, second = factory.buildProtocol(None), factory.buildProtocol(None)
+        transports = [StringTransport(), StringTransport()]
+        first.makeConnection(transports[0])
+        second.makeConnection(transports[1])
+        first.dataReceived(b"POST /1 HTTP/1.1\r\nContent-Length: 100\r\n\r\n" + b"a" * 100)
+        self.assertEqual(factory.buffered, 100)  # held while its reply is pending
+        app.hold = False
+        second.dataReceived(b"POST /2 HTTP/1.1\r\nContent-Length: 100\r\n\r\n" + b"b" * 100)
+        _request, error = app.requests[1]
+        assert error is not None
+        self.assertEqual(error.code.name, "RESOURCE_EXHAUSTED")
+        self.assertTrue(transports[1].value().startswith(b"HTTP/1.1 429 "))
+        app.held[0].callback(None)
+        self.assertEqual(factory.buffered, 0)
+
+    def test_connections_past_the_limit_are_closed(self) -> None:
+        factory = HttpServerFactory(RecordingApp(), HttpLimits(max_connections=2), Clock())
+        transports = [StringTransport() for _ in range(3)]
+        for t in transports:
+            factory.buildProtocol(None).makeConnection(t)
+        self.assertEqual(len(factory.connections), 2)
+        self.assertTrue(transports[2].disconnecting)
+
+
+class TimeoutTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.factory = HttpServerFactory(RecordingApp(), HttpLimits(idle_timeout=10, header_timeout=5,
+                                                                    body_timeout=7), self.clock)
+        self.factory.startFactory()
+        self.addCleanup(self.factory.stopFactory)
+
+    def conn(self) -> tuple[HttpServerProtocol, StringTransport]:
+        proto = self.factory.buildProtocol(None)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        return proto, transport
+
+    def test_idle_connection_is_closed(self) -> None:
+        proto, transport = self.conn()
+        self.clock.advance(9)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(2)
+        self.assertTrue(transport.disconnected or transport.disconnecting)
+
+    def test_slow_headers_are_closed(self) -> None:
+        proto, transport = self.conn()
+        for _ in range(6):  # a byte a second: slowloris
+            proto.dataReceived(b"G")
+            self.clock.advance(1)
+        self.assertTrue(transport.disconnected or transport.disconnecting)
+
+    def test_a_stalled_body_is_closed_a_slow_one_is_not(self) -> None:
+        proto, transport = self.conn()
+        proto.dataReceived(b"POST / HTTP/1.1\r\nContent-Length: 100\r\n\r\n")
+        for _ in range(20):
+            proto.dataReceived(b"x")
+            self.clock.advance(3)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(8)
+        self.assertTrue(transport.disconnected or transport.disconnecting)

@@ -1,0 +1,166 @@
+"""The client-facing gRPC API: TF Serving's method names, payloads forwarded as raw bytes.
+
+A ``grpc.aio`` server on the reactor's own asyncio loop (``tfscache.reactor``): a call is a
+coroutine that reads only the request's ``model_spec``, hands it to the request handler and
+awaits its Deferred.  No thread is held while a call waits (for a cold model's copy and load,
+say), so no number of waiting calls delays a call for a warm model.  When the client cancels
+or its deadline passes, grpc.aio cancels the coroutine, which cancels the handler's Deferred
+(a load other requests wait for goes on).  Generic handlers register the method names, so no
+TF Serving generated code is needed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from twisted.application import service
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from tfscache.errors import NODE_UNAVAILABLE_KEY, Code, ServingError
+from tfscache.frontend.errors import as_serving_error, grpc_status, node_unavailable_marker
+from tfscache.interfaces import IRequestHandler
+from tfscache.metrics import Metrics
+from tfscache.modelspec import PREDICTION_METHODS, parse_grpc_request
+from tfscache.reactor import event_loop
+from tfscache.util.inflight import InFlight
+from tfscache.wire import FORWARDED_KEY, forwardable_metadata
+
+PREDICTION_SERVICE = "tensorflow.serving.PredictionService"
+MODEL_SERVICE = "tensorflow.serving.ModelService"
+HEALTH_SERVICES = ("", PREDICTION_SERVICE, MODEL_SERVICE)
+
+# full method path -> short name used for parsing and metrics
+FORWARDED_METHODS = {f"/{PREDICTION_SERVICE}/{m}": m for m in PREDICTION_METHODS}
+FORWARDED_METHODS[f"/{MODEL_SERVICE}/GetModelStatus"] = "GetModelStatus"
+
+
+class _GenericHandler(grpc.GenericRpcHandler):
+    def __init__(self, frontend: GrpcFrontend) -> None:
+        self._handlers = {
+            method: grpc.unary_unary_rpc_method_handler(frontend.method_handler(method, short))
+            for method, short in FORWARDED_METHODS.items()
+        }
+
+    def service(self, handler_call_details: Any) -> grpc.RpcMethodHandler | None:
+        # None: grpcio answers UNIMPLEMENTED, as TF Serving does for SessionRun
+        return self._handlers.get(handler_call_details.method)
+
+
+class GrpcFrontend(service.Service):
+    """IService: the grpc.aio server on the client-facing gRPC port."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        handler: IRequestHandler,
+        metrics: Metrics,
+        host: str,
+        port: int,
+        max_message_bytes: int = 64 * 1024 * 1024,
+        credentials: grpc.ServerCredentials | None = None,
+        local: IRequestHandler | None = None,
+        health: bool = True,
+    ) -> None:
+        self.handler, self.metrics = handler, metrics
+        # a call another node's router forwarded here is served here, never routed again
+        self.local = local or handler
+        self.host, self.port = host, port
+        self.max_message_bytes = max_message_bytes
+        self.credentials = credentials
+        self.health = health_aio.HealthServicer() if health else None
+        self._serving = False
+        self.server: grpc.aio.Server | None = None
+        self.bound_port: int | None = None
+        self.accepting = True
+        # calls in flight, so a drain can wait for them with REST's
+        self.inflight = InFlight()
+        self.stop_grace = 5.0  # seconds the calls still running at stopService may take
+        self.started: defer.Deferred[None] = defer.Deferred()
+
+    def startService(self) -> None:
+        super().startService()
+        self.server = grpc.aio.server(
+            handlers=[_GenericHandler(self)],
+            options=[
+                ("grpc.max_receive_message_length", self.max_message_bytes),
+                ("grpc.max_send_message_length", 2**31 - 1),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        if self.health is not None:
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+            self.set_serving(self._serving)
+        address = f"{self.host}:{self.port}"
+        if self.credentials is not None:
+            self.bound_port = self.server.add_secure_port(address, self.credentials)
+        else:
+            self.bound_port = self.server.add_insecure_port(address)
+        if not self.bound_port:
+            raise OSError(f"cannot listen on {address} (gRPC)")
+        d = defer.Deferred.fromFuture(event_loop().create_task(self.server.start()))
+        d.addCallback(lambda _: self.log.info("gRPC API listening on {host}:{port}", host=self.host,
+                                              port=self.bound_port))
+        d.chainDeferred(self.started)
+
+    def stopService(self) -> defer.Deferred[None] | None:
+        super().stopService()
+        if self.server is None:
+            return None
+        server, self.server = self.server, None
+        stopping = event_loop().create_task(server.stop(max(0.0, self.stop_grace)))
+        return defer.Deferred.fromFuture(stopping)
+
+    def set_serving(self, serving: bool) -> None:
+        """The gRPC health service's answer for the server and TF Serving's services."""
+        self._serving = serving
+        if self.health is None or self.server is None:
+            return
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in HEALTH_SERVICES:
+            event_loop().create_task(self.health.set(name, status))
+
+    # -- calls -----------------------------------------------------------------------------
+    def method_handler(self, method: str, short: str) -> Any:
+        loop = event_loop()
+
+        async def call(payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            started = time.perf_counter()
+            code = "OK"
+            self.inflight.enter()
+            self.metrics.inflight.inc()
+            try:
+                if not self.accepting:
+                    raise ServingError(Code.UNAVAILABLE, "tfscache is shutting down", node_wide=True)
+                ref = parse_grpc_request(short, payload)
+                remaining = context.time_remaining()
+                timeout = None if remaining is None or remaining > 1e9 else remaining
+                received = context.invocation_metadata() or ()
+                forwarded = any(k == FORWARDED_KEY for k, _v in received)
+                handler = self.local if forwarded else self.handler
+                d = handler.grpc(method, ref, payload, timeout, forwardable_metadata(received))
+                reply: bytes = await d.asFuture(loop)
+                return reply
+            except asyncio.CancelledError:
+                code = "CANCELLED"  # the client went away or its deadline passed: nobody to answer
+                raise
+            except Exception as e:
+                err = as_serving_error(e)
+                code = err.code.name
+                marker = node_unavailable_marker(err)
+                if marker is not None:
+                    context.set_trailing_metadata(((NODE_UNAVAILABLE_KEY, marker),))
+                await context.abort(grpc_status(err), err.message)
+                raise  # unreachable: abort raises
+            finally:
+                self.inflight.exit()
+                self.metrics.inflight.dec()
+                self.metrics.request_done("grpc", short, code, time.perf_counter() - started)
+
+        return call

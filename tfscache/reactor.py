@@ -1,0 +1,52 @@
+"""The reactor tfscache runs on: Twisted's asyncio reactor, on uvloop where it is installed.
+
+The gRPC front end and the gRPC forwards use ``grpc.aio``, which runs on an asyncio loop; with
+Twisted's asyncio reactor both share one loop and one thread, so a gRPC call costs no thread
+hand-off and waiting for a cold model holds no thread.  ``twistd -r tfscache`` and
+``trial --reactor=tfscache`` pick it by name (``twisted/plugins/tfscache_plugin.py``); the twistd
+plugin installs it itself when no reactor was chosen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency; plain asyncio works too
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def install() -> None:
+    """Install the asyncio reactor on a new (uv)loop; Twisted's reactor-installer hook."""
+    from twisted.internet import asyncioreactor
+
+    loop = new_event_loop()
+    # current as well as running: code run before the reactor runs (callWhenRunning, service
+    # start-up) makes grpc.aio objects and tasks, which bind to the current loop
+    asyncio.set_event_loop(loop)
+    asyncioreactor.install(loop)
+
+
+def ensure_installed() -> None:
+    """Install it unless a reactor is installed already; refuse a reactor without asyncio."""
+    if "twisted.internet.reactor" not in sys.modules:
+        install()
+        return
+    from twisted.internet import reactor
+
+    if not hasattr(reactor, "_asyncioEventloop"):
+        raise RuntimeError(
+            f"tfscache needs Twisted's asyncio reactor (twistd -r tfscache), not {type(reactor).__name__}")
+
+
+def event_loop() -> asyncio.AbstractEventLoop:
+    """The running reactor's asyncio loop."""
+    from twisted.internet import reactor
+
+    loop: asyncio.AbstractEventLoop = reactor._asyncioEventloop  # type: ignore[attr-defined]
+    return loop

@@ -1,0 +1,1 @@
+"""How bytes move: the REST port's HTTP server, and the HTTP and gRPC clients that forward."""
