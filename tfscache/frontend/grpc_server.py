@@ -28,6 +28,7 @@ from tfscache.interfaces import IRequestHandler
 from tfscache.metrics import Metrics
 from tfscache.modelspec import PREDICTION_METHODS, parse_grpc_request
 from tfscache.reactor import event_loop
+from tfscache.transport.grpc_client import as_deferred
 from tfscache.util.inflight import InFlight
 from tfscache.wire import FORWARDED_KEY, forwardable_metadata
 
@@ -104,7 +105,7 @@ class GrpcFrontend(service.Service):
             self.bound_port = self.server.add_insecure_port(address)
         if not self.bound_port:
             raise OSError(f"cannot listen on {address} (gRPC)")
-        d = defer.Deferred.fromFuture(event_loop().create_task(self.server.start()))
+        d = as_deferred(self.server.start())
         d.addCallback(lambda _: self.log.info("gRPC API listening on {host}:{port}", host=self.host,
                                               port=self.bound_port))
         d.chainDeferred(self.started)
@@ -114,8 +115,7 @@ class GrpcFrontend(service.Service):
         if self.server is None:
             return None
         server, self.server = self.server, None
-        stopping = event_loop().create_task(server.stop(max(0.0, self.stop_grace)))
-        return defer.Deferred.fromFuture(stopping)
+        return as_deferred(server.stop(max(0.0, self.stop_grace)))
 
     def set_serving(self, serving: bool) -> None:
         """The gRPC health service's answer for the server and TF Serving's services."""

@@ -9,15 +9,19 @@ runs on.
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 import grpc
 from twisted.internet import defer
+from twisted.python.failure import Failure
 
 from tfscache.errors import NODE_UNAVAILABLE_KEY, Code, ServingError
 from tfscache.reactor import event_loop
 from tfscache.wire import Metadata
 
+T = TypeVar("T")
 CONNECT_TIMEOUT = 2.0     # a connect to another node slower than this fails over to the next owner
 
 
@@ -69,7 +73,7 @@ class GrpcChannel:
              metadata: Metadata | None = None) -> defer.Deferred[bytes]:
         """Call ``method``; fires with the reply's bytes or fails with a ServingError."""
         call = self._method(method)(payload, timeout=timeout, metadata=metadata or None)
-        return defer.Deferred.fromFuture(event_loop().create_task(_outcome(call, self.target)))
+        return as_deferred(_outcome(call, self.target))
 
     def close(self, grace: float | None = None) -> defer.Deferred[None]:
         """Close the channel; calls still running get CANCELLED after ``grace`` seconds."""
@@ -77,7 +81,20 @@ class GrpcChannel:
         self._methods.clear()
         if channel is None:
             return defer.succeed(None)
-        return defer.Deferred.fromFuture(event_loop().create_task(channel.close(grace)))
+        return as_deferred(channel.close(grace))
+
+
+def as_deferred(coroutine: Coroutine[Any, Any, T]) -> defer.Deferred[T]:
+    """Run an asyncio coroutine as a task on the reactor's loop; cancelling the Deferred
+    cancels the task, and fails it with Twisted's CancelledError (asyncio's is a
+    BaseException, which Twisted code does not expect)."""
+    return defer.Deferred.fromFuture(event_loop().create_task(coroutine)).addErrback(_twisted_cancel)
+
+
+def _twisted_cancel(failure: Failure) -> Failure:
+    if failure.check(asyncio.CancelledError):
+        return Failure(defer.CancelledError())
+    return failure
 
 
 async def _outcome(call: Any, target: str) -> bytes:
