@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -463,6 +464,35 @@ class StartupErrorTests(unittest.TestCase):
         self.assertNotIn("did not take the initial model list", proc.stdout)
         self.assertNotIn("Traceback", proc.stdout + proc.stderr)
         self.assertNotIn("ready:", proc.stdout)
+
+    def test_a_port_in_use_stops_the_daemon(self) -> None:
+        """A REST or gRPC port that cannot be bound is fatal: one line naming the listen keys and
+        exit 1, so a supervisor's Restart=on-failure fires (it used to serve on with no listener
+        and exit 0 on SIGTERM)."""
+        for taken in ("rest_port", "grpc_port"):
+            holder = socket.socket()
+            holder.bind(("127.0.0.1", 0))
+            holder.listen(1)
+            self.addCleanup(holder.close)
+            with tempfile.TemporaryDirectory() as d:
+                ports = {"rest_port": 0, "grpc_port": 0, taken: holder.getsockname()[1]}
+                path = os.path.join(d, "tfscache.yaml")
+                with open(path, "w") as f:
+                    yaml.safe_dump({
+                        "listen": {"host": "127.0.0.1", **ports},
+                        "model_provider": {"disk": {"base_path": d}}, "disk_cache": {"path": os.path.join(d, "c")},
+                        "serving": {"grpc_target": f"127.0.0.1:{holder.getsockname()[1]}", "reset_on_start": False},
+                    }, f)
+                proc = subprocess.run(
+                    [os.path.join(os.path.dirname(sys.executable), "twistd"), "-n", "--pidfile=", "tfscache",
+                     "--config", path],
+                    capture_output=True, text=True, cwd=d, timeout=60, env=dict(os.environ, PYTHONPATH=REPO_ROOT))
+            self.assertEqual(proc.returncode, 1, (taken, proc.stdout + proc.stderr))
+            lines = [ln for ln in proc.stdout.splitlines() if "cannot listen on" in ln]
+            self.assertEqual(len(lines), 1, (taken, proc.stdout))
+            self.assertIn(f"listen.{taken} {ports[taken]}", lines[0])
+            self.assertNotIn("Traceback", proc.stdout + proc.stderr)
+            self.assertNotIn("ready:", proc.stdout)
 
 
 class ConfigErrorTests(unittest.TestCase):
