@@ -117,8 +117,13 @@ class FramingTests(unittest.TestCase):
         self.proto.dataReceived(b"\x16\x03\x01garbage\r\n\r\n")
         out = self.transport.value()
         self.assertTrue(out.startswith(b"HTTP/1.1 400 "), out)
-        self.assertIn(b'{"error": "Malformed HTTP request', out)
+        self.assertIn(b'{"error": "Malformed request: not HTTP', out)
         self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(self.app.requests, [])
+
+    def test_http_0_9_is_refused(self) -> None:
+        self.proto.dataReceived(b"GET /v1/models/m\r\n\r\n")
+        self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 400 "), self.transport.value())
         self.assertEqual(self.app.requests, [])
 
     def test_too_many_headers_is_refused(self) -> None:

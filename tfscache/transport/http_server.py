@@ -181,7 +181,7 @@ class HttpServerProtocol(Protocol):
         except httptools.HttpParserUpgrade:
             self._refuse(ServingError(Code.INVALID_ARGUMENT, "Malformed request: protocol upgrades are not supported"))
         except httptools.HttpParserError as e:
-            self._refuse(ServingError(Code.INVALID_ARGUMENT, f"Malformed HTTP request: {e}"))
+            self._refuse(ServingError(Code.INVALID_ARGUMENT, f"Malformed request: not HTTP/1.x ({e})"))
         except ServingError as e:  # a limit of ours, raised from a callback
             self._refuse(e)
 
@@ -238,6 +238,8 @@ class HttpServerProtocol(Protocol):
                                f"Malformed request: request line and headers over {self.limits.max_head} bytes")
 
     def on_headers_complete(self) -> None:
+        if self.parser.get_http_version() not in ("1.0", "1.1"):  # llhttp takes HTTP/0.9's bare line
+            raise ServingError(Code.INVALID_ARGUMENT, "Malformed request: HTTP/1.0 or HTTP/1.1 only")
         self._head_done = True
         self.deadline = self.factory.clock.seconds() + self.limits.body_timeout
         for k, v in self._headers:
