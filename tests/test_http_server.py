@@ -126,6 +126,12 @@ class FramingTests(unittest.TestCase):
         self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 400 "), self.transport.value())
         self.assertEqual(self.app.requests, [])
 
+    def test_a_header_over_the_line_limit_is_refused(self) -> None:
+        proto, transport = connect(self.app, HttpLimits(max_line=100))
+        proto.dataReceived(b"GET / HTTP/1.1\r\nX-Big: " + b"a" * 101 + b"\r\n\r\n")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 400 "))
+        self.assertEqual(self.app.requests, [])
+
     def test_too_many_headers_is_refused(self) -> None:
         proto, transport = connect(self.app, HttpLimits(max_headers=10))
         proto.dataReceived(b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(11)) + b"\r\n")

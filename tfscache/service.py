@@ -14,7 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint
-from twisted.internet.interfaces import IListeningPort, IReactorCore, IReactorFromThreads, IReactorTime
+from twisted.internet.interfaces import IListeningPort, IReactorCore, IReactorTime
 from twisted.logger import Logger
 
 from tfscache.errors import Code, ServingError
@@ -185,18 +185,22 @@ class NodeService(service.MultiService):
         core.callWhenRunning(core.stop)
 
     def _install_signals(self) -> None:
-        """After the reactor's own handlers: SIGHUP reloads; SIGTERM drains and exits 0 (the
-        reactor's handler would re-raise SIGTERM at exit, which reads as a crash)."""
+        """After the reactor's own handlers: SIGHUP reloads; SIGTERM (and SIGINT) drain and exit 0
+        (the reactor's handler would re-raise SIGTERM at exit, which reads as a crash).  Through
+        the asyncio loop's own signal handling, which wakes the loop at once (a plain
+        ``signal.signal`` handler runs only once the loop wakes for something else)."""
+        from tfscache.reactor import event_loop
 
-        threads_reactor = cast(IReactorFromThreads, self.reactor)
         core = cast(IReactorCore, self.reactor)
 
-        def terminate(_signum: int, _frame: object) -> None:
+        def terminate() -> None:
             self.log.info("SIGTERM: draining, then exiting")
-            threads_reactor.callFromThread(core.stop)
+            core.stop()
 
-        signal.signal(signal.SIGHUP, lambda _s, _f: threads_reactor.callFromThread(self.reload))
-        signal.signal(signal.SIGTERM, terminate)
+        loop = event_loop()
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        loop.add_signal_handler(signal.SIGTERM, terminate)
+        loop.add_signal_handler(signal.SIGINT, terminate)
 
     async def _listen(self) -> None:
         listen = self.cfg.listen

@@ -36,6 +36,7 @@ import grpc
 from twisted.internet import defer, ssl
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.client import BrowserLikePolicyForHTTPS
 from zope.interface import implementer
 
@@ -217,7 +218,18 @@ class Router:
         attempt and tries no other owner."""
         state = _RouteState()
         outer: defer.Deferred[T] = defer.Deferred(lambda _d: state.cancel())
-        defer.ensureDeferred(self._route(name, budget, attempt, state)).chainDeferred(outer)
+
+        def deliver(result: Any) -> None:
+            # a cancelled attempt may end later (a gRPC call's task is cancelled on the loop's
+            # next turn), after the cancel has failed ``outer`` already: its end is dropped
+            if outer.called:
+                return
+            if isinstance(result, Failure):
+                outer.errback(result)
+            else:
+                outer.callback(result)
+
+        defer.ensureDeferred(self._route(name, budget, attempt, state)).addBoth(deliver)
         return outer
 
     def close(self) -> defer.Deferred[None]:

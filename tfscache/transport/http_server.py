@@ -57,6 +57,7 @@ class HttpLimits:
     max_body: int = 64 * 1024 * 1024
     max_buffered: int = 1024 * 1024 * 1024
     max_head: int = 64 * 1024
+    max_line: int = 16 * 1024  # the request line, or one header (Twisted's and nginx's bound)
     max_headers: int = 256
     max_connections: int = 10_000
     idle_timeout: float = 120.0
@@ -222,17 +223,20 @@ class HttpServerProtocol(Protocol):
 
     def on_url(self, url: bytes) -> None:
         self._url += url
-        self._count_head(len(url))
+        self._count_head(len(url), len(self._url))
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name, value))
-        self._count_head(len(name) + len(value) + 4)
+        self._count_head(len(name) + len(value) + 4, len(name) + len(value))
         if len(self._headers) > self.limits.max_headers:
             raise ServingError(Code.INVALID_ARGUMENT,
                                f"Malformed request: more than {self.limits.max_headers} header lines")
 
-    def _count_head(self, n: int) -> None:
+    def _count_head(self, n: int, line: int) -> None:
         self._head_bytes += n
+        if line > self.limits.max_line:
+            raise ServingError(Code.INVALID_ARGUMENT,
+                               f"Malformed request: a request line or header over {self.limits.max_line} bytes")
         if self._head_bytes > self.limits.max_head:
             raise ServingError(Code.INVALID_ARGUMENT,
                                f"Malformed request: request line and headers over {self.limits.max_head} bytes")
