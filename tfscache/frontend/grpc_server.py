@@ -36,6 +36,7 @@ from tfscache.wire import FORWARDED_KEY, forwardable_metadata
 PREDICTION_SERVICE = "tensorflow.serving.PredictionService"
 MODEL_SERVICE = "tensorflow.serving.ModelService"
 HEALTH_SERVICES = ("", PREDICTION_SERVICE, MODEL_SERVICE)
+DEADLINE_SLACK = 0.25  # seconds: see the cancel in GrpcFrontend.method_handler
 
 # full method path -> short name used for parsing and metrics
 FORWARDED_METHODS = {f"/{PREDICTION_SERVICE}/{m}": m for m in PREDICTION_METHODS}
@@ -137,6 +138,7 @@ class GrpcFrontend(service.Service):
         async def call(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
             started = time.perf_counter()
             code = "OK"
+            timeout: float | None = None
             self.inflight.enter()
             self.metrics.inflight.inc()
             try:
@@ -155,7 +157,11 @@ class GrpcFrontend(service.Service):
                 reply: bytes = await d.asFuture(loop)
                 return reply
             except asyncio.CancelledError:
-                code = "CANCELLED"  # the client went away or its deadline passed: nobody to answer
+                # the client went away or its deadline passed (grpc.aio cancels the call at
+                # the deadline, which can come a little before our copy of it: it was sent as a
+                # relative grpc-timeout): nobody to answer, but count it for what it was
+                late = timeout is not None and time.perf_counter() - started >= timeout - DEADLINE_SLACK
+                code = "DEADLINE_EXCEEDED" if late else "CANCELLED"
                 raise
             except Exception as e:
                 err = as_serving_error(e)

@@ -92,9 +92,10 @@ class LocalNode:
         self.rest_port = url.port or (443 if url.scheme == "https" else 80)
         self.rest_prefix = url.path.encode()
         self.request_timeout, self.load_timeout = request_timeout, load_timeout
-        # no connect timeout of gRPC's own for TF Serving: its channel reconnects at once
         self.http = http or HttpClientPool(clock, max_idle_per_host=256)
-        self.channel = grpc_channel or GrpcChannel(grpc_target, connect_timeout=None)
+        # reconnects within a second after TF Serving restarts (not after gRPC's default
+        # back-off of up to 120 s)
+        self.channel = grpc_channel or GrpcChannel(grpc_target)
 
     def _lease(self, ref: ModelRef, timeout: float | None) -> defer.Deferred[Lease]:
         d = self.cache.resolve(ref.name, ref.version, ref.label)
