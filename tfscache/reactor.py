@@ -5,6 +5,10 @@ Twisted's asyncio reactor both share one loop and one thread, so a gRPC call cos
 hand-off and waiting for a cold model holds no thread.  ``twistd -r tfscache`` and
 ``trial --reactor=tfscache`` pick it by name (``twisted/plugins/tfscache_plugin.py``); the twistd
 plugin installs it itself when no reactor was chosen.
+
+uvloop takes over SIGCHLD, so Twisted's ``spawnProcess`` never sees its children end under it.
+The daemon starts no process; the tests, whose harness does, run on Twisted's stock asyncio
+reactor (``trial --reactor=asyncio``: the same reactor on the standard library's loop).
 """
 
 from __future__ import annotations
