@@ -97,6 +97,8 @@ def extra_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--cold-window", type=float,
                     help="cold cell: warm calls measured for this long (default 2 x slow load + 1)")
     ap.add_argument("--cold-warm-concurrency", type=int, default=8, help="cold cell: warm callers (default 8)")
+    ap.add_argument("--cold-timeout", type=float,
+                    help="cold cell: the cold calls' deadline (default 30 s, --quick 10 s); unanswered by then: errors")
     ap.add_argument("--name", default="data_plane", help="report name (JSON file stem)")
 
 
@@ -607,7 +609,7 @@ def cold_cell(topo: Topology, args: argparse.Namespace, who: str) -> dict[str, A
     path = binary("grpcload")
     assert path is not None
     # each cold caller names its own model: slow-cold-<t|o>-<i>, which the backend loads slowly
-    cold_timeout = window + 5 if who == "original" else 600  # the original loads one at a time
+    cold_timeout = args.cold_timeout  # the same deadline for every contender; it bounds the cell's time
     cold_argv = [path, "-target", t.grpc_target, "-payload", payload, "-once", "-concurrency", str(args.cold_models),
                  "-rename-prefix", f"slow-cold-{who[0]}-", "-timeout", f"{cold_timeout}s"]
     cold_started: list[float] = []
@@ -631,7 +633,8 @@ def cold_cell(topo: Topology, args: argparse.Namespace, who: str) -> dict[str, A
         "contender": who, "cold_models": args.cold_models, "slow_load_seconds": args.slow_load_seconds,
         "warm_concurrency": c, "window_seconds": window,
         "warm_alone": alone, "warm_beside_cold": beside,
-        "cold": {"answered": cold["requests"], "errors": cold["errors"], "p50_ms": cold["p50_ms"],
+        "cold": {"answered": cold["requests"], "errors": sum(cold["errors"].values()),
+                 "error_codes": cold["errors"], "p50_ms": cold["p50_ms"],
                  "max_ms": cold["max_ms"], "seconds": cold_seconds},
         # how much of the warm window had cold calls in flight
         "window_overlap": min(1.0, cold_seconds / max(window_end - cold_started[0], 1e-9)),
@@ -654,6 +657,7 @@ def settle_defaults(args: argparse.Namespace) -> None:
         args.cold_models = 50 if q else 500
     args.slow_load_seconds = args.slow_load_seconds or (1.0 if q else 5.0)
     args.cold_window = args.cold_window or (2 * args.slow_load_seconds + 1)
+    args.cold_timeout = args.cold_timeout or (10.0 if q else 30.0)
 
 
 def run(args: argparse.Namespace, netns_reason: str | None) -> dict[str, Any]:
@@ -711,6 +715,7 @@ def run(args: argparse.Namespace, netns_reason: str | None) -> dict[str, Any]:
             "protocols": args.protocols, "scenarios": args.scenarios, "quick": args.quick,
             "cold_models": args.cold_models, "slow_load_seconds": args.slow_load_seconds,
             "cold_window_seconds": args.cold_window, "cold_warm_concurrency": args.cold_warm_concurrency,
+            "cold_timeout_seconds": args.cold_timeout,
             "wrk_threads": "min(concurrency, 2)", "grpc_channels": "ceil(concurrency / 64)", "warmup_s": 0.3,
             "private_network_namespace": bool(os.environ.get(NETNS_ENV)),
             "tfscache_config": "bench.data_plane.tfscache_config",
@@ -772,12 +777,12 @@ def show(report: dict[str, Any]) -> None:
                          f"{a['p99_ms']:.2f} / {b['p99_ms']:.2f}",
                          fmt(c["p50_ratio"], 2), fmt(c["p99_ratio"], 2), f"{a['rps']:.0f} / {b['rps']:.0f}",
                          f"{c['cold']['answered']}/{c['cold_models']}", f"{c['cold']['max_ms'] / 1e3:.1f} s",
-                         a["errors"] + b["errors"]])
+                         f"{a['errors']} / {b['errors']}"])
         print_table(
             f"Cold calls beside warm ones (fast backend, {s['cold_models']} concurrent gRPC calls for distinct models "
-            f"that take {s['slow_load_seconds']:g} s to load; warm model at c={s['cold_warm_concurrency']} for "
-            f"{s['cold_window_seconds']:g} s; alone / beside)",
-            ["node", "warm p50 ms", "warm p99 ms", "p50 x", "p99 x", "warm req/s", "cold answered", "last cold",
+            f"that take {s['slow_load_seconds']:g} s to load, deadline {s['cold_timeout_seconds']:g} s; warm model "
+            f"at c={s['cold_warm_concurrency']} for {s['cold_window_seconds']:g} s, deadline +5 s; alone / beside)",
+            ["node", "warm p50 ms", "warm p99 ms", "p50 x", "p99 x", "warm req/s", "cold answered", "last cold answer",
              "warm errors"], rows)
     if not report["original"]["measured"]:
         print(f"original not measured: {report['original']['reason']}")
