@@ -34,7 +34,7 @@ The original binds every interface, so the whole benchmark (backends, nodes, etc
 generators) runs in a private network namespace (``unshare -n``, loopback only) when it can
 (root); otherwise the original is left out and the report says why.
 
-    python -m bench.data_plane            # 2 s per measurement, 3 rounds (~8 min)
+    python -m bench.data_plane            # 2 s per measurement, 3 rounds (~9 min)
     python -m bench.data_plane --quick    # a smoke run
 """
 
