@@ -1096,30 +1096,30 @@ class BoundedBodyTests(unittest.TestCase):
 
     def test_declared_length_over_the_limit_keeps_nothing(self) -> None:
         proto, _transport = self.connection(100)
-        proto.dataReceived(b"POST /v1/models/m:predict HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % (10 * 1024**3))
+        proto.data_received(b"POST /v1/models/m:predict HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % (10 * 1024**3))
         for _ in range(10):
-            proto.dataReceived(b"x" * 1000)
+            proto.data_received(b"x" * 1000)
         self.assertEqual(proto._length, 10_000)  # counted, for the error message
         self.assertEqual(proto._parts, [])
         self.assertEqual(proto.factory.buffered, 0)
 
     def test_chunked_body_that_grows_past_the_limit_is_dropped(self) -> None:
         proto, _transport = self.connection(100)
-        proto.dataReceived(b"POST /v1/models/m:predict HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
-        proto.dataReceived(b"3c\r\n" + b"a" * 60 + b"\r\n")
+        proto.data_received(b"POST /v1/models/m:predict HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+        proto.data_received(b"3c\r\n" + b"a" * 60 + b"\r\n")
         self.assertEqual(b"".join(proto._parts), b"a" * 60)  # under the limit: kept
-        proto.dataReceived(b"3c\r\n" + b"b" * 60 + b"\r\n")
-        proto.dataReceived(b"1388\r\n" + b"c" * 5000 + b"\r\n")
+        proto.data_received(b"3c\r\n" + b"b" * 60 + b"\r\n")
+        proto.data_received(b"1388\r\n" + b"c" * 5000 + b"\r\n")
         self.assertEqual(proto._length, 5120)
         self.assertEqual(proto._parts, [])
-        proto.dataReceived(b"0\r\n\r\n")
+        proto.data_received(b"0\r\n\r\n")
         [(request, error)] = self.app.requests
         self.assertEqual(request.body, b"")
         self.assertIn("exceeds the limit of 100 bytes", error.message)
 
     def test_body_at_the_limit_is_kept(self) -> None:
         proto, _transport = self.connection(100)
-        proto.dataReceived(b"POST /v1/models/m:predict HTTP/1.1\r\nContent-Length: 100\r\n\r\n" + b"z" * 100)
+        proto.data_received(b"POST /v1/models/m:predict HTTP/1.1\r\nContent-Length: 100\r\n\r\n" + b"z" * 100)
         [(request, error)] = self.app.requests
         self.assertIsNone(error)
         self.assertEqual(request.body, b"z" * 100)

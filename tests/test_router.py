@@ -25,6 +25,8 @@ from tfscache.frontend.rest import RestFrontend
 from tfscache.metrics import Metrics
 from tfscache.modelspec import ModelRef, RestCall, parse_rest_path
 from tfscache.proto import model_spec_pb2
+from tfscache.transport.grpc_client import as_deferred
+from tfscache.transport.http_server import listen
 from tfscache.util.grpc_twisted import future_to_deferred
 from tfscache.wire import HttpReply, HttpRequest
 
@@ -104,19 +106,21 @@ class Node:
         self.grpc_bridge = GrpcFrontend(self, self.metrics, "127.0.0.1", 0, local=self.tiny)
         self.port: Any = None
 
-    def start(self) -> Node:
-        self.port = reactor.listenTCP(0, self.rest_frontend.factory(reactor), interface="127.0.0.1")
+    @defer.inlineCallbacks
+    def start(self):  # type: ignore[no-untyped-def]
+        self.port = yield as_deferred(listen(self.rest_frontend.factory(reactor), "127.0.0.1", 0))
         self.grpc_bridge.startService()
+        yield self.grpc_bridge.started
         return self
 
     @property
     def member(self) -> Member:
         assert self.grpc_bridge.bound_port is not None
-        return Member(self.id, "127.0.0.1", self.port.getHost().port, self.grpc_bridge.bound_port)
+        return Member(self.id, "127.0.0.1", self.port.port, self.grpc_bridge.bound_port)
 
     @property
     def rest_url(self) -> str:
-        return f"http://127.0.0.1:{self.port.getHost().port}"
+        return f"http://127.0.0.1:{self.port.port}"
 
     # the handler the front ends call for requests that were not forwarded
     def rest(self, call: RestCall, request: HttpRequest) -> defer.Deferred[HttpReply]:
@@ -135,7 +139,8 @@ class Node:
         self.tiny.release()
         if self.router is not None:
             yield self.router.close()
-        yield self.port.stopListening()
+        self.port.stop()
+        self.port.factory.close_idle()
         yield self.grpc_bridge.stopService()
 
 
@@ -177,10 +182,10 @@ class RouterTestCase(unittest.TestCase):
     def cluster(self, ids=("a", "b", "c"), dead=(), replicas=2, forward_timeout=5.0,  # type: ignore[no-untyped-def]
                 spread_threshold=100, down_seconds=3.0, holes=()):
         self.pool = HTTPConnectionPool(reactor, persistent=False)
-        nodes = {i: Node(i).start() for i in ids}
-        for n in nodes.values():
-            self.addCleanup(n.stop)
-            yield n.grpc_bridge.started
+        nodes = {}
+        for i in ids:
+            nodes[i] = yield Node(i).start()
+            self.addCleanup(nodes[i].stop)
         members = [n.member for n in nodes.values()]
         members += [Member(d, "127.0.0.1", free_port(), free_port()) for d in dead]
         members += [Member(h, "127.0.0.1", black_hole(self), black_hole(self)) for h in holes]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import ssl
 import sys
 from types import SimpleNamespace
 from typing import Any, cast
@@ -13,8 +14,7 @@ import grpc
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from twisted.application import service
 from twisted.internet import defer
-from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint
-from twisted.internet.interfaces import IListeningPort, IReactorCore, IReactorTime
+from twisted.internet.interfaces import IReactorCore, IReactorTime
 from twisted.logger import Logger
 
 from tfscache.errors import Code, ServingError
@@ -27,6 +27,8 @@ from tfscache.node.health import BackendMonitor
 from tfscache.node.local import LocalNode
 from tfscache.node.manager import CacheLimits, CacheManager
 from tfscache.node.serving import ServingController
+from tfscache.transport import http_server
+from tfscache.transport.grpc_client import as_deferred
 from tfscache.transport.http_server import HttpLimits
 from tfscache.wire import HttpReply, HttpRequest
 
@@ -115,7 +117,7 @@ class NodeService(service.MultiService):
             max_buffered=lc.max_buffered_bytes, max_connections=lc.max_connections,
             idle_timeout=lc.idle_timeout_seconds, header_timeout=lc.header_timeout_seconds,
             body_timeout=lc.body_timeout_seconds))
-        self.rest_listener: IListeningPort | None = None
+        self.rest_listener: http_server.HttpListener | None = None
         self.grpc = GrpcFrontend(
             self.handler, self.metrics, cfg.listen.host, cfg.listen.grpc_port,
             max_message_bytes=cfg.listen.max_request_bytes, local=self.local,
@@ -129,7 +131,7 @@ class NodeService(service.MultiService):
     def rest_port(self) -> int:
         if self.rest_listener is None:
             return int(self.cfg.listen.rest_port)
-        return int(self.rest_listener.getHost().port)  # type: ignore[attr-defined]  # an IPv4Address
+        return self.rest_listener.port
 
     def startService(self) -> None:
         service.Service.startService(self)
@@ -204,13 +206,10 @@ class NodeService(service.MultiService):
 
     async def _listen(self) -> None:
         listen = self.cfg.listen
-        if listen.tls_cert:
-            endpoint: Any = SSL4ServerEndpoint(self.reactor, listen.rest_port,
-                                               tls_options(listen.tls_cert, listen.tls_key), interface=listen.host)
-        else:
-            endpoint = TCP4ServerEndpoint(self.reactor, listen.rest_port, interface=listen.host)
+        tls = tls_context(listen.tls_cert, listen.tls_key) if listen.tls_cert else None
         try:
-            self.rest_listener = await endpoint.listen(self.rest_factory)
+            self.rest_listener = await as_deferred(
+                http_server.listen(self.rest_factory, listen.host, listen.rest_port, tls))
             self.grpc.setServiceParent(self)
             await self.grpc.started
         except Exception as e:
@@ -259,7 +258,7 @@ class NodeService(service.MultiService):
         deadline = clock.seconds() + self.cfg.listen.drain_timeout_seconds
         yield self._withdraw()
         if self.rest_listener is not None:
-            yield self.rest_listener.stopListening()  # no new connections
+            self.rest_listener.stop()  # no new connections
             self.rest_factory.close_idle()
         left = max(0.0, deadline - clock.seconds())
         rest_idle, grpc_idle = yield defer.gatherResults([
@@ -432,9 +431,8 @@ def grpc_credentials(cert: str | None, key: str | None) -> grpc.ServerCredential
     return grpc.ssl_server_credentials([(read_file(key), read_file(cert))])
 
 
-def tls_options(cert: str, key: str) -> Any:
-    """Twisted's modern TLS defaults (CertificateOptions) for the REST port."""
-    from twisted.internet import ssl
-
-    pem = (read_file(cert) or b"") + b"\n" + (read_file(key) or b"")
-    return ssl.PrivateCertificate.loadPEM(pem).options()
+def tls_context(cert: str, key: str) -> ssl.SSLContext:
+    """The REST port's TLS: Python's server defaults (TLS 1.2+), the certificate chain and key."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return context

@@ -29,15 +29,15 @@ receiving node serves the request itself instead of routing it again.
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import grpc
-from twisted.internet import defer, ssl
+from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import BrowserLikePolicyForHTTPS
 from zope.interface import implementer
 
 from tfscache.cluster.members import Member
@@ -118,11 +118,10 @@ class Router:
         # TLS between nodes when the cluster serves TLS: peers are verified against tls_ca (or
         # the system's roots)
         self.scheme = b"https" if tls else b"http"
-        policy = None
+        context = None
         if tls:
-            trust = ssl.Certificate.loadPEM(tls_ca) if tls_ca else None
-            policy = BrowserLikePolicyForHTTPS(trustRoot=trust) if trust else BrowserLikePolicyForHTTPS()
-        self.http = http or HttpClientPool(clock, connect_timeout, max_idle_per_host=256, tls_policy=policy)
+            context = ssl.create_default_context(cadata=tls_ca.decode("ascii") if tls_ca else None)
+        self.http = http or HttpClientPool(connect_timeout, max_idle_per_host=256, tls=context)
         if grpc_channel_factory is None:
             credentials = grpc.ssl_channel_credentials(root_certificates=tls_ca) if tls else None
             grpc_channel_factory = lambda target: GrpcChannel(target, credentials, connect_timeout)  # noqa: E731

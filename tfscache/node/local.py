@@ -92,7 +92,7 @@ class LocalNode:
         self.rest_port = url.port or (443 if url.scheme == "https" else 80)
         self.rest_prefix = url.path.encode()
         self.request_timeout, self.load_timeout = request_timeout, load_timeout
-        self.http = http or HttpClientPool(clock, max_idle_per_host=256)
+        self.http = http or HttpClientPool(max_idle_per_host=256)
         # reconnects within a second after TF Serving restarts (not after gRPC's default
         # back-off of up to 120 s)
         self.channel = grpc_channel or GrpcChannel(grpc_target)

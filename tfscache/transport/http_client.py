@@ -1,6 +1,6 @@
 """Forwarding REST requests: HTTP/1.1 over pooled keep-alive connections, parsed by httptools.
 
-A request goes out as its head and its body chunks in one ``writeSequence``; the reply comes
+A request goes out as its head and its body chunks in one ``writelines``; the reply comes
 back as its code, headers and body chunks (chunked replies de-chunked), never joined here.
 Connections are kept per (scheme, host, port), at most ``max_idle_per_host`` idle ones.  A
 request sent on a reused connection that the server closed meanwhile (it saw no byte of a
@@ -11,23 +11,22 @@ Errors: ``ConnectFailed`` when no connection could be made (refused, not accepte
 or the reply is not HTTP; cancelling the Deferred closes the connection.
 
 twisted.web's Agent does this too, and cost several times as much per request (an object
-graph per request and per reply; bench/README.md, "Profiling the warm path").
+graph per request and per reply; bench/README.md, "Profiling the warm path").  Connections are
+the asyncio loop's own transports, as in ``http_server``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import ssl
 from collections import deque
 from typing import Any
 
 import httptools
 from twisted.internet import defer
-from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
-from twisted.internet.error import ConnectError
-from twisted.internet.interfaces import IStreamClientEndpoint
-from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
-from twisted.web.iweb import IPolicyForHTTPS
 
+from tfscache.transport.grpc_client import as_deferred
 from tfscache.wire import Header, HttpReply
 
 
@@ -47,12 +46,11 @@ Key = tuple[bytes, str, int]
 
 
 class HttpClientPool:
-    def __init__(self, reactor: Any, connect_timeout: float = 30.0, max_idle_per_host: int = 64,
-                 tls_policy: IPolicyForHTTPS | None = None) -> None:
-        self.reactor, self.connect_timeout = reactor, connect_timeout
-        self.max_idle_per_host, self.tls_policy = max_idle_per_host, tls_policy
+    def __init__(self, connect_timeout: float = 30.0, max_idle_per_host: int = 64,
+                 tls: ssl.SSLContext | None = None) -> None:
+        self.connect_timeout = connect_timeout
+        self.max_idle_per_host, self.tls = max_idle_per_host, tls
         self._idle: dict[Key, deque[_ClientConnection]] = {}
-        self._endpoints: dict[Key, IStreamClientEndpoint] = {}
         self._open: set[_ClientConnection] = set()
 
     def request(self, scheme: bytes, host: str, port: int, method: bytes, target: bytes,
@@ -75,34 +73,30 @@ class HttpClientPool:
         return failure
 
     def _fresh(self, key: Key, head: bytes, parts: list[bytes]) -> defer.Deferred[HttpReply]:
-        connecting = connectProtocol(self._endpoint(key), _ClientConnection(self, key))
-
-        def failed(f: Failure) -> Failure:
-            if f.check(ConnectError):
-                raise ConnectFailed(f"{type(f.value).__name__}: {f.getErrorMessage()}")
-            return f
-
-        connecting.addErrback(failed)
+        connecting = as_deferred(self._connect(key))
         return connecting.addCallback(lambda conn: conn.send(head, parts))
 
-    def _endpoint(self, key: Key) -> IStreamClientEndpoint:
-        endpoint = self._endpoints.get(key)
-        if endpoint is None:
-            scheme, host, port = key
-            if len(self._endpoints) >= 1024:  # a bound; only the members and the backend are here
-                self._endpoints.clear()
-            endpoint = HostnameEndpoint(self.reactor, host, port, timeout=self.connect_timeout)
-            if scheme == b"https":
-                if self.tls_policy is None:
-                    raise ValueError("https forward without a TLS policy")
-                endpoint = wrapClientTLS(self.tls_policy.creatorForNetloc(host.encode("idna"), port), endpoint)
-            self._endpoints[key] = endpoint
-        return endpoint
+    async def _connect(self, key: Key) -> _ClientConnection:
+        scheme, host, port = key
+        tls = None
+        if scheme == b"https":
+            if self.tls is None:
+                raise ValueError("https forward without a TLS context")
+            tls = self.tls
+        loop = asyncio.get_running_loop()
+        try:
+            _transport, conn = await asyncio.wait_for(
+                loop.create_connection(lambda: _ClientConnection(self, key), host, port, ssl=tls,
+                                       server_hostname=host if tls else None),
+                self.connect_timeout)
+        except (TimeoutError, OSError) as e:
+            raise ConnectFailed(f"{type(e).__name__}: {e}") from None
+        return conn
 
     def _idle_again(self, conn: _ClientConnection) -> None:
         idle = self._idle.setdefault(conn.key, deque())
         if len(idle) >= self.max_idle_per_host:
-            conn.transport.loseConnection()
+            conn.transport.close()
         else:
             idle.append(conn)
 
@@ -117,7 +111,7 @@ class HttpClientPool:
         waits = []
         for conn in list(self._open):
             waits.append(conn.closed)
-            conn.transport.loseConnection()
+            conn.transport.close()
         self._idle.clear()
         return defer.gatherResults(waits).addCallback(lambda _: None)
 
@@ -132,8 +126,8 @@ def _request_head(method: bytes, target: bytes, host: str, port: int, headers: l
     return b"".join(lines)
 
 
-class _ClientConnection(Protocol):
-    transport: Any  # an ITCPTransport (or TLS) once connected
+class _ClientConnection(asyncio.Protocol):
+    transport: Any  # an asyncio transport once connected
 
     def __init__(self, pool: HttpClientPool, key: Key) -> None:
         self.pool, self.key = pool, key
@@ -144,11 +138,12 @@ class _ClientConnection(Protocol):
         self._parser: httptools.HttpResponseParser | None = None
         self._got_bytes = False
 
-    def connectionMade(self) -> None:
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
         self.connected = True
         self.pool._open.add(self)
 
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
+    def connection_lost(self, exc: Exception | None) -> None:
         self.connected = False
         self.pool._lost(self)
         reply, self._reply = self._reply, None
@@ -156,7 +151,7 @@ class _ClientConnection(Protocol):
             if self.reused and not self._got_bytes:
                 reply.errback(_Stale("the kept-alive connection was closed"))
             else:
-                reply.errback(ExchangeFailed(f"the connection was lost: {reason.getErrorMessage()}"))
+                reply.errback(ExchangeFailed(f"the connection was lost: {exc or 'closed by the server'}"))
         self.closed.callback(None)
 
     def send(self, head: bytes, parts: list[bytes]) -> defer.Deferred[HttpReply]:
@@ -171,24 +166,24 @@ class _ClientConnection(Protocol):
         elif len(parts) == 1 and len(parts[0]) < 65536:
             self.transport.write(head + parts[0])
         else:
-            self.transport.writeSequence([head, *parts])
+            self.transport.writelines([head, *parts])
         return self._reply
 
     def _cancel(self, _d: defer.Deferred[HttpReply]) -> None:
         self._reply = None
-        self.transport.abortConnection()
+        self.transport.abort()
 
-    def dataReceived(self, data: bytes) -> None:
+    def data_received(self, data: bytes) -> None:
         self._got_bytes = True
         parser = self._parser
         if parser is None or self._reply is None:
-            self.transport.abortConnection()  # bytes nobody asked for
+            self.transport.abort()  # bytes nobody asked for
             return
         try:
             parser.feed_data(data)
         except httptools.HttpParserError as e:
             reply, self._reply = self._reply, None
-            self.transport.abortConnection()
+            self.transport.abort()
             if reply is not None:
                 reply.errback(ExchangeFailed(f"the reply is not HTTP: {e}"))
 
@@ -209,6 +204,6 @@ class _ClientConnection(Protocol):
             self.reused = True
             self.pool._idle_again(self)
         else:
-            self.transport.loseConnection()
+            self.transport.close()
         if d is not None:
             d.callback(reply)

@@ -1,7 +1,7 @@
-"""The REST port's HTTP/1.x server: a Twisted protocol around ``httptools`` (llhttp, in C).
+"""The REST port's HTTP/1.x server: an asyncio protocol around ``httptools`` (llhttp, in C).
 
 It parses only the framing (request line, headers, body length or chunks) and hands each
-complete request to an ``IHttpApp``; the app's reply is written with one ``writeSequence``.
+complete request to an ``IHttpApp``; the app's reply is written with one ``writelines``.
 HTTP/1.0 and 1.1, keep-alive, pipelined requests (answered in order: the transport is paused
 while one is in progress), ``Expect: 100-continue``, chunked bodies.
 
@@ -18,10 +18,16 @@ Limits, each answered in TF Serving's JSON error format where an answer is possi
 
 twisted.web is not used here: its Request spools bodies, parses forms and answers some bad
 requests in its own formats, and costs several times this per request (bench/data_plane.py).
+The transport is the asyncio loop's own (uvloop's, in C, under the daemon), not a Twisted
+one: it sends a reply at once instead of waiting for the next writable event, which took a
+quarter of a warm request's CPU (py-spy, 2026-12-03).  The app and its Deferreds are Twisted's;
+both run on the one loop the asyncio reactor drives.
 """
 
 from __future__ import annotations
 
+import asyncio
+import ssl
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -33,7 +39,6 @@ from typing import Protocol as TypingProtocol
 import httptools
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -91,10 +96,9 @@ class _DateHeader:
 _DATE = _DateHeader()
 
 
-class HttpServerFactory(Factory):
-    """One listening port's connections, their limits and the buffer budget they share."""
-
-    noisy = False
+class HttpServerFactory:
+    """One listening port's connections, their limits and the buffer budget they share; the
+    protocol factory of ``loop.create_server``."""
 
     def __init__(self, app: IHttpApp, limits: HttpLimits, clock: IReactorTime) -> None:
         self.app, self.limits, self.clock = app, limits, clock
@@ -103,15 +107,15 @@ class HttpServerFactory(Factory):
         self._sweep = task.LoopingCall(self._close_expired)
         self._sweep.clock = clock
 
-    def startFactory(self) -> None:
+    def start(self) -> None:
         if not self._sweep.running:
             self._sweep.start(1.0, now=False)
 
-    def stopFactory(self) -> None:
+    def stop(self) -> None:
         if self._sweep.running:
             self._sweep.stop()
 
-    def buildProtocol(self, addr: Any) -> HttpServerProtocol:
+    def __call__(self) -> HttpServerProtocol:
         return HttpServerProtocol(self)
 
     def _close_expired(self) -> None:
@@ -125,12 +129,34 @@ class HttpServerFactory(Factory):
         for conn in list(self.connections):
             conn.closing = True
             if conn.idle:
-                conn.transport.loseConnection()
+                conn.transport.close()
 
 
-class HttpServerProtocol(Protocol):
+class HttpListener:
+    """A listening REST port."""
+
+    def __init__(self, server: asyncio.AbstractServer, factory: HttpServerFactory) -> None:
+        self.server, self.factory = server, factory
+        self.port: int = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+
+    def stop(self) -> None:
+        """No new connections; the open ones stay until the factory closes them."""
+        self.server.close()
+        self.factory.stop()
+
+
+async def listen(factory: HttpServerFactory, host: str, port: int,
+                 tls: ssl.SSLContext | None = None) -> HttpListener:
+    """Listen on ``host:port`` (0: a port the kernel picks); raises OSError when it cannot."""
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(factory, host, port, ssl=tls, backlog=1024, reuse_address=True)
+    factory.start()
+    return HttpListener(server, factory)
+
+
+class HttpServerProtocol(asyncio.Protocol):
     log = Logger()
-    transport: Any  # an ITCPTransport (or TLS) once connected
+    transport: Any  # an asyncio transport once connected
 
     def __init__(self, factory: HttpServerFactory) -> None:
         self.factory = factory
@@ -146,18 +172,19 @@ class HttpServerProtocol(Protocol):
         self._reset_message()
 
     # -- connection ------------------------------------------------------------------------
-    def connectionMade(self) -> None:
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
         f = self.factory
         if len(f.connections) >= self.limits.max_connections:
             self.log.warn("REST: {count} connections open (listen.max_connections): closing a new one",
                           count=len(f.connections))
             self._gone = True
-            self.transport.abortConnection()
+            self.transport.abort()
             return
         f.connections.add(self)
         self.deadline = f.clock.seconds() + self.limits.idle_timeout
 
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
+    def connection_lost(self, exc: Exception | None) -> None:
         self._gone = True
         self.factory.connections.discard(self)
         self._release_body()
@@ -172,9 +199,9 @@ class HttpServerProtocol(Protocol):
         self.log.debug("REST: closing a connection that timed out ({what})",
                        what="idle" if self.idle else "slow request")
         self.deadline = float("inf")
-        self.transport.abortConnection()
+        self.transport.abort()
 
-    def dataReceived(self, data: bytes) -> None:
+    def data_received(self, data: bytes) -> None:
         if self._gone:
             return
         try:
@@ -194,17 +221,17 @@ class HttpServerProtocol(Protocol):
         if self._busy is None and not self._queue and not self._gone:
             reply = self.factory.app.error_reply(error)
             self._write(reply, b"1.1", keep_alive=False, head_only=False)
-        self.transport.loseConnection()
+        self.transport.close()
 
     def pause(self) -> None:
         if not self._paused:
             self._paused = True
-            self.transport.pauseProducing()
+            self.transport.pause_reading()
 
     def resume(self) -> None:
         if self._paused and not self.closing:
             self._paused = False
-            self.transport.resumeProducing()
+            self.transport.resume_reading()
 
     # -- httptools callbacks ---------------------------------------------------------------
     def _reset_message(self) -> None:
@@ -347,7 +374,7 @@ class HttpServerProtocol(Protocol):
         self._write(reply, version, keep_alive, head_only=request.method == b"HEAD")
         if not keep_alive:
             self.closing = True
-            self.transport.loseConnection()
+            self.transport.close()
             return
         if not self._queue:
             self.idle = True
@@ -373,5 +400,5 @@ class HttpServerProtocol(Protocol):
             if length < 65536:
                 self.transport.write(head_bytes + b"".join(reply.parts))
             else:
-                self.transport.writeSequence([head_bytes, *reply.parts])
+                self.transport.writelines([head_bytes, *reply.parts])
 
