@@ -30,7 +30,7 @@ receiving node serves the request itself instead of routing it again.
 from __future__ import annotations
 
 import ssl
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -64,19 +64,7 @@ T = TypeVar("T")
 DOWN_SECONDS = 3.0        # how long a member that failed node-wide is tried last
 
 ChannelFactory = Callable[[str], GrpcChannel]
-
-
-class _RouteState:
-    """One request's route: the attempt in progress, and whether the client gave up."""
-
-    def __init__(self) -> None:
-        self.current: defer.Deferred[Any] | None = None
-        self.cancelled = False
-
-    def cancel(self) -> None:
-        self.cancelled = True
-        if self.current is not None:
-            self.current.cancel()
+Attempt = Callable[[Member | None, float], defer.Deferred[Any]]
 
 
 class _Failover(Exception):
@@ -196,106 +184,27 @@ class Router:
 
     # -- IRequestHandler ------------------------------------------------------------------------
     def rest(self, call: RestCall, request: HttpRequest) -> defer.Deferred[HttpReply]:
-        return self._start(
-            call.ref.name, self.forward_timeout,
-            lambda m, remaining: self._rest_local(call, request) if m is None or m.id == self.self_id
-            else self._rest_remote(m, request, remaining),
-        )
+        def attempt(m: Member | None, remaining: float) -> defer.Deferred[HttpReply]:
+            if m is None or m.id == self.self_id:
+                return self._rest_local(call, request)
+            return defer.ensureDeferred(self._rest_remote(m, request, remaining))
+
+        return _Route(self, call.ref.name, self.forward_timeout, attempt).result
 
     def grpc(self, method: str, ref: ModelRef, payload: bytes, timeout: float | None,
              metadata: Metadata = ()) -> defer.Deferred[bytes]:
-        return self._start(
-            ref.name, self.forward_timeout if timeout is None else timeout,
-            lambda m, remaining: self._grpc_local(method, ref, payload, remaining, metadata)
-            if m is None or m.id == self.self_id else self._grpc_remote(m, method, payload, remaining, metadata),
-        )
+        def attempt(m: Member | None, remaining: float) -> defer.Deferred[bytes]:
+            if m is None or m.id == self.self_id:
+                return self._grpc_local(method, ref, payload, remaining, metadata)
+            return defer.ensureDeferred(self._grpc_remote(m, method, payload, remaining, metadata))
 
-    def _start(
-        self, name: str, budget: float, attempt: Callable[[Member | None, float], Awaitable[T]]
-    ) -> defer.Deferred[T]:
-        """Run the route; cancelling the result (the client went away) cancels the current
-        attempt and tries no other owner."""
-        state = _RouteState()
-        outer: defer.Deferred[T] = defer.Deferred(lambda _d: state.cancel())
-
-        def deliver(result: Any) -> None:
-            # a cancelled attempt may end later (a gRPC call's task is cancelled on the loop's
-            # next turn), after the cancel has failed ``outer`` already: its end is dropped
-            if outer.called:
-                return
-            if isinstance(result, Failure):
-                outer.errback(result)
-            else:
-                outer.callback(result)
-
-        defer.ensureDeferred(self._route(name, budget, attempt, state)).addBoth(deliver)
-        return outer
+        return _Route(self, ref.name, self.forward_timeout if timeout is None else timeout, attempt).result
 
     def close(self) -> defer.Deferred[None]:
         """Close the gRPC channels and the pooled HTTP connections (at shutdown)."""
         channels, self._channels = list(self._channels.values()), {}
         closing = [channel.close() for channel in channels]
         return defer.gatherResults([*closing, self.http.close()]).addCallback(lambda _: None)
-
-    # -- the route ------------------------------------------------------------------------------
-    async def _route(
-        self, name: str, budget: float, attempt: Callable[[Member | None, float], Awaitable[T]],
-        state: _RouteState,
-    ) -> T:
-        clock = self.clock
-        end = clock.seconds() + budget
-        last: _Failover | None = None
-        for tries, member in enumerate(self.candidates(name)):
-            if state.cancelled:
-                raise defer.CancelledError()
-            remaining = end - clock.seconds()
-            if remaining <= 0:
-                break
-            if tries:
-                self.metrics.retries.inc()
-            local = member is None or member.id == self.self_id
-            mid = self.self_id if member is None else member.id
-            key = (name, mid)
-            self._inflight[key] = self._inflight.get(key, 0) + 1
-            outcome = "error"
-            d = state.current = defer.ensureDeferred(attempt(member, remaining))  # type: ignore[arg-type]
-            timer = clock.callLater(remaining, d.cancel)
-            try:
-                try:
-                    result: T = await d
-                except Exception:
-                    if state.cancelled:
-                        outcome = "cancelled"
-                        raise defer.CancelledError()
-                    if not timer.active():  # the deadline cancelled it, whatever it raised then
-                        where = "this node" if local else mid
-                        raise deadline(f"Deadline exceeded after {budget:g}s waiting for {where} to serve {name}")
-                    raise
-                outcome = "ok"
-                return result
-            except _Failover as e:
-                outcome = "failover"
-                last = e
-                if e.mark_down:
-                    self._mark_down(mid, e.error.message)
-            except ServingError as e:
-                outcome = "timeout" if e.code == Code.DEADLINE_EXCEEDED else "error"
-                raise
-            finally:
-                state.current = None
-                if timer.active():
-                    timer.cancel()
-                n = self._inflight[key] - 1
-                if n:
-                    self._inflight[key] = n
-                else:
-                    del self._inflight[key]
-                self.metrics.forward_done("local" if local else mid, outcome)
-        if last is None:
-            raise deadline(f"Deadline exceeded after {budget:g}s before {name} could be served")
-        if last.reply is not None:
-            return last.reply  # type: ignore[return-value]  # the owner's own 503, unchanged
-        raise unavailable(f"No owner of model {name} could serve the request: {last.error.message}")
 
     def _mark_down(self, member_id: str, why: str) -> None:
         now = self.clock.seconds()
@@ -305,16 +214,21 @@ class Router:
         self._down_until[member_id] = now + self.down_seconds
 
     # -- REST -----------------------------------------------------------------------------------
-    async def _rest_local(self, call: RestCall, request: HttpRequest) -> HttpReply:
-        try:
-            reply: HttpReply = await self.local.rest(call, request)
-        except ServingError as e:
-            if e.code == Code.UNAVAILABLE:
-                raise _Failover(e, mark_down=e.node_wide)
-            raise
+    def _rest_local(self, call: RestCall, request: HttpRequest) -> defer.Deferred[HttpReply]:
+        return self.local.rest(call, request).addCallbacks(self._local_reply, self._local_failed)
+
+    @staticmethod
+    def _local_reply(reply: HttpReply) -> HttpReply:
         if reply.code == 503:  # TF Serving's own 503: it is in trouble
             raise _Failover(unavailable("this node answered 503"), mark_down=True, reply=reply)
         return reply
+
+    @staticmethod
+    def _local_failed(failure: Failure) -> Failure:
+        e = failure.value
+        if isinstance(e, ServingError) and e.code == Code.UNAVAILABLE:
+            raise _Failover(e, mark_down=e.node_wide)
+        return failure
 
     async def _rest_remote(self, member: Member, request: HttpRequest, remaining: float) -> HttpReply:
         headers = forwardable_headers(request.headers)
@@ -339,15 +253,9 @@ class Router:
         return reply
 
     # -- gRPC -----------------------------------------------------------------------------------
-    async def _grpc_local(self, method: str, ref: ModelRef, payload: bytes, remaining: float,
-                          metadata: Metadata) -> bytes:
-        try:
-            reply: bytes = await self.local.grpc(method, ref, payload, remaining, metadata)
-        except ServingError as e:
-            if e.code == Code.UNAVAILABLE:
-                raise _Failover(e, mark_down=e.node_wide)
-            raise
-        return reply
+    def _grpc_local(self, method: str, ref: ModelRef, payload: bytes, remaining: float,
+                    metadata: Metadata) -> defer.Deferred[bytes]:
+        return self.local.grpc(method, ref, payload, remaining, metadata).addErrback(self._local_failed)
 
     async def _grpc_remote(self, member: Member, method: str, payload: bytes, remaining: float,
                            metadata: Metadata) -> bytes:
@@ -365,3 +273,108 @@ class Router:
                 raise _Failover(ServingError(e.code, f"{member.id}: {e.message}"), mark_down=e.node_wide)
             raise
         return reply
+
+
+class _Route:
+    """One request's way through its owners: one attempt at a time, in ``candidates`` order,
+    each within what is left of the deadline; cancelling ``result`` (the client went away)
+    cancels the attempt in progress and tries no other owner.  Callbacks, not a coroutine:
+    this runs for every request (bench/data_plane.py)."""
+
+    __slots__ = ("router", "name", "budget", "attempt", "end", "order", "tries", "last", "current",
+                 "cancelled", "result")
+
+    def __init__(self, router: Router, name: str, budget: float, attempt: Attempt) -> None:
+        self.router, self.name, self.budget, self.attempt = router, name, budget, attempt
+        self.end = router.clock.seconds() + budget
+        self.order = router.candidates(name)
+        self.tries = 0
+        self.last: _Failover | None = None
+        self.current: defer.Deferred[Any] | None = None
+        self.cancelled = False
+        self.result: defer.Deferred[Any] = defer.Deferred(self._cancel)
+        self._next()
+
+    def _cancel(self, _d: defer.Deferred[Any]) -> None:
+        self.cancelled = True
+        if self.current is not None:
+            self.current.cancel()
+
+    def _deliver(self, result: Any) -> None:
+        # an attempt cancelled with the route may end later (a gRPC call's task is cancelled
+        # on the loop's next turn), after the cancel has failed ``result`` already
+        if self.result.called:
+            return
+        if isinstance(result, Failure):
+            self.result.errback(result)
+        else:
+            self.result.callback(result)
+
+    def _next(self) -> None:
+        router = self.router
+        if self.cancelled:
+            self._deliver(Failure(defer.CancelledError()))
+            return
+        remaining = self.end - router.clock.seconds()
+        if self.tries >= len(self.order) or remaining <= 0:
+            self._deliver(Failure(self._exhausted()) if self.last is None or self.last.reply is None
+                          else self.last.reply)  # the owner's own 503, unchanged
+            return
+        member = self.order[self.tries]
+        if self.tries:
+            router.metrics.retries.inc()
+        self.tries += 1
+        local = member is None or member.id == router.self_id
+        mid = router.self_id if member is None else member.id
+        key = (self.name, mid)
+        inflight = router._inflight
+        inflight[key] = inflight.get(key, 0) + 1
+        try:
+            d = self.current = self.attempt(member, remaining)
+        except Exception:
+            d = self.current = defer.fail()
+        timer = router.clock.callLater(remaining, d.cancel)
+        d.addBoth(self._settled, key, local, mid, timer)
+
+    def _exhausted(self) -> ServingError:
+        if self.last is None:
+            return deadline(f"Deadline exceeded after {self.budget:g}s before {self.name} could be served")
+        return unavailable(f"No owner of model {self.name} could serve the request: {self.last.error.message}")
+
+    def _settled(self, result: Any, key: tuple[str, str], local: bool, mid: str, timer: Any) -> None:
+        router = self.router
+        self.current = None
+        expired = not timer.active()  # the deadline cancelled it, whatever it raised then
+        if not expired:
+            timer.cancel()
+        n = router._inflight[key] - 1
+        if n:
+            router._inflight[key] = n
+        else:
+            del router._inflight[key]
+        target = "local" if local else mid
+        if not isinstance(result, Failure):
+            router.metrics.forward_done(target, "ok")
+            self._deliver(result)
+            return
+        if self.cancelled:
+            router.metrics.forward_done(target, "cancelled")
+            self._deliver(Failure(defer.CancelledError()))
+            return
+        if expired:
+            router.metrics.forward_done(target, "timeout")
+            where = "this node" if local else mid
+            self._deliver(Failure(deadline(
+                f"Deadline exceeded after {self.budget:g}s waiting for {where} to serve {self.name}")))
+            return
+        e = result.value
+        if isinstance(e, _Failover):
+            router.metrics.forward_done(target, "failover")
+            self.last = e
+            if e.mark_down:
+                router._mark_down(mid, e.error.message)
+            self._next()
+            return
+        timed_out = isinstance(e, ServingError) and e.code == Code.DEADLINE_EXCEEDED
+        router.metrics.forward_done(target, "timeout" if timed_out else "error")
+        self._deliver(result)
