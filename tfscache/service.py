@@ -269,6 +269,7 @@ class NodeService(service.MultiService):
         # what is left of the drain time is grpcio's grace for replies still being sent
         self.grpc.stop_grace = max(0.0, deadline - clock.seconds())
         yield service.MultiService.stopService(self)
+        self.disk.save_order()
         yield self.local.close()
         if self.router is not None:
             yield self.router.close()

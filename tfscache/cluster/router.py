@@ -48,6 +48,7 @@ from tfscache.metrics import Metrics
 from tfscache.modelspec import ModelRef, RestCall
 from tfscache.transport.grpc_client import CONNECT_TIMEOUT, GrpcChannel
 from tfscache.transport.http_client import ConnectFailed, ExchangeFailed, HttpClientPool
+from tfscache.util.timers import Timers
 from tfscache.wire import (
     FORWARDED_HEADER,
     FORWARDED_METADATA,
@@ -102,6 +103,7 @@ class Router:
         self.spread_threshold = spread_threshold
         self.metrics = metrics
         self.clock = clock
+        self.timers = Timers(clock)
         self.down_seconds = down_seconds
         # TLS between nodes when the cluster serves TLS: peers are verified against tls_ca (or
         # the system's roots)
@@ -333,7 +335,7 @@ class _Route:
             d = self.current = self.attempt(member, remaining)
         except Exception:
             d = self.current = defer.fail()
-        timer = router.clock.callLater(remaining, d.cancel)
+        timer = router.timers.call_later(remaining, d.cancel)
         d.addBoth(self._settled, key, local, mid, timer)
 
     def _exhausted(self) -> ServingError:

@@ -71,6 +71,8 @@ class DiskCache:
         self.root = os.path.abspath(root)
         self.capacity_bytes = capacity_bytes
         self._clock = clock
+        self._used_at: dict[ModelId, float] = {}
+        self._mtime_at: dict[ModelId, float] = {}
         self._entries: OrderedDict[ModelId, int] = OrderedDict()  # LRU first
         self.used_bytes = 0
         # room promised to copies under way (make_room -> add or release): copies running at
@@ -114,15 +116,34 @@ class DiskCache:
     def path(self, mid: ModelId) -> str:
         return os.path.join(self.root, mid.name, str(mid.version))
 
+    # a lease marks its model used: the LRU order in memory at once, the directory's mtime (the
+    # order after a restart) at most this often, and all of them at a clean stop (save_order)
+    MTIME_EVERY = 10.0
+
     def touch(self, mid: ModelId) -> None:
-        """Mark used: most recently used end of the LRU (and its mtime, for restarts)."""
+        """Mark used: most recently used end of the LRU (and, now and then, its mtime)."""
         if mid in self._entries:
             self._entries.move_to_end(mid)
-            try:
-                now = self._clock()
-                os.utime(self.path(mid), (now, now))
-            except OSError:
-                pass
+            now = self._clock()
+            self._used_at[mid] = now
+            if now - self._mtime_at.get(mid, 0.0) >= self.MTIME_EVERY:
+                self._mtime_at[mid] = now
+                self._set_mtime(mid, now)
+
+    def _set_mtime(self, mid: ModelId, when: float) -> None:
+        try:
+            os.utime(self.path(mid), (when, when))
+        except OSError:
+            pass
+
+    def save_order(self) -> None:
+        """Write every model's last use as its mtime, so the next start rebuilds this LRU
+        order (at a clean stop; between two, mtimes lag by at most MTIME_EVERY)."""
+        for mid in self._entries:
+            when = self._used_at.get(mid)
+            if when is not None and when != self._mtime_at.get(mid):
+                self._mtime_at[mid] = when
+                self._set_mtime(mid, when)
 
     def add(self, mid: ModelId, size: int) -> None:
         """A copy is in place: its reservation becomes its real size."""
@@ -184,6 +205,8 @@ class DiskCache:
         retired: list[tuple[ModelId, int, str | None, float]] = []
         for mid, size in victims:
             self._entries.pop(mid, None)
+            self._used_at.pop(mid, None)
+            self._mtime_at.pop(mid, None)
             self.used_bytes -= size
             self.evictions += 1
             started = time.monotonic()

@@ -31,6 +31,7 @@ from tfscache.node.manager import CacheManager, Lease
 from tfscache.proto import model_spec_pb2
 from tfscache.transport.grpc_client import GrpcChannel
 from tfscache.transport.http_client import HttpClientPool
+from tfscache.util.timers import Timers
 from tfscache.wire import HttpReply, HttpRequest, Metadata, forwardable_headers, reply_headers
 
 # gRPC methods whose request has model_spec as field 1 and whose answer for no version is the
@@ -86,6 +87,7 @@ class LocalNode:
         grpc_channel: GrpcChannel | None = None,
     ) -> None:
         self.cache, self.metrics, self.clock = cache, metrics, clock
+        self.timers = Timers(clock)
         url = urlsplit(rest_base.rstrip("/"))
         self.rest_scheme = url.scheme.encode()
         self.rest_host = url.hostname or "127.0.0.1"
@@ -114,7 +116,7 @@ class LocalNode:
         d = self.http.request(self.rest_scheme, self.rest_host, self.rest_port, request.method,
                               self.rest_prefix + path, forwardable_headers(request.headers), request.parts)
         # the deadline covers the answer and its body
-        timer = self.clock.callLater(self.request_timeout, d.cancel)
+        timer = self.timers.call_later(self.request_timeout, d.cancel)
         return d.addBoth(self._rest_done, lease, timer)
 
     def _rest_done(self, result: HttpReply | Failure, lease: Lease, timer: Any) -> HttpReply:
