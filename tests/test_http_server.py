@@ -160,6 +160,16 @@ class FramingTests(unittest.TestCase):
         self.assertTrue(transport.value().startswith(b"HTTP/1.1 400 "))
         self.assertEqual(self.app.requests, [])
 
+    def test_garbage_after_a_pending_request_waits_for_its_reply(self) -> None:
+        self.app.hold = True
+        self.proto.data_received(b"GET /ok HTTP/1.1\r\n\r\n\x16\x03garbage\r\n\r\n")
+        self.assertFalse(self.transport.disconnecting)
+        self.app.held.pop().callback(None)
+        out = self.transport.value()
+        self.assertTrue(out.startswith(b"HTTP/1.1 200 OK\r\n"), out)
+        self.assertIn(b"Connection: close", out)
+        self.assertTrue(self.transport.disconnecting)
+
     def test_too_many_headers_is_refused(self) -> None:
         proto, transport = connect(self.app, HttpLimits(max_headers=10))
         proto.data_received(b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(11)) + b"\r\n")

@@ -169,6 +169,7 @@ class HttpServerProtocol(asyncio.Protocol):
         self._busy: defer.Deferred[Any] | None = None
         self._paused = False
         self._gone = False
+        self._refused = False  # the stream is not HTTP any more: nothing after it is parsed
         self._reset_message()
 
     # -- connection ------------------------------------------------------------------------
@@ -202,7 +203,7 @@ class HttpServerProtocol(asyncio.Protocol):
         self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
-        if self._gone:
+        if self._gone or self.closing and self._refused:
             return
         try:
             self.parser.feed_data(data)
@@ -216,9 +217,11 @@ class HttpServerProtocol(asyncio.Protocol):
     def _refuse(self, error: ServingError) -> None:
         """A request whose framing cannot be trusted: answer if nothing is pending, then close
         (the rest of the stream cannot be parsed)."""
-        self.closing = True
+        self.closing = self._refused = True
         self.pause()
-        if self._busy is None and not self._queue and not self._gone:
+        if self._busy is not None or self._queue:
+            return  # the requests before it are answered first; the connection closes after them
+        if not self._gone:
             reply = self.factory.app.error_reply(error)
             self._write(reply, b"1.1", keep_alive=False, head_only=False)
         self.transport.close()
