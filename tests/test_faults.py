@@ -46,6 +46,7 @@ FSIZE_LIMIT = 1 * MIB       # the "disk" of the disk-full test: f-big does not f
 TMPFS_SIZE = "1m"           # the real small disk of MountedDiskTests: f-big does not fit, the rest does
 ROOMY_TMPFS_SIZE = "8m"     # ... grown, f-big fits
 SLOW_LOAD = 2.0             # seconds the DevServer takes to load the f-slow* models
+CROWD_LOAD = 8.0            # f-crowd's: long enough for 200 calls to line up on a busy machine
 OVERLOAD_LOAD = 0.5         # ... and the f-o* models
 
 
@@ -62,6 +63,7 @@ def write_models(base: str) -> None:
     copy_version(cold, base, "f-small")
     for name in ("f-slow", "f-deadline", "f-cancel"):
         set_load_delay(copy_version(cold, base, name), SLOW_LOAD)
+    set_load_delay(copy_version(cold, base, "f-crowd"), CROWD_LOAD)
     for i in range(6):
         set_load_delay(copy_version(warm, base, f"f-o{i}"), OVERLOAD_LOAD)
     big = copy_version(cold, base, "f-big")
@@ -729,6 +731,25 @@ class DeadlineTests(FaultTestCase):
         self.assertEqual(sample(node, "tfscache_requests_in_flight"), 0)
         resp = yield client.predict("f-cancel", [1.0], timeout=30)  # the same load, finished
         self.assertEqual(list(resp.outputs["y"].float_val), [4.0])
+        self.assertEqual(node.cache.entries[mid].loads, 1)
+
+    @defer.inlineCallbacks
+    def test_hundreds_of_calls_waiting_for_a_load_do_not_hold_up_a_warm_one(self):  # type: ignore[no-untyped-def]
+        """No thread per call: 200 gRPC calls waiting for one slow load (many times what
+        listen.grpc_threads once allowed) and a warm model's call is answered while that load
+        is still running; then all 200 get their answers from the one load."""
+        node = yield self.node(listen={"grpc_threads": 2})
+        client = self.client(node.grpc_target)
+        resp = yield client.predict("f-warm", [1.0])
+        self.assertEqual(list(resp.outputs["y"].float_val), [3.0])
+        calls = [client.predict("f-crowd", [1.0], timeout=60) for _ in range(200)]
+        yield until(lambda: sample(node, "tfscache_requests_in_flight") == 200, "the calls to wait for the load")
+        resp = yield client.predict("f-warm", [2.0], timeout=30)
+        self.assertEqual(list(resp.outputs["y"].float_val), [5.0])
+        mid = ModelId("f-crowd", 1)
+        self.assertEqual(node.cache.entries[mid].state, State.LOADING)  # answered before the load ended
+        replies = yield defer.gatherResults(calls)
+        self.assertEqual({tuple(r.outputs["y"].float_val) for r in replies}, {(4.0,)})
         self.assertEqual(node.cache.entries[mid].loads, 1)
 
 
