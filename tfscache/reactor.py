@@ -7,8 +7,8 @@ hand-off and waiting for a cold model holds no thread.  ``twistd -r tfscache`` a
 plugin installs it itself when no reactor was chosen.
 
 uvloop takes over SIGCHLD, so Twisted's ``spawnProcess`` never sees its children end under it.
-The daemon starts no process; the tests, whose harness does, run on Twisted's stock asyncio
-reactor (``trial --reactor=asyncio``: the same reactor on the standard library's loop).
+The daemon starts no process; the tests, whose harness does, run on the same reactor on the
+standard library's loop (``trial --reactor=tfscache-asyncio``).
 """
 
 from __future__ import annotations
@@ -27,13 +27,33 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
 
 def install() -> None:
     """Install the asyncio reactor on a new (uv)loop; Twisted's reactor-installer hook."""
-    from twisted.internet import asyncioreactor
+    _install(new_event_loop())
 
-    loop = new_event_loop()
+
+def install_stdlib() -> None:
+    """The same reactor on the standard library's loop (``trial --reactor=tfscache-asyncio``)."""
+    _install(asyncio.new_event_loop())
+
+
+def _install(loop: asyncio.AbstractEventLoop) -> None:
+    from twisted.internet.asyncioreactor import AsyncioSelectorReactor
+    from twisted.internet.base import ReactorBase
+    from twisted.internet.main import installReactor
+
+    class Reactor(AsyncioSelectorReactor):
+        def crash(self) -> None:
+            # A crash while the loop is not running (trial's disttrial workers fire
+            # "shutdown", whose trigger crashes the reactor, after every test) must not leave
+            # a stop pending on the loop: the next run would return at once
+            if self._asyncioEventloop.is_running():
+                super().crash()
+            else:
+                ReactorBase.crash(self)
+
     # current as well as running: code run before the reactor runs (callWhenRunning, service
     # start-up) makes grpc.aio objects and tasks, which bind to the current loop
     asyncio.set_event_loop(loop)
-    asyncioreactor.install(loop)
+    installReactor(Reactor(loop))
 
 
 def ensure_installed() -> None:

@@ -12,3 +12,6 @@ serviceMaker = ServiceMaker(
 )
 
 tfscacheReactor = Reactor("tfscache", "tfscache.reactor", "asyncio on uvloop, as tfscache runs (grpc.aio)")
+
+tfscacheAsyncioReactor = Reactor("tfscache-asyncio", "tfscache.stdlib_reactor",
+                                 "the same on the standard library's loop (the tests)")
