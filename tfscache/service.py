@@ -23,6 +23,7 @@ from tfscache.frontend.rest import RestFrontend, error_reply, json_reply
 from tfscache.interfaces import IModelProvider
 from tfscache.metrics import Metrics
 from tfscache.node.disk_cache import DiskCache
+from tfscache.node.eviction import make_policy
 from tfscache.node.health import BackendMonitor
 from tfscache.node.local import LocalNode
 from tfscache.node.manager import CacheLimits, CacheManager
@@ -72,7 +73,8 @@ class NodeService(service.MultiService):
         self.provider = make_provider(cfg, own_shutdown=False)
         self.backend = ServingController(s.grpc_target, s.rest_url, s.model_platform)
         self.backend.reload_timeout = s.load_timeout_seconds
-        self.disk = DiskCache(cfg.disk_cache.path, cfg.disk_cache.capacity_bytes)
+        self.disk = DiskCache(cfg.disk_cache.path, cfg.disk_cache.capacity_bytes,
+                              policy=make_policy(cfg.disk_cache.eviction, cfg.disk_cache.capacity_bytes))
         self.cache = CacheManager(
             self.provider, self.backend, self.disk,
             CacheLimits(
@@ -83,6 +85,7 @@ class NodeService(service.MultiService):
                 capacity_wait=s.capacity_wait_seconds,
             ),
             self.metrics,
+            policy=make_policy(s.eviction, s.max_bytes or s.max_models),
         )
         self.local = LocalNode(
             self.cache, s.rest_url, s.grpc_target, self.metrics,
