@@ -161,6 +161,8 @@ SCHEMA: dict[str, Any] = {
                                                   "(when listen.tls_cert is set); default: system roots."),
         "spread_inflight_threshold": Field("int", 32, minimum=1,
                                            doc="In-flight requests on the first owner before spreading."),
+        "spill_over": Field("bool", True, doc="An owner with no room for the model (RESOURCE_EXHAUSTED) "
+                                              "passes the request to the next owner."),
         "discovery": {
             "type": Field("choice", "static", choices=("static", "etcd", "consul")),
             "members": Field("list", [], doc="static: [{id, host, rest_port, grpc_port}]."),

@@ -244,6 +244,7 @@ class NodeService(service.MultiService):
             self.local, self.discovery, c.node.id, c.cluster.replicas_per_model,
             c.cluster.forward_timeout_seconds, c.cluster.spread_inflight_threshold, self.metrics,
             clock=self.reactor, tls=bool(c.listen.tls_cert), tls_ca=read_file(c.cluster.tls_ca_cert),
+            spill_over=c.cluster.spill_over,
         )
         self.handler = self.rest.handler = self.grpc.handler = self.router
         self.discovery.setServiceParent(self)
