@@ -108,6 +108,8 @@ TINY = {
     "TFSCACHE_BENCH_ARGS_ZIPF_WORKLOAD": "--models 20 --capacity 3 --requests 60 --concurrency 6 "
                                          "--sim-requests 500 --capacities 2 5 10 --skews 0.8 1.0 "
                                          "--replay-skews 0.8 1.0",
+    "TFSCACHE_BENCH_ARGS_EVICTION": "--models 20 --requests 300 --capacity 3 --replay-traces zipf-1.0 "
+                                    "--replay-requests 40 --concurrency 2 --no-cluster",
     "TFSCACHE_BENCH_ARGS_ROUTER_SCALE": "--names 300 --members 5 50",
     "TFSCACHE_BENCH_ARGS_S3_COPY": "--total-mb 2 --files 4 --repeat 1",
     "TFSCACHE_BENCH_ARGS_DATA_PLANE": "--seconds 0.3 --concurrency 2 --cold-models 10 --slow-load-seconds 0.5 "
@@ -161,6 +163,26 @@ class BenchRunTests(unittest.TestCase):
             self.assertEqual(daemon["unloads"], daemon["loads"] - 3)  # all slots full at the end
             self.assertEqual(daemon["load_errors"], 0)
             self.assertGreater(replay["latency_ms"]["p50"], 0)
+
+        path = os.path.join(out, "eviction.json")
+        self.assertIn(path, text)
+        with open(path) as f:
+            records = json.load(f)
+        for r in records:
+            self.assertEqual(set(r), {"trace", "policy", "requests", "loads", "reload_seconds", "replayed"})
+        simulated = {(r["trace"], r["policy"]) for r in records if not r["replayed"] and r["requests"] == 300}
+        self.assertEqual(simulated, {(t, p) for t in ("zipf-0.8", "zipf-1.0", "zipf-1.2", "shifting", "bursty",
+                                                       "mixed-size") for p in ("lru", "adaptive", "min")})
+        self.assertEqual({(r["trace"], r["policy"], r["requests"]) for r in records if r["replayed"]},
+                         {("zipf-1.0", "lru", 40), ("zipf-1.0", "adaptive", 40)})
+        for r in records:  # MIN is the bound in loads (every trace of the same requests but mixed-size's bytes)
+            bound = next(m for m in records if m["policy"] == "min" and not m["replayed"]
+                         and (m["trace"], m["requests"]) == (r["trace"], r["requests"]))
+            if r["trace"] != "mixed-size":
+                self.assertGreaterEqual(r["loads"], bound["loads"], r)
+        summary = report("eviction_summary")
+        self.assertIn(summary["default"]["default"], ("lru", "adaptive"))
+        self.assertEqual([e["errors"] for e in summary["replays"]], [0, 0])
 
         scale = report("router_scale")
         self.assertEqual([r["members"] for r in scale["runs"]], [5, 50])

@@ -79,9 +79,9 @@ class LRUPolicy:
 
 
 # Half-lives of the decayed counts the adaptive policy compares, in requests.  Spread
-# geometrically so that one fits whatever the budget and the pace of change; inf is plain
-# frequency since the model was first seen.
-HALF_LIVES = (25.0, 100.0, 400.0, 1600.0, math.inf)
+# geometrically so that one fits whatever the budget and the pace of change; 1 is LRU (the
+# last request outweighs all before it), inf plain frequency since the model was first seen.
+HALF_LIVES = (1.0, 25.0, 100.0, 400.0, 1600.0, math.inf)
 # Memory of the shadows' miss counts (requests): long enough for a steady verdict, short
 # enough to follow a change of the workload within a few thousand requests.
 MISS_HALF_LIFE = 1000.0

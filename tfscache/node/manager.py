@@ -340,7 +340,8 @@ class CacheManager:
         entry.last_used = self.now()
         self.loads += 1
         # what evicting it would cost: this load again, and the copy if the disk lets it go too
-        self.policy.admitted(mid, self._budget_units(entry), elapsed + entry.fetch_seconds)
+        # (never free: a load measured as 0 s was merely faster than the clock's resolution)
+        self.policy.admitted(mid, self._budget_units(entry), max(elapsed + entry.fetch_seconds, 0.001))
         self.metrics.load_done(mid.name, "ok")
         self.metrics.load_seconds.observe(elapsed)
         self.log.info(
