@@ -14,7 +14,17 @@ from hypothesis import strategies as st
 from twisted.internet import defer, utils
 from twisted.trial import unittest
 
-from bench.cachesim import belady_min, lru, next_uses, zipf_trace
+from bench.cachesim import (
+    belady_min,
+    belady_min_sized,
+    bursty_trace,
+    lognormal_sizes,
+    lru,
+    next_uses,
+    shifting_trace,
+    simulate,
+    zipf_trace,
+)
 from tests.harness.process import REPO_ROOT
 
 TEXTBOOK = [7, 0, 1, 2, 0, 3, 0, 4, 2, 3, 0, 3, 2, 1, 2, 0, 1, 7, 0, 1]
@@ -84,6 +94,44 @@ class CacheSimTests(unittest.TestCase):
     @given(st.lists(st.integers(0, 4), max_size=11), st.integers(1, 3))
     def test_min_is_optimal(self, trace: list[int], capacity: int) -> None:
         self.assertEqual(belady_min(trace, capacity).loads, optimal_loads(trace, capacity))
+
+    @settings(max_examples=150, deadline=None)
+    @given(st.lists(st.integers(0, 9), max_size=120), st.integers(1, 6))
+    def test_policy_simulator_agrees_with_the_reference_ones(self, trace: list[int], capacity: int) -> None:
+        """The simulator that drives the daemon's policy objects, with LRUPolicy, is lru();
+        MIN with sizes, every size 1, is belady_min(); and the adaptive policy is a demand
+        cache that never beats MIN."""
+        from tfscache.node.eviction import AdaptivePolicy, LRUPolicy
+
+        self.assertEqual(simulate(LRUPolicy(), trace, capacity).loads, lru(trace, capacity).loads)
+        bound = belady_min(trace, capacity).loads
+        self.assertEqual(belady_min_sized(trace, capacity, [1.0] * 10).loads, bound)
+        adaptive = simulate(AdaptivePolicy(capacity), trace, capacity)
+        self.assertGreaterEqual(adaptive.loads, bound)
+        self.assertEqual(adaptive.reload_seconds, adaptive.loads)  # 1 s a load unless told
+
+    def test_sized_simulation_holds_the_byte_budget(self) -> None:
+        from tfscache.node.eviction import AdaptivePolicy, LRUPolicy
+
+        sizes = [float(10 * (k % 5 + 1)) for k in range(20)]  # 10..50 bytes
+        trace = zipf_trace(20, 500, 1.0, 3)
+        for policy in (LRUPolicy(), AdaptivePolicy(100)):
+            r = simulate(policy, trace, 100, sizes, [s / 10 for s in sizes])
+            self.assertGreaterEqual(r.loads, len(set(trace)))
+            self.assertGreater(r.reload_seconds, r.loads)  # sizes 10..50: 1-5 s a load
+
+    def test_other_traces(self) -> None:
+        shifting = shifting_trace(100, 2000, 1.0, 200, 5)
+        self.assertEqual(shifting, shifting_trace(100, 2000, 1.0, 200, 5))
+        first, last = shifting[:200], shifting[-200:]
+        top = lambda part: max(set(part), key=part.count)  # noqa: E731
+        self.assertNotEqual(top(first), top(last))  # popularity moved
+        bursty = bursty_trace(100, 3000, 1.0, 5)
+        self.assertEqual(len(bursty), 3000)
+        self.assertTrue(all(0 <= k < 100 for k in bursty))
+        sizes = lognormal_sizes(200, 1)
+        self.assertTrue(all(10e6 <= s <= 2e9 for s in sizes))
+        self.assertGreater(max(sizes) / min(sizes), 20)
 
     def test_zipf_trace(self) -> None:
         t = zipf_trace(50, 5000, 1.0, seed=7)
