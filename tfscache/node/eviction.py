@@ -132,8 +132,9 @@ class _Known:
 
     def get(self, key: Hashable) -> float:
         v = self.values.get(key)
-        if v is not None:
-            return v
+        return self.mean() if v is None else v
+
+    def mean(self) -> float:
         return self.total / len(self.values) if self.values else 1.0
 
 
@@ -239,7 +240,7 @@ class AdaptivePolicy:
         self.size.set(key, size)
         self.cost.set(key, cost)
         self._weights[key] = math.log(max(self.cost.get(key), 1e-9) / max(self.size.get(key), 1e-12))
-        self._typical = math.log(max(self.cost.get(None), 1e-9) / max(self.size.get(None), 1e-12))
+        self._typical = math.log(max(self.cost.mean(), 1e-9) / max(self.size.mean(), 1e-12))
 
     def removed(self, key: Hashable) -> None:
         self.cached.discard(key)
