@@ -216,6 +216,7 @@ def _cluster_load(nodes: list[Any], n_requests: int, clients: int, seed: int, sp
     trace = zipf_trace(CLUSTER_MODELS, n_requests, 1.0, seed)
     warmup = n_requests // 10  # the first loads of every model are not the steady state
     statuses: dict[int, int] = {}
+    samples: list[str] = []  # answers other than 200 and 429
     lock = threading.Lock()
     per_node = [_Client(n.rest_port) for n in nodes]
     before = [_counters(n.rest_url) for n in nodes]
@@ -228,10 +229,12 @@ def _cluster_load(nodes: list[Any], n_requests: int, clients: int, seed: int, sp
                 i = next(next_index, None)
             if i is None:
                 return
-            status, _body = per_node[i % len(nodes)].predict(names[trace[i]])
+            status, body = per_node[i % len(nodes)].predict(names[trace[i]])
             if i >= warmup:
                 with lock:
                     statuses[status] = statuses.get(status, 0) + 1
+                    if status not in (200, 429) and len(samples) < 5:
+                        samples.append(f"{names[trace[i]]} via node-{i % len(nodes)}: HTTP {status} {body[:200]}")
             time.sleep(rng.expovariate(1 / 0.3))  # think time: a steady load, not a flood
 
     started = time.monotonic()
@@ -243,7 +246,7 @@ def _cluster_load(nodes: list[Any], n_requests: int, clients: int, seed: int, sp
     return {
         "spill_over": spill, "requests": counted, "warmup_requests": warmup, "statuses": statuses,
         "http_429": statuses.get(429, 0), "share_429": round(statuses.get(429, 0) / counted, 4) if counted else 0.0,
-        "other_errors": sum(v for k, v in statuses.items() if k not in (200, 429)),
+        "other_errors": sum(v for k, v in statuses.items() if k not in (200, 429)), "error_samples": samples,
         "spill_overs": int(sum(a["spill_overs"] - b["spill_overs"] for a, b in zip(after, before, strict=True))),
         "capacity_rejections": int(sum(a["rejected"] - b["rejected"] for a, b in zip(after, before, strict=True))),
         "loads": int(sum(a["loads"] - b["loads"] for a, b in zip(after, before, strict=True))),
@@ -343,6 +346,9 @@ def main(argv: list[str] | None = None) -> int:
             [["on" if c["spill_over"] else "off", c["requests"], c["http_429"], c["share_429"], c["other_errors"],
               c["spill_overs"], c["loads"], c["wall_seconds"]] for c in cluster],
         )
+        for c in cluster:
+            for e in c["error_samples"]:
+                print("  error:", e)
 
     decision = choose_default(rel)
     print(f"\ndefault by the rule ({decision['rule']}): {decision['default']}; worst loads vs LRU: "
