@@ -1,4 +1,5 @@
-"""Offline cache simulators for request traces: LRU and Belady's MIN, plus a Zipf trace generator.
+"""Offline cache simulators for request traces: LRU and Belady's MIN, any tfscache eviction
+policy, and trace generators (Zipf, shifting, bursty/diurnal, sizes).
 
 A trace is a list of item ids (model indices), one per request.  Both simulators are demand
 caches, as tfscache is: every miss loads the item (a request cannot be served from outside the
@@ -18,9 +19,10 @@ from __future__ import annotations
 import bisect
 import heapq
 import itertools
+import math
 import random
 from collections import OrderedDict
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -118,3 +120,139 @@ def belady_min(trace: Sequence[Hashable], capacity: int) -> SimResult:
             heapq.heapify(heap)
     n = len(trace)
     return SimResult("min", capacity, n, hits, n - hits, evictions)
+
+
+# -- traces that are not stationary, sizes, and any eviction policy --------------------------
+
+def _zipf_sampler(n_items: int, skew: float, rng: random.Random) -> Callable[[], int]:
+    cum = list(itertools.accumulate(1.0 / (k + 1) ** skew for k in range(n_items)))
+    total = cum[-1]
+    return lambda: min(bisect.bisect_right(cum, rng.random() * total), n_items - 1)
+
+
+def shifting_trace(n_items: int, n_requests: int, skew: float, period: int, seed: int = 0) -> list[int]:
+    """Zipf over popularity ranks whose models change: every ``period`` requests half of the
+    ranks, chosen at random, get their models reshuffled among them, so tenants go quiet (a
+    popular model drops to a far rank) and others become active (a far one moves up)."""
+    rng = random.Random(seed)
+    draw = _zipf_sampler(n_items, skew, rng)
+    model_at = list(range(n_items))
+    rng.shuffle(model_at)
+    out = []
+    for i in range(n_requests):
+        if i and i % period == 0:
+            ranks = rng.sample(range(n_items), n_items // 2)
+            moved = [model_at[r] for r in ranks]
+            rng.shuffle(moved)
+            for r, m in zip(ranks, moved, strict=True):
+                model_at[r] = m
+        out.append(model_at[draw()])
+    return out
+
+
+def bursty_trace(n_items: int, n_requests: int, skew: float, seed: int = 0, day: int = 5000,
+                 burst_chance: float = 0.01, burst_requests: int = 30, burst_span: int = 100) -> list[int]:
+    """Diurnal and bursty: two halves of the models (say two time zones' tenants), each Zipf
+    over its own ranks, whose shares follow a sine of period ``day`` requests; and bursts:
+    each request starts one with ``burst_chance``, ``burst_requests`` requests for a model
+    drawn uniformly (a batch job of a tenant otherwise quiet) spread over the next
+    ``burst_span`` requests."""
+    rng = random.Random(seed)
+    half = n_items // 2
+    draw = _zipf_sampler(half, skew, rng)
+    east, west = list(range(half)), list(range(half, n_items))
+    rng.shuffle(east)
+    rng.shuffle(west)
+    due: dict[int, list[int]] = {}  # position -> burst requests due there
+    out: list[int] = []
+    while len(out) < n_requests:
+        i = len(out)
+        waiting = due.pop(i, None)
+        if waiting:
+            out.append(waiting.pop())
+            if waiting:  # the rest of what was due here, next
+                due.setdefault(i + 1, []).extend(waiting)
+            continue
+        if rng.random() < burst_chance:
+            model = rng.randrange(n_items)
+            for _ in range(burst_requests):
+                due.setdefault(i + 1 + rng.randrange(burst_span), []).append(model)
+        share = 0.5 + 0.5 * math.sin(2 * math.pi * i / day)
+        rank = draw()
+        out.append(east[rank] if rng.random() < share else west[rank])
+    return out
+
+
+def lognormal_sizes(n_items: int, seed: int = 0, median: float = 150e6, sigma: float = 1.2,
+                    low: float = 10e6, high: float = 2e9) -> list[float]:
+    """Model sizes in bytes, log-normal (``median``, ``sigma``) clipped to [low, high],
+    independent of popularity."""
+    rng = random.Random(seed)
+    return [min(max(rng.lognormvariate(math.log(median), sigma), low), high) for _ in range(n_items)]
+
+
+@dataclass(frozen=True)
+class PolicyResult:
+    policy: str
+    requests: int
+    loads: int
+    reload_seconds: float
+
+
+def simulate(policy: Any, trace: Sequence[int], capacity: float, sizes: Sequence[float] | None = None,
+             load_seconds: Sequence[float] | None = None, name: str | None = None) -> PolicyResult:
+    """Replay ``trace`` through a demand cache of ``capacity`` (items, or bytes when ``sizes``
+    are given) that asks ``policy`` (a tfscache IEvictionPolicy, the daemon's own code) for
+    its victims, offering them least recently used first as the CacheManager does.  A load
+    of item k costs ``load_seconds[k]`` (1 s each when not given)."""
+    cache: OrderedDict[int, float] = OrderedDict()  # least recently used first
+    used = 0.0
+    loads = 0
+    seconds = 0.0
+    for item in trace:
+        policy.requested(item)
+        if item in cache:
+            cache.move_to_end(item)
+            continue
+        size = sizes[item] if sizes is not None else 1.0
+        while cache and used + size > capacity:
+            victim = policy.victim(list(cache))
+            used -= cache.pop(victim)
+            policy.removed(victim)
+        cache[item] = size
+        used += size
+        loads += 1
+        cost = load_seconds[item] if load_seconds is not None else 1.0
+        seconds += cost
+        policy.admitted(item, size, cost)
+    return PolicyResult(name or policy.name, len(trace), loads, seconds)
+
+
+def belady_min_sized(trace: Sequence[int], capacity: float, sizes: Sequence[float] | None = None,
+                     load_seconds: Sequence[float] | None = None) -> PolicyResult:
+    """Belady's MIN with sizes: evict the cached items used furthest in the future until the
+    new one fits.  Optimal in loads for equal sizes (``belady_min``); with sizes it is the
+    classic bound, not the exact optimum (that is NP-hard)."""
+    nxt = next_uses(trace)
+    cached: dict[int, int] = {}
+    heap: list[tuple[int, int]] = []  # (-next use, item); stale entries skipped
+    used = 0.0
+    loads = 0
+    seconds = 0.0
+    for i, item in enumerate(trace):
+        if item not in cached:
+            size = sizes[item] if sizes is not None else 1.0
+            while cached and used + size > capacity:
+                neg, victim = heapq.heappop(heap)
+                if cached.get(victim) == -neg:
+                    del cached[victim]
+                    used -= sizes[victim] if sizes is not None else 1.0
+            used += size
+            loads += 1
+            seconds += load_seconds[item] if load_seconds is not None else 1.0
+        cached[item] = nxt[i]
+        heapq.heappush(heap, (-nxt[i], item))
+        if len(heap) > 4 * len(cached) + 64:
+            heap = [(-nu, it) for it, nu in cached.items()]
+            heapq.heapify(heap)
+    return PolicyResult("min", len(trace), loads, seconds)

@@ -14,7 +14,17 @@ from hypothesis import strategies as st
 from twisted.internet import defer, utils
 from twisted.trial import unittest
 
-from bench.cachesim import belady_min, lru, next_uses, zipf_trace
+from bench.cachesim import (
+    belady_min,
+    belady_min_sized,
+    bursty_trace,
+    lognormal_sizes,
+    lru,
+    next_uses,
+    shifting_trace,
+    simulate,
+    zipf_trace,
+)
 from tests.harness.process import REPO_ROOT
 
 TEXTBOOK = [7, 0, 1, 2, 0, 3, 0, 4, 2, 3, 0, 3, 2, 1, 2, 0, 1, 7, 0, 1]
@@ -85,6 +95,44 @@ class CacheSimTests(unittest.TestCase):
     def test_min_is_optimal(self, trace: list[int], capacity: int) -> None:
         self.assertEqual(belady_min(trace, capacity).loads, optimal_loads(trace, capacity))
 
+    @settings(max_examples=150, deadline=None)
+    @given(st.lists(st.integers(0, 9), max_size=120), st.integers(1, 6))
+    def test_policy_simulator_agrees_with_the_reference_ones(self, trace: list[int], capacity: int) -> None:
+        """The simulator that drives the daemon's policy objects, with LRUPolicy, is lru();
+        MIN with sizes, every size 1, is belady_min(); and the adaptive policy is a demand
+        cache that never beats MIN."""
+        from tfscache.node.eviction import AdaptivePolicy, LRUPolicy
+
+        self.assertEqual(simulate(LRUPolicy(), trace, capacity).loads, lru(trace, capacity).loads)
+        bound = belady_min(trace, capacity).loads
+        self.assertEqual(belady_min_sized(trace, capacity, [1.0] * 10).loads, bound)
+        adaptive = simulate(AdaptivePolicy(capacity), trace, capacity)
+        self.assertGreaterEqual(adaptive.loads, bound)
+        self.assertEqual(adaptive.reload_seconds, adaptive.loads)  # 1 s a load unless told
+
+    def test_sized_simulation_holds_the_byte_budget(self) -> None:
+        from tfscache.node.eviction import AdaptivePolicy, LRUPolicy
+
+        sizes = [float(10 * (k % 5 + 1)) for k in range(20)]  # 10..50 bytes
+        trace = zipf_trace(20, 500, 1.0, 3)
+        for policy in (LRUPolicy(), AdaptivePolicy(100)):
+            r = simulate(policy, trace, 100, sizes, [s / 10 for s in sizes])
+            self.assertGreaterEqual(r.loads, len(set(trace)))
+            self.assertGreater(r.reload_seconds, r.loads)  # sizes 10..50: 1-5 s a load
+
+    def test_other_traces(self) -> None:
+        shifting = shifting_trace(100, 2000, 1.0, 200, 5)
+        self.assertEqual(shifting, shifting_trace(100, 2000, 1.0, 200, 5))
+        first, last = shifting[:200], shifting[-200:]
+        top = lambda part: max(set(part), key=part.count)  # noqa: E731
+        self.assertNotEqual(top(first), top(last))  # popularity moved
+        bursty = bursty_trace(100, 3000, 1.0, 5)
+        self.assertEqual(len(bursty), 3000)
+        self.assertTrue(all(0 <= k < 100 for k in bursty))
+        sizes = lognormal_sizes(200, 1)
+        self.assertTrue(all(10e6 <= s <= 2e9 for s in sizes))
+        self.assertGreater(max(sizes) / min(sizes), 20)
+
     def test_zipf_trace(self) -> None:
         t = zipf_trace(50, 5000, 1.0, seed=7)
         self.assertEqual(t, zipf_trace(50, 5000, 1.0, seed=7))  # seeded: the same trace
@@ -108,6 +156,8 @@ TINY = {
     "TFSCACHE_BENCH_ARGS_ZIPF_WORKLOAD": "--models 20 --capacity 3 --requests 60 --concurrency 6 "
                                          "--sim-requests 500 --capacities 2 5 10 --skews 0.8 1.0 "
                                          "--replay-skews 0.8 1.0",
+    "TFSCACHE_BENCH_ARGS_EVICTION": "--models 20 --requests 300 --capacity 3 --replay-traces zipf-1.0 "
+                                    "--replay-requests 40 --concurrency 2 --no-cluster",
     "TFSCACHE_BENCH_ARGS_ROUTER_SCALE": "--names 300 --members 5 50",
     "TFSCACHE_BENCH_ARGS_S3_COPY": "--total-mb 2 --files 4 --repeat 1",
     "TFSCACHE_BENCH_ARGS_DATA_PLANE": "--seconds 0.3 --concurrency 2 --cold-models 10 --slow-load-seconds 0.5 "
@@ -161,6 +211,26 @@ class BenchRunTests(unittest.TestCase):
             self.assertEqual(daemon["unloads"], daemon["loads"] - 3)  # all slots full at the end
             self.assertEqual(daemon["load_errors"], 0)
             self.assertGreater(replay["latency_ms"]["p50"], 0)
+
+        path = os.path.join(out, "eviction.json")
+        self.assertIn(path, text)
+        with open(path) as f:
+            records = json.load(f)
+        for r in records:
+            self.assertEqual(set(r), {"trace", "policy", "requests", "loads", "reload_seconds", "replayed"})
+        simulated = {(r["trace"], r["policy"]) for r in records if not r["replayed"] and r["requests"] == 300}
+        self.assertEqual(simulated, {(t, p) for t in ("zipf-0.8", "zipf-1.0", "zipf-1.2", "shifting", "bursty",
+                                                       "mixed-size") for p in ("lru", "adaptive", "min")})
+        self.assertEqual({(r["trace"], r["policy"], r["requests"]) for r in records if r["replayed"]},
+                         {("zipf-1.0", "lru", 40), ("zipf-1.0", "adaptive", 40)})
+        for r in records:  # MIN is the bound in loads (every trace of the same requests but mixed-size's bytes)
+            bound = next(m for m in records if m["policy"] == "min" and not m["replayed"]
+                         and (m["trace"], m["requests"]) == (r["trace"], r["requests"]))
+            if r["trace"] != "mixed-size":
+                self.assertGreaterEqual(r["loads"], bound["loads"], r)
+        summary = report("eviction_summary")
+        self.assertIn(summary["default"]["default"], ("lru", "adaptive"))
+        self.assertEqual([e["errors"] for e in summary["replays"]], [0, 0])
 
         scale = report("router_scale")
         self.assertEqual([r["members"] for r in scale["runs"]], [5, 50])

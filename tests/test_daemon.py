@@ -76,7 +76,9 @@ class DaemonTests(unittest.TestCase):
 
     def start(self, **overrides: object) -> NodeProcess:
         cfg = node_config(self.models, self.backend, admin={"enabled": True, "token": TOKEN},
-                          serving={"max_models": 2, "failure_backoff_seconds": 60}, **overrides)
+                          # the scenarios below count LRU's unloads
+                          serving={"max_models": 2, "failure_backoff_seconds": 60, "eviction": "lru"},
+                          disk_cache={"eviction": "lru"}, **overrides)
         node = NodeProcess(cfg).start()
         self.addCleanup(node.stop)
         return node

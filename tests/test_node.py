@@ -97,7 +97,7 @@ class CacheBehaviourTests(NodeTestCase):
 
     @defer.inlineCallbacks
     def test_lru_unload_order(self):  # type: ignore[no-untyped-def]
-        node = yield self.node(serving={"max_models": 2})
+        node = yield self.node(serving={"max_models": 2, "eviction": "lru"})
         for name in ("m0", "m1", "m0", "m2"):  # m1 is least recently used when m2 needs room
             reply = yield rest_predict(node.rest_url, name, [1.0])
             self.assertEqual(reply.code, 200, reply.body)

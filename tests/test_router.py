@@ -19,7 +19,7 @@ from tfscache.cluster.discovery.static import StaticDiscovery
 from tfscache.cluster.members import Member
 from tfscache.cluster.ring import owners
 from tfscache.cluster.router import CONNECT_TIMEOUT, Router
-from tfscache.errors import Code, ServingError
+from tfscache.errors import Code, ServingError, no_room
 from tfscache.frontend.grpc_server import GrpcFrontend
 from tfscache.frontend.rest import RestFrontend
 from tfscache.metrics import Metrics
@@ -46,12 +46,18 @@ class TinyHandler:
         self.mode = "ok"  # ok | unavailable | notfound | hold | down
         # models whose copy fails here (a full disk): UNAVAILABLE about that model only
         self.failing: set[str] = set()
+        # models there is no room for here (every slot in use): RESOURCE_EXHAUSTED, no-room
+        self.full: set[str] = set()
         self.rest_calls: list[HttpRequest] = []
         self.grpc_calls: list[tuple[str, bytes, float | None]] = []
         self.grpc_metadata: list[tuple[tuple[str, Any], ...]] = []
         self.held: list[defer.Deferred[Any]] = []
 
     def _answer(self, make: Any, name: str = "") -> defer.Deferred[Any]:
+        if name in self.full:
+            return defer.fail(no_room(f"No room to load model {name} version 1 on {self.node_id}"))
+        if self.mode == "too_large":  # a RESOURCE_EXHAUSTED that is not about room for a model
+            return defer.fail(ServingError(Code.RESOURCE_EXHAUSTED, "Received message larger than max"))
         if name in self.failing:
             return defer.fail(ServingError(
                 Code.UNAVAILABLE, f"Could not copy model {name} version 1 into the cache: "
@@ -180,7 +186,7 @@ class RouterTestCase(unittest.TestCase):
 
     @defer.inlineCallbacks
     def cluster(self, ids=("a", "b", "c"), dead=(), replicas=2, forward_timeout=5.0,  # type: ignore[no-untyped-def]
-                spread_threshold=100, down_seconds=3.0, holes=()):
+                spread_threshold=100, down_seconds=3.0, holes=(), spill_over=True):
         self.pool = HTTPConnectionPool(reactor, persistent=False)
         nodes = {}
         for i in ids:
@@ -192,7 +198,8 @@ class RouterTestCase(unittest.TestCase):
         self.members = members
         for n in nodes.values():
             n.router = Router(n.tiny, StaticDiscovery(members, n.member), n.id, replicas, forward_timeout,
-                              spread_threshold, n.metrics, reactor, down_seconds=down_seconds)
+                              spread_threshold, n.metrics, reactor, down_seconds=down_seconds,
+                              spill_over=spill_over)
         self.channels: list[grpc.Channel] = []
         self.addCleanup(lambda: [c.close() for c in self.channels])
         return nodes
@@ -560,6 +567,84 @@ class FailoverTests(RouterTestCase):
         # b's front end ends the request it was serving, quietly (no error logged)
         yield self.until(lambda: b.rest_frontend.inflight.count == 0)
         self.assertEqual(self.flushLoggedErrors(defer.CancelledError), [])
+
+
+class SpillOverTests(RouterTestCase):
+    @defer.inlineCallbacks
+    def test_no_room_spills_to_the_next_owner_without_demoting_it(self):  # type: ignore[no-untyped-def]
+        """b has no room for the model: REST, gRPC and local requests go to the next owner,
+        b is not marked down (it serves its other models), and the spill-overs are counted."""
+        nodes = yield self.cluster()
+        a, b = nodes["a"], nodes["b"]
+        name, other = self.name_owned_by("b", "c"), self.name_owned_by("b", "a")
+        b.tiny.full.add(name)
+        resp, content = yield self.post(a, name)  # b answers 429 marked no-room
+        self.assertEqual((resp.code, json.loads(content)["node"]), (200, "c"))
+        self.assertFalse(resp.headers.hasHeader(b"x-tfscache-no-room"))
+        reply = yield self.grpc_call(a, name)  # b answers RESOURCE_EXHAUSTED marked no-room
+        self.assertTrue(reply.startswith(b"c|"))
+        self.assertFalse(a.router.is_down("b"))
+        self.assertEqual(count(a.metrics, "b", "spill"), 2)
+        self.assertEqual(a.metrics.spill_overs._value.get(), 2)
+        resp, content = yield self.post(a, other)
+        self.assertEqual(json.loads(content)["node"], "b")
+        # on the owner itself: its own cache has no room
+        mine = self.name_owned_by("a", "c")
+        a.tiny.full.add(mine)
+        reply = yield self.direct(a, mine)
+        self.assertEqual(json.loads(reply.body)["node"], "c")
+        reply = yield a.router.grpc(PREDICT, ModelRef(mine), predict_payload(mine), 5.0)
+        self.assertTrue(reply.startswith(b"c|"))
+        self.assertEqual(count(a.metrics, "local", "spill"), 2)
+        self.assertEqual(a.metrics.spill_overs._value.get(), 4)
+        self.assertFalse(a.router.is_down("a"))
+
+    @defer.inlineCallbacks
+    def test_no_owner_with_room_gives_the_last_resource_exhausted(self):  # type: ignore[no-untyped-def]
+        nodes = yield self.cluster()
+        a, b, c = nodes["a"], nodes["b"], nodes["c"]
+        name = self.name_owned_by("b", "c")
+        b.tiny.full.add(name)
+        c.tiny.full.add(name)
+        resp, content = yield self.post(a, name)
+        self.assertEqual(resp.code, 429)
+        self.assertEqual(json.loads(content), {"error": f"No room to load model {name} version 1 on c"})
+        self.assertFalse(resp.headers.hasHeader(b"x-tfscache-no-room"))  # the router's business
+        err = yield self.assertFailure(self.grpc_call(a, name), ServingError)
+        self.assertEqual((err.code, err.message), (Code.RESOURCE_EXHAUSTED,
+                                                   f"No room to load model {name} version 1 on c"))
+        self.assertEqual((len(b.tiny.rest_calls), len(c.tiny.rest_calls)), (1, 1))
+        self.assertEqual((len(b.tiny.grpc_calls), len(c.tiny.grpc_calls)), (1, 1))
+        self.assertFalse(a.router.is_down("b") or a.router.is_down("c"))
+        self.assertEqual(a.metrics.spill_overs._value.get(), 4)
+
+    @defer.inlineCallbacks
+    def test_other_resource_exhausted_is_not_spilled(self):  # type: ignore[no-untyped-def]
+        nodes = yield self.cluster()
+        a, b, c = nodes["a"], nodes["b"], nodes["c"]
+        b.tiny.mode = "too_large"
+        name = self.name_owned_by("b", "c")
+        resp, content = yield self.post(a, name)
+        self.assertEqual((resp.code, json.loads(content)), (429, {"error": "Received message larger than max"}))
+        err = yield self.assertFailure(self.grpc_call(a, name), ServingError)
+        self.assertEqual(err.code, Code.RESOURCE_EXHAUSTED)
+        self.assertEqual((len(c.tiny.rest_calls), len(c.tiny.grpc_calls)), (0, 0))
+        self.assertEqual(a.metrics.spill_overs._value.get(), 0)
+
+    @defer.inlineCallbacks
+    def test_spill_over_off_answers_the_first_owners_429(self):  # type: ignore[no-untyped-def]
+        nodes = yield self.cluster(spill_over=False)
+        a, b, c = nodes["a"], nodes["b"], nodes["c"]
+        name = self.name_owned_by("b", "c")
+        b.tiny.full.add(name)
+        resp, content = yield self.post(a, name)
+        self.assertEqual(resp.code, 429)
+        self.assertIn("No room to load model", json.loads(content)["error"])
+        self.assertFalse(resp.headers.hasHeader(b"x-tfscache-no-room"))
+        err = yield self.assertFailure(self.grpc_call(a, name), ServingError)
+        self.assertEqual(err.code, Code.RESOURCE_EXHAUSTED)
+        self.assertEqual((len(c.tiny.rest_calls), len(c.tiny.grpc_calls)), (0, 0))
+        self.assertEqual(a.metrics.spill_overs._value.get(), 0)
 
 
 class SpreadTests(RouterTestCase):

@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from tfscache.node.eviction import POLICIES
+
 ENV_PREFIX = "TFSCACHE_"
 
 
@@ -122,6 +124,9 @@ SCHEMA: dict[str, Any] = {
     "disk_cache": {
         "path": Field("str", _REQUIRED, doc="Local directory for the copied models."),
         "capacity_bytes": Field("size", 10 * 1024**3, minimum=1),
+        "eviction": Field("choice", "adaptive", choices=POLICIES,
+                          doc="Which copy to delete for room: lru, or adaptive (decayed frequency x "
+                              "copy time per byte)."),
     },
     "serving": {
         "grpc_target": Field("str", "127.0.0.1:9500", doc="host:port of TF Serving's gRPC API."),
@@ -139,6 +144,9 @@ SCHEMA: dict[str, Any] = {
                                      doc="A model used this recently is not evicted to make room."),
         "capacity_wait_seconds": Field("float", 30.0, minimum=0,
                                        doc="How long a load waits for room before RESOURCE_EXHAUSTED."),
+        "eviction": Field("choice", "adaptive", choices=POLICIES,
+                          doc="Which idle model to unload for room: lru, or adaptive (decayed "
+                              "frequency x reload time per slot or byte; bench/eviction.py)."),
         "model_platform": Field("str", "tensorflow"),
         "reset_on_start": Field("bool", True, doc="Send an empty model list at start-up."),
         "health_interval_seconds": Field("float", 5.0, minimum=0.1,
@@ -153,6 +161,8 @@ SCHEMA: dict[str, Any] = {
                                                   "(when listen.tls_cert is set); default: system roots."),
         "spread_inflight_threshold": Field("int", 32, minimum=1,
                                            doc="In-flight requests on the first owner before spreading."),
+        "spill_over": Field("bool", True, doc="An owner with no room for the model (RESOURCE_EXHAUSTED) "
+                                              "passes the request to the next owner."),
         "discovery": {
             "type": Field("choice", "static", choices=("static", "etcd", "consul")),
             "members": Field("list", [], doc="static: [{id, host, rest_port, grpc_port}]."),

@@ -57,18 +57,26 @@ HTTP_STATUS: dict[Code, int] = {
 # connection that failed) counts as node-wide, as before.
 NODE_UNAVAILABLE_KEY = "x-tfscache-node-unavailable"
 
+# Set to "1" by a node on its RESOURCE_EXHAUSTED answers that mean "no room for this model here
+# in time" (TF Serving's slots or the disk cache full of models in use): another owner may have
+# room, so a router passes the request on (spill-over).  Another RESOURCE_EXHAUSTED (a message
+# over the size limit, TF Serving's own) has no marker and goes back to the client.
+NO_ROOM_KEY = "x-tfscache-no-room"
+
 
 class ServingError(Exception):
     """An error with a TF Serving status code and a message fit for the client.
 
     ``node_wide``: the node is unusable for every model, not just this request's (see
-    NODE_UNAVAILABLE_KEY)."""
+    NODE_UNAVAILABLE_KEY).  ``no_room``: a RESOURCE_EXHAUSTED for lack of room for the model
+    on this node, which another owner may have (see NO_ROOM_KEY)."""
 
-    def __init__(self, code: Code, message: str, node_wide: bool = False) -> None:
+    def __init__(self, code: Code, message: str, node_wide: bool = False, no_room: bool = False) -> None:
         super().__init__(message)
         self.code = Code(code)
         self.message = message
         self.node_wide = node_wide
+        self.no_room = no_room and self.code == Code.RESOURCE_EXHAUSTED
 
     @property
     def http_status(self) -> int:
@@ -94,6 +102,11 @@ def not_found(message: str) -> ServingError:
 
 def unavailable(message: str, node_wide: bool = False) -> ServingError:
     return ServingError(Code.UNAVAILABLE, message, node_wide)
+
+
+def no_room(message: str) -> ServingError:
+    """RESOURCE_EXHAUSTED: no room for the model on this node (another owner may have it)."""
+    return ServingError(Code.RESOURCE_EXHAUSTED, message, no_room=True)
 
 
 def deadline(message: str) -> ServingError:

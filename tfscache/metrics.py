@@ -52,6 +52,9 @@ class Metrics:
         self.forwards = Counter("tfscache_router_forwards", "Requests forwarded by the router",
                                 ("target", "outcome"), registry=r)
         self.retries = Counter("tfscache_router_retries", "Forwards retried on the next owner", registry=r)
+        self.spill_overs = Counter("tfscache_router_spill_overs",
+                                   "Requests passed to the next owner because an owner had no room "
+                                   "for the model (RESOURCE_EXHAUSTED)", registry=r)
         self.members = Gauge("tfscache_discovery_members", "Live members known to this node", registry=r)
         self._request_counters: dict[tuple[str, str, str], Any] = {}
         self._request_histograms: dict[tuple[str, str], Any] = {}

@@ -23,6 +23,7 @@ from tfscache.frontend.rest import RestFrontend, error_reply, json_reply
 from tfscache.interfaces import IModelProvider
 from tfscache.metrics import Metrics
 from tfscache.node.disk_cache import DiskCache
+from tfscache.node.eviction import make_policy
 from tfscache.node.health import BackendMonitor
 from tfscache.node.local import LocalNode
 from tfscache.node.manager import CacheLimits, CacheManager
@@ -72,7 +73,8 @@ class NodeService(service.MultiService):
         self.provider = make_provider(cfg, own_shutdown=False)
         self.backend = ServingController(s.grpc_target, s.rest_url, s.model_platform)
         self.backend.reload_timeout = s.load_timeout_seconds
-        self.disk = DiskCache(cfg.disk_cache.path, cfg.disk_cache.capacity_bytes)
+        self.disk = DiskCache(cfg.disk_cache.path, cfg.disk_cache.capacity_bytes,
+                              policy=make_policy(cfg.disk_cache.eviction, cfg.disk_cache.capacity_bytes))
         self.cache = CacheManager(
             self.provider, self.backend, self.disk,
             CacheLimits(
@@ -83,6 +85,7 @@ class NodeService(service.MultiService):
                 capacity_wait=s.capacity_wait_seconds,
             ),
             self.metrics,
+            policy=make_policy(s.eviction, s.max_bytes or s.max_models),
         )
         self.local = LocalNode(
             self.cache, s.rest_url, s.grpc_target, self.metrics,
@@ -241,6 +244,7 @@ class NodeService(service.MultiService):
             self.local, self.discovery, c.node.id, c.cluster.replicas_per_model,
             c.cluster.forward_timeout_seconds, c.cluster.spread_inflight_threshold, self.metrics,
             clock=self.reactor, tls=bool(c.listen.tls_cert), tls_ca=read_file(c.cluster.tls_ca_cert),
+            spill_over=c.cluster.spill_over,
         )
         self.handler = self.rest.handler = self.grpc.handler = self.router
         self.discovery.setServiceParent(self)

@@ -23,6 +23,14 @@ node is not demoted for all its models by one.  A deadline that runs out is DEAD
 never a hang. Any other answer of an owner (NOT_FOUND,
 INVALID_ARGUMENT, ...) goes back unchanged.
 
+Spill-over (``spill_over``): an owner that has no room for the model in time answers
+RESOURCE_EXHAUSTED (HTTP 429) marked ``x-tfscache-no-room: 1`` (``ServingError.no_room``);
+the request then goes to the next owner, like a failover within the same deadline but without
+marking the owner down (it serves its other models), and is counted in
+``tfscache_router_spill_overs``.  When no owner has room, the client gets the last 429 /
+RESOURCE_EXHAUSTED.  A RESOURCE_EXHAUSTED without the marker (a message too large, TF
+Serving's own) goes back unchanged.
+
 Forwards carry the marker (REST header / gRPC metadata ``x-tfscache-forwarded: 1``), so the
 receiving node serves the request itself instead of routing it again.
 """
@@ -42,7 +50,7 @@ from zope.interface import implementer
 
 from tfscache.cluster.members import Member
 from tfscache.cluster.ring import Ring
-from tfscache.errors import Code, ServingError, deadline, unavailable
+from tfscache.errors import NO_ROOM_KEY, Code, ServingError, deadline, unavailable
 from tfscache.interfaces import IDiscovery, IRequestHandler
 from tfscache.metrics import Metrics
 from tfscache.modelspec import ModelRef, RestCall
@@ -63,6 +71,7 @@ from tfscache.wire import (
 T = TypeVar("T")
 
 DOWN_SECONDS = 3.0        # how long a member that failed node-wide is tried last
+_NO_ROOM_HEADER = NO_ROOM_KEY.encode()
 
 ChannelFactory = Callable[[str], GrpcChannel]
 Attempt = Callable[[Member | None, float], defer.Deferred[Any]]
@@ -71,9 +80,11 @@ Attempt = Callable[[Member | None, float], defer.Deferred[Any]]
 class _Failover(Exception):
     """A forward failed in a way that makes the next owner worth trying."""
 
-    def __init__(self, error: ServingError, mark_down: bool, reply: HttpReply | None = None) -> None:
+    def __init__(self, error: ServingError, mark_down: bool, reply: HttpReply | None = None,
+                 spill: bool = False) -> None:
         super().__init__(error.message)
         self.error, self.mark_down, self.reply = error, mark_down, reply
+        self.spill = spill  # the owner had no room (RESOURCE_EXHAUSTED): spill-over, not a fault
 
 
 @implementer(IRequestHandler)
@@ -96,6 +107,7 @@ class Router:
         connect_timeout: float = CONNECT_TIMEOUT,
         tls_ca: bytes | None = None,
         tls: bool = False,
+        spill_over: bool = True,
     ) -> None:
         self.local, self.discovery, self.self_id = local, discovery, self_id
         self.replicas = max(1, replicas)
@@ -105,6 +117,7 @@ class Router:
         self.clock = clock
         self.timers = Timers(clock)
         self.down_seconds = down_seconds
+        self.spill_over = spill_over
         # TLS between nodes when the cluster serves TLS: peers are verified against tls_ca (or
         # the system's roots)
         self.scheme = b"https" if tls else b"http"
@@ -207,6 +220,24 @@ class Router:
         channels, self._channels = list(self._channels.values()), {}
         closing = [channel.close() for channel in channels]
         return defer.gatherResults([*closing, self.http.close()]).addCallback(lambda _: None)
+
+    def _spill_or_pass(self, result: Any, member_id: str) -> Any:
+        """An owner's 429 marked no-room: a spill-over (a _Failover returned) when spilling is
+        on.  The marker is the router's business, not the client's: it is dropped either way."""
+        if not isinstance(result, HttpReply) or result.code != 429 or result.header(_NO_ROOM_HEADER) is None:
+            return result
+        reply = HttpReply(result.code, result.parts, [(k, v) for k, v in result.headers
+                                                      if k.lower() != _NO_ROOM_HEADER])
+        if not self.spill_over:
+            return reply
+        return self._spill(ServingError(Code.RESOURCE_EXHAUSTED, f"{member_id} has no room for the model",
+                                        no_room=True), member_id, reply)
+
+    def _spill(self, error: ServingError, member_id: str, reply: HttpReply | None = None) -> _Failover:
+        self.metrics.spill_overs.inc()
+        self.log.debug("{member} has no room: trying the next owner ({error})", member=member_id,
+                       error=error.message)
+        return _Failover(error, mark_down=False, reply=reply, spill=True)
 
     def _mark_down(self, member_id: str, why: str) -> None:
         now = self.clock.seconds()
@@ -320,7 +351,7 @@ class _Route:
         remaining = self.end - router.clock.seconds()
         if self.tries >= len(self.order) or remaining <= 0:
             self._deliver(Failure(self._exhausted()) if self.last is None or self.last.reply is None
-                          else self.last.reply)  # the owner's own 503, unchanged
+                          else self.last.reply)  # the owner's own 503 / 429, unchanged
             return
         member = self.order[self.tries]
         if self.tries:
@@ -341,6 +372,8 @@ class _Route:
     def _exhausted(self) -> ServingError:
         if self.last is None:
             return deadline(f"Deadline exceeded after {self.budget:g}s before {self.name} could be served")
+        if self.last.spill:
+            return self.last.error  # no owner had room: its RESOURCE_EXHAUSTED
         return unavailable(f"No owner of model {self.name} could serve the request: {self.last.error.message}")
 
     def _settled(self, result: Any, key: tuple[str, str], local: bool, mid: str, timer: Any) -> None:
@@ -356,9 +389,12 @@ class _Route:
             del router._inflight[key]
         target = "local" if local else mid
         if not isinstance(result, Failure):
-            router.metrics.forward_done(target, "ok")
-            self._deliver(result)
-            return
+            result = router._spill_or_pass(result, mid)
+            if not isinstance(result, _Failover):
+                router.metrics.forward_done(target, "ok")
+                self._deliver(result)
+                return
+            result = Failure(result)
         if self.cancelled:
             router.metrics.forward_done(target, "cancelled")
             self._deliver(Failure(defer.CancelledError()))
@@ -370,8 +406,10 @@ class _Route:
                 f"Deadline exceeded after {self.budget:g}s waiting for {where} to serve {self.name}")))
             return
         e = result.value
+        if isinstance(e, ServingError) and e.no_room and router.spill_over:
+            e = router._spill(e, mid)
         if isinstance(e, _Failover):
-            router.metrics.forward_done(target, "failover")
+            router.metrics.forward_done(target, "spill" if e.spill else "failover")
             self.last = e
             if e.mark_down:
                 router._mark_down(mid, e.error.message)

@@ -9,7 +9,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from tfscache.errors import Code, ServingError
+from tfscache.errors import NO_ROOM_KEY, NODE_UNAVAILABLE_KEY, Code, ServingError
 
 log = Logger()
 
@@ -42,3 +42,16 @@ def node_unavailable_marker(err: ServingError) -> str | None:
     if err.code != Code.UNAVAILABLE:
         return None
     return "1" if err.node_wide else "0"
+
+
+def error_markers(err: ServingError) -> list[tuple[str, str]]:
+    """The markers a node sends with this error (REST headers, gRPC trailing metadata) for
+    the router of another node: NODE_UNAVAILABLE_KEY (mark it down?) and NO_ROOM_KEY (pass the
+    request to the next owner?)."""
+    markers = []
+    node = node_unavailable_marker(err)
+    if node is not None:
+        markers.append((NODE_UNAVAILABLE_KEY, node))
+    if err.no_room:
+        markers.append((NO_ROOM_KEY, "1"))
+    return markers

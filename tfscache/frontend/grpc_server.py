@@ -23,8 +23,8 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from tfscache.errors import NODE_UNAVAILABLE_KEY, Code, ServingError, invalid
-from tfscache.frontend.errors import as_serving_error, grpc_status, node_unavailable_marker
+from tfscache.errors import Code, ServingError, invalid
+from tfscache.frontend.errors import as_serving_error, error_markers, grpc_status
 from tfscache.interfaces import IRequestHandler
 from tfscache.metrics import Metrics
 from tfscache.modelspec import PREDICTION_METHODS, parse_grpc_request
@@ -166,9 +166,9 @@ class GrpcFrontend(service.Service):
             except Exception as e:
                 err = as_serving_error(e)
                 code = err.code.name
-                marker = node_unavailable_marker(err)
-                if marker is not None:
-                    context.set_trailing_metadata(((NODE_UNAVAILABLE_KEY, marker),))
+                markers = error_markers(err)
+                if markers:
+                    context.set_trailing_metadata(tuple(markers))
                 await context.abort(grpc_status(err), err.message)
                 raise  # unreachable: abort raises
             finally:

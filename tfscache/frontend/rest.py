@@ -19,13 +19,13 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from tfscache.errors import Code, ServingError, invalid
-from tfscache.frontend.errors import as_serving_error, node_unavailable_marker, rest_error_body
+from tfscache.frontend.errors import as_serving_error, error_markers, rest_error_body
 from tfscache.interfaces import IRequestHandler
 from tfscache.metrics import Metrics
 from tfscache.modelspec import parse_rest_path
 from tfscache.transport.http_server import HttpLimits, HttpServerFactory
 from tfscache.util.inflight import InFlight
-from tfscache.wire import FORWARDED_HEADER, NODE_UNAVAILABLE_HEADER, HttpReply, HttpRequest, has_header, header_value
+from tfscache.wire import FORWARDED_HEADER, HttpReply, HttpRequest, has_header, header_value
 
 JSON = b"application/json"
 JSON_HEADERS = [(b"Content-Type", JSON)]
@@ -34,11 +34,11 @@ Route = Callable[[HttpRequest], "defer.Deferred[HttpReply] | HttpReply"]
 
 
 def error_reply(err: ServingError) -> HttpReply:
-    """TF Serving's error reply, with the node-unavailable marker on UNAVAILABLE."""
+    """TF Serving's error reply, with the markers for another node's router (node-unavailable
+    on UNAVAILABLE, no-room on a capacity RESOURCE_EXHAUSTED)."""
     headers = list(JSON_HEADERS)
-    marker = node_unavailable_marker(err)
-    if marker is not None:
-        headers.append((NODE_UNAVAILABLE_HEADER, marker.encode()))
+    for key, value in error_markers(err):
+        headers.append((key.encode(), value.encode()))
     return HttpReply(err.http_status, rest_error_body(err), headers)
 
 

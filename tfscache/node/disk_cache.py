@@ -1,9 +1,10 @@
-"""The models on local disk: ``<root>/<name>/<version>/``, LRU by bytes, rebuilt at start-up.
+"""The models on local disk: ``<root>/<name>/<version>/``, a byte budget, rebuilt at start-up.
 
 The directory layout is TF Serving's, so ``<root>/<name>`` is directly the ``base_path`` that
 the backend loads from.  This object only keeps the books (sizes and recency) and deletes
 whole version directories; which models may not be deleted is decided by its owner (the
-CacheManager protects anything being loaded or served).
+CacheManager protects anything being loaded or served), which of the others goes first by an
+eviction policy (``eviction.py``; LRU unless told otherwise: a deleted model costs a copy later).
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from collections.abc import Callable, Iterable
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 
-from tfscache.errors import Code, ServingError
+from tfscache.errors import no_room
 from tfscache.modelspec import ModelId
+from tfscache.node.eviction import IEvictionPolicy, LRUPolicy
 from tfscache.providers.base import STAGING_PREFIX
 from tfscache.providers.disk import numeric_children, tree_size
 
@@ -67,8 +69,10 @@ def _remove(path: str) -> None:
 class DiskCache:
     log = Logger()
 
-    def __init__(self, root: str, capacity_bytes: int, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, root: str, capacity_bytes: int, clock: Callable[[], float] = time.time,
+                 policy: IEvictionPolicy | None = None) -> None:
         self.root = os.path.abspath(root)
+        self.policy: IEvictionPolicy = policy or LRUPolicy()
         self.capacity_bytes = capacity_bytes
         self._clock = clock
         self._used_at: dict[ModelId, float] = {}
@@ -82,6 +86,15 @@ class DiskCache:
         self.evictions = 0
         self.on_evict: Callable[[ModelId, int], None] = lambda mid, size: None
 
+    @property
+    def capacity_bytes(self) -> int:
+        return self._capacity_bytes
+
+    @capacity_bytes.setter
+    def capacity_bytes(self, value: int) -> None:  # SIGHUP may change it
+        self._capacity_bytes = value
+        self.policy.capacity = float(value)
+
     # -- books -----------------------------------------------------------------------------
     def start(self) -> defer.Deferred[int]:
         """Rebuild the books from disk; fire with the number of models found."""
@@ -90,6 +103,7 @@ class DiskCache:
             for mid, size, _mtime in found:
                 self._entries[mid] = size
                 self.used_bytes += size
+                self.policy.admitted(mid, size, 0.0)  # its copy's time is not known
             self.log.info(
                 "disk cache {root}: {count} models, {bytes} bytes", root=self.root,
                 count=len(found), bytes=self.used_bytes,
@@ -120,6 +134,10 @@ class DiskCache:
     # order after a restart) at most this often, and all of them at a clean stop (save_order)
     MTIME_EVERY = 10.0
 
+    def requested(self, mid: ModelId) -> None:
+        """A request for ``mid`` arrived, on disk or not (the policy counts it)."""
+        self.policy.requested(mid)
+
     def touch(self, mid: ModelId) -> None:
         """Mark used: most recently used end of the LRU (and, now and then, its mtime)."""
         if mid in self._entries:
@@ -145,14 +163,15 @@ class DiskCache:
                 self._mtime_at[mid] = when
                 self._set_mtime(mid, when)
 
-    def add(self, mid: ModelId, size: int) -> None:
-        """A copy is in place: its reservation becomes its real size."""
+    def add(self, mid: ModelId, size: int, cost: float = 0.0) -> None:
+        """A copy is in place (it took ``cost`` seconds): its reservation becomes its real size."""
         self.release(mid)
         old = self._entries.pop(mid, None)
         if old is not None:
             self.used_bytes -= old
         self._entries[mid] = size
         self.used_bytes += size
+        self.policy.admitted(mid, size, cost)
 
     def release(self, mid: ModelId) -> None:
         """Give back the room reserved for a copy that did not complete."""
@@ -160,31 +179,34 @@ class DiskCache:
 
     # -- capacity --------------------------------------------------------------------------
     def make_room(self, mid: ModelId, size: int, protected: Iterable[ModelId]) -> defer.Deferred[None]:
-        """Delete least recently used directories until ``size`` more bytes fit, and reserve
-        them for ``mid`` until ``add`` (the copy is in place) or ``release`` (it failed).
+        """Delete directories (the policy's choice, in turn) until ``size`` more bytes fit, and
+        reserve them for ``mid`` until ``add`` (the copy is in place) or ``release`` (it failed).
 
         ``protected`` models (being loaded or served) are never deleted.  Fails with
         RESOURCE_EXHAUSTED when even deleting every unprotected model would not do."""
         self.release(mid)  # a new attempt replaces an old reservation
         if size > self.capacity_bytes:
-            return defer.fail(ServingError(
-                Code.RESOURCE_EXHAUSTED,
+            return defer.fail(no_room(
                 f"Model {mid.name} version {mid.version} ({size} bytes) is larger than the disk "
                 f"cache ({self.capacity_bytes} bytes)",
             ))
         keep = set(protected)
         victims: list[tuple[ModelId, int]] = []
         free = self.capacity_bytes - self.used_bytes - self.reserved_bytes
-        for cand, cand_size in self._entries.items():
-            if free >= size:
-                break
-            if cand in keep or cand == mid:
-                continue
-            victims.append((cand, cand_size))
-            free += cand_size
         if free < size:
-            return defer.fail(ServingError(
-                Code.RESOURCE_EXHAUSTED,
+            # least recently used first, as the policy expects them
+            candidates = [c for c in self._entries if c not in keep and c != mid]
+            if free + sum(self._entries[c] for c in candidates) >= size:
+                while free < size:
+                    chosen = self.policy.victim(candidates)
+                    cand = next((c for c in candidates if c == chosen), None)
+                    if cand is None:
+                        break
+                    candidates.remove(cand)
+                    victims.append((cand, self._entries[cand]))
+                    free += self._entries[cand]
+        if free < size:
+            return defer.fail(no_room(
                 f"No room in the disk cache for model {mid.name} version {mid.version} ({size} "
                 "bytes): the models on disk are all in use or being copied",
             ))
@@ -208,6 +230,7 @@ class DiskCache:
             self._used_at.pop(mid, None)
             self._mtime_at.pop(mid, None)
             self.used_bytes -= size
+            self.policy.removed(mid)
             self.evictions += 1
             started = time.monotonic()
             path = _retire(self.path(mid))

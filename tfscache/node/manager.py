@@ -7,10 +7,12 @@ Per model id, one state machine::
 
 All requests for one cold model share ONE fetch and ONE load (a SharedResult per model); there
 is no global lock, so a slow load of one model never holds up another model's requests.  Room
-in TF Serving (a count and optionally bytes) is made by unloading the least recently used idle
-model; a model with requests in flight (a lease) or pinned is never unloaded, and a model used
-within ``churn_guard`` seconds is not unloaded just to make room (the new load waits, bounded,
-then gets RESOURCE_EXHAUSTED: no thrashing).
+in TF Serving (a count and optionally bytes) is made by unloading an idle model: which one, the
+eviction policy decides (``eviction.py``: the least recently used, or the least valuable by
+decayed frequency and reload cost); a model with requests in flight (a lease) or pinned is
+never unloaded, and a model used within ``churn_guard`` seconds is not unloaded just to make
+room (the new load waits, bounded, then gets RESOURCE_EXHAUSTED: no thrashing).  The policy
+only chooses among the models these rules leave.
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from tfscache.errors import Code, ModelLoadError, ServingError, deadline, invalid, not_found
+from tfscache.errors import Code, ModelLoadError, ServingError, deadline, invalid, no_room, not_found
 from tfscache.interfaces import IModelCache, IModelProvider, IServingBackend
 from tfscache.metrics import Metrics
 from tfscache.modelspec import ModelId
 from tfscache.node.disk_cache import DiskCache
+from tfscache.node.eviction import IEvictionPolicy, LRUPolicy
 from tfscache.util.deferreds import SharedResult, cancel_when_done, with_timeout
 
 
@@ -61,6 +64,7 @@ class ModelEntry:
     failure: ServingError | None = None
     retry_after: float = 0.0
     load_seconds: list[float] = field(default_factory=list)
+    fetch_seconds: float = 0.0  # the last copy's
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -117,10 +121,13 @@ class CacheManager:
         metrics: Metrics | None = None,
         clock: IReactorTime | None = None,
         now: Callable[[], float] | None = None,
+        policy: IEvictionPolicy | None = None,
     ) -> None:
         from twisted.internet import reactor
 
         self.provider, self.backend, self.disk, self.limits = provider, backend, disk, limits
+        # which idle model to unload for room (the rules of who MAY go stay here)
+        self.policy: IEvictionPolicy = policy or LRUPolicy()
         self.metrics = metrics or Metrics()
         self.clock: IReactorTime = clock or reactor  # type: ignore[assignment]
         self.now: Callable[[], float] = now or (lambda: self.clock.seconds())
@@ -177,6 +184,9 @@ class CacheManager:
         return listing.addCallback(pick)
 
     def acquire(self, mid: ModelId, timeout: float | None = None) -> defer.Deferred[Lease]:
+        self.policy.capacity = self._budget()  # max_models / max_bytes may change on SIGHUP
+        self.policy.requested(mid)
+        self.disk.requested(mid)
         entry = self.entries.get(mid)
         if entry is not None and entry.state == State.AVAILABLE:
             self.metrics.model(self.metrics.hits, mid.name).inc()
@@ -294,11 +304,12 @@ class CacheManager:
             entry.state = State.ABSENT
             raise
         elapsed = self.now() - started
+        entry.fetch_seconds = elapsed
         self.fetches += 1
         self.metrics.fetch_done(mid.name, "ok")
         self.metrics.fetch_seconds.observe(elapsed)
         self.metrics.fetch_bytes.inc(copied)
-        self.disk.add(mid, copied)
+        self.disk.add(mid, copied, cost=elapsed)
         entry.size = copied
         self.log.info(
             "fetched model={model} version={version} bytes={bytes} seconds={seconds:.3f}",
@@ -328,6 +339,9 @@ class CacheManager:
         entry.load_seconds = (entry.load_seconds + [elapsed])[-20:]
         entry.last_used = self.now()
         self.loads += 1
+        # what evicting it would cost: this load again, and the copy if the disk lets it go too
+        # (never free: a load measured as 0 s was merely faster than the clock's resolution)
+        self.policy.admitted(mid, self._budget_units(entry), max(elapsed + entry.fetch_seconds, 0.001))
         self.metrics.load_done(mid.name, "ok")
         self.metrics.load_seconds.observe(elapsed)
         self.log.info(
@@ -359,6 +373,13 @@ class CacheManager:
     def _estimate(self, entry: ModelEntry) -> int:
         return int(entry.size * self.limits.memory_factor)
 
+    def _budget(self) -> float:
+        """The budget the eviction policy ranks for: bytes when there is a byte budget, else slots."""
+        return float(self.limits.max_bytes or self.limits.max_models)
+
+    def _budget_units(self, entry: ModelEntry) -> float:
+        return float(self._estimate(entry)) if self.limits.max_bytes else 1.0
+
     def _fits(self, entry: ModelEntry) -> bool:
         occupying = [e for e in self.entries.values() if e.state in _OCCUPYING and e is not entry]
         if len(occupying) + 1 > self.limits.max_models:
@@ -369,7 +390,8 @@ class CacheManager:
         return True
 
     def _victim(self) -> ModelEntry | None:
-        """The least recently used AVAILABLE model that no request holds and nobody pinned.
+        """The policy's choice among the AVAILABLE models that no request holds, nobody pinned
+        and nobody used within the churn guard.
 
         A model whose bring-up has not handed its leases out yet is not idle: its requests
         are about to use it."""
@@ -377,7 +399,11 @@ class CacheManager:
         idle = [e for e in self.entries.values()
                 if e.state == State.AVAILABLE and e.inflight == 0 and not e.pinned
                 and e.last_used <= guard and not _bringing_up(e)]
-        return min(idle, key=lambda e: e.last_used, default=None)
+        if not idle:
+            return None
+        idle.sort(key=lambda e: e.last_used)  # stable: equals stay in the entries' order
+        chosen = self.policy.victim([e.mid for e in idle])
+        return next((e for e in idle if e.mid == chosen), None)
 
     async def _make_room(self, entry: ModelEntry) -> None:
         give_up = self.now() + self.limits.capacity_wait
@@ -389,8 +415,7 @@ class CacheManager:
             remaining = give_up - self.now()
             if remaining <= 0:
                 self.metrics.rejected.inc()
-                raise ServingError(
-                    Code.RESOURCE_EXHAUSTED,
+                raise no_room(
                     f"No room to load model {entry.mid.name} version {entry.mid.version}: all "
                     f"{self.limits.max_models} loaded models are in use",
                 )
@@ -437,6 +462,7 @@ class CacheManager:
             )
         finally:
             entry.state = State.ON_DISK if mid in self.disk else State.ABSENT
+            self.policy.removed(mid)
             self.unloads += 1
             self.metrics.unload_done(mid.name, reason)
             self._gauges()
@@ -448,6 +474,7 @@ class CacheManager:
         for entry in self.entries.values():
             if entry.state in (State.AVAILABLE, State.UNLOADING):
                 entry.state = State.ON_DISK if entry.mid in self.disk else State.ABSENT
+                self.policy.removed(entry.mid)
                 self.backend.forget(entry.mid.name, entry.mid.version)
         self._gauges()
         self._wake_room_waiters()

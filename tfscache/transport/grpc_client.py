@@ -17,7 +17,7 @@ import grpc
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
-from tfscache.errors import NODE_UNAVAILABLE_KEY, Code, ServingError
+from tfscache.errors import NO_ROOM_KEY, NODE_UNAVAILABLE_KEY, Code, ServingError
 from tfscache.reactor import event_loop
 from tfscache.wire import Metadata
 
@@ -108,11 +108,13 @@ async def _outcome(call: Any, target: str) -> bytes:
 def rpc_error_to_serving_error(e: grpc.RpcError, target: str = "") -> ServingError:
     """UNAVAILABLE is node-wide unless the server's trailing metadata says it is about one
     model only: a failed connection has no server metadata at all, and a server other than
-    tfscache (TF Serving) means itself when it says UNAVAILABLE."""
+    tfscache (TF Serving) means itself when it says UNAVAILABLE.  RESOURCE_EXHAUSTED is
+    ``no_room`` only when a tfscache node says so (NO_ROOM_KEY)."""
     code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
     details = (e.details() if hasattr(e, "details") else None) or str(code)
-    node_wide = False
-    if code == grpc.StatusCode.UNAVAILABLE:
-        trailers = (e.trailing_metadata() if hasattr(e, "trailing_metadata") else None) or ()
-        node_wide = (NODE_UNAVAILABLE_KEY, "0") not in tuple(trailers)
-    return ServingError(Code(code.value[0]), details, node_wide)
+    node_wide = no_room = False
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED):
+        trailers = tuple((e.trailing_metadata() if hasattr(e, "trailing_metadata") else None) or ())
+        node_wide = code == grpc.StatusCode.UNAVAILABLE and (NODE_UNAVAILABLE_KEY, "0") not in trailers
+        no_room = code == grpc.StatusCode.RESOURCE_EXHAUSTED and (NO_ROOM_KEY, "1") in trailers
+    return ServingError(Code(code.value[0]), details, node_wide, no_room)
