@@ -23,6 +23,7 @@ from tests.harness import shared
 from tests.harness.files import tree
 from tests.harness.process import free_port
 from tests.harness.servers import S3Server
+from tests.objectstore_cases import ObjectStoreCases
 from tfscache.errors import Code, ServingError
 from tfscache.providers.s3 import S3ModelProvider, normalize_prefix, safe_parts
 
@@ -552,3 +553,58 @@ class S3ProviderTests(unittest.TestCase):
         self.assertEqual((p.listings.ttl, p.fetch_timeout), (1.5, 33))
         self.put("cfg/5/saved_model.pb", b"x")
         self.assertEqual((yield p.list_versions("cfg")), [5])
+
+
+class S3ObjectStoreTests(ObjectStoreCases, unittest.TestCase):
+    """The cases every object-store provider passes (zero-padded versions among them), for S3."""
+
+    label = "S3"
+    container = "models-under-test"
+    where = f"S3 bucket '{container}'"
+
+    def setUp(self) -> None:
+        self.s3server = s3_server()
+        self.server_restarted()
+        super().setUp()
+
+    def server_restarted(self) -> None:
+        self.s3 = self.s3server.boto3_client()
+        try:
+            self.s3.head_bucket(Bucket=self.container)
+        except Exception:
+            self.s3.create_bucket(Bucket=self.container)
+
+    def server(self) -> S3Server:
+        return self.s3server
+
+    def make_provider(self, **kw: Any) -> Any:
+        args: dict[str, Any] = dict(
+            endpoint_url=self.s3server.endpoint_url, region="us-east-1",
+            access_key_id=self.s3server.access_key, secret_access_key=self.s3server.secret_key,
+            max_attempts=2)
+        args.update(kw)
+        args["multipart_threshold"] = args.pop("chunk_size", 8 * MIB)
+        return S3ModelProvider(args.pop("bucket", self.container), args.pop("prefix", self.prefix), **args)
+
+    def upload(self, key: str, body: bytes, blocks: bool = False) -> None:
+        if not blocks:
+            self.s3.put_object(Bucket=self.container, Key=f"{self.prefix}/{key}", Body=body)
+            return
+        from boto3.s3.transfer import TransferConfig
+
+        with tempfile.NamedTemporaryFile() as f:
+            f.write(body)
+            f.flush()
+            self.s3.upload_file(f.name, self.container, f"{self.prefix}/{key}",
+                                Config=TransferConfig(multipart_threshold=5 * MIB, multipart_chunksize=5 * MIB))
+
+    def secrets(self) -> list[str]:
+        return [SECRET_KEY, SECRET_KEY_ID, self.s3server.secret_key]
+
+    def bad_credentials(self, **kw: Any) -> Any:
+        if self.s3server.kind != "minio":
+            raise unittest.SkipTest(f"the {self.s3server.kind} server does not check credentials")
+        return self.make_provider(access_key_id=SECRET_KEY_ID, secret_access_key=SECRET_KEY, **kw)
+
+    def denied_provider(self, **kw: Any) -> Any:
+        raise unittest.SkipTest("S3ProviderTests.test_bucket_policy_denies_a_valid_user (MinIO's STS)")
