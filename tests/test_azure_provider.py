@@ -78,7 +78,7 @@ class AzureProviderTests(ObjectStoreCases, unittest.TestCase):
         token = generate_container_sas(
             self.azurite.account, self.container, account_key=self.azurite.account_key,
             permission=ContainerSasPermissions(**permissions),
-            expiry=datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(hours=1))
+            expiry=datetime.datetime.now(datetime.UTC) + datetime.timedelta(hours=1))
         self._sas = getattr(self, "_sas", []) + [token]
         return token
 

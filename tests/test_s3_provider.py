@@ -236,7 +236,7 @@ class S3ProviderTests(unittest.TestCase):
             # the ETag of the same size of other content
             listing = real_list(key_prefix)
             for o in listing:
-                o["ETag"] = '"%s"' % hashlib.md5(b"B" + b"A" * 999).hexdigest()
+                o["ETag"] = f'"{hashlib.md5(b"B" + b"A" * 999).hexdigest()}"'
             return listing
 
         p._list_objects = tamper  # type: ignore[method-assign]

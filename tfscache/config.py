@@ -136,7 +136,7 @@ SCHEMA: dict[str, Any] = {
             "prefix": Field("str", ""),
             "endpoint_url": Field("str", None, doc="For an emulator (fake-gcs-server); default: Google's."),
             "project": Field("str", None),
-            "credentials_file": Field("str", None, doc="A service-account key file; default: Application Default Credentials."),
+            "credentials_file": Field("str", None, doc="A service-account key file; default: ADC."),
             "anonymous": Field("bool", False, doc="No credentials: public buckets and emulators."),
             "max_concurrency": Field("int", 8, minimum=1),
             "chunk_size_bytes": Field("size", 8 * 1024 * 1024, minimum=1024 * 1024,

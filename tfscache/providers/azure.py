@@ -142,10 +142,11 @@ class AzureBlobModelProvider(ObjectStoreProvider):
                     # one request per range: the core runs the ranges in parallel
                     max_single_get_size=self.multipart_threshold,
                     max_chunk_get_size=self.multipart_threshold,
-                    # the SDK's default waits 15 s, then 18 s, 24 s... between attempts
-                    retry_policy=ExponentialRetry(initial_backoff=0.5, increment_base=2,
+                    # the SDK's default waits 15 s, then 18 s, 24 s... between attempts (its
+                    # stubs say int; the waits are floats)
+                    retry_policy=ExponentialRetry(initial_backoff=0.5, increment_base=2,  # type: ignore[arg-type]
                                                   retry_total=max(0, self.max_attempts - 1),
-                                                  random_jitter_range=0.5),
+                                                  random_jitter_range=0.5),  # type: ignore[arg-type]
                     transport=RequestsTransport(session=session, session_owner=True,
                                                 connection_timeout=self.connect_timeout,
                                                 read_timeout=self.read_timeout),
