@@ -197,11 +197,12 @@ class ObjectStoreCases:
             # what the store says the bytes are, of the same size of other content
             o = real_info(raw)
             other = b"B" + b"A" * 999
-            if o.md5 is not None:
+            if o.crc32c is None:
                 return o.__class__(o.key, o.size, md5=hashlib.md5(other).digest(), raw=o.raw)
             import google_crc32c
 
-            return o.__class__(o.key, o.size, crc32c=google_crc32c.value(other).to_bytes(4, "big"), raw=o.raw)
+            return o.__class__(o.key, o.size, md5=o.md5, crc32c=google_crc32c.value(other).to_bytes(4, "big"),
+                               raw=o.raw)
 
         listed = yield threads.deferToThread(lambda: [real_info(r) for r in p._list_objects(p._key_prefix("bad", 1))])
         self.assertTrue(listed[0].md5 or listed[0].crc32c, "the store lists no checksum")  # type: ignore[attr-defined]

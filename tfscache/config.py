@@ -142,7 +142,7 @@ SCHEMA: dict[str, Any] = {
             "chunk_size_bytes": Field("size", 8 * 1024 * 1024, minimum=1024 * 1024,
                                       doc="Objects above this are read in ranges of this size, in parallel."),
             "progress_interval_seconds": Field("float", 5.0, minimum=0.1),
-            "verify_checksums": Field("bool", True, doc="Check each object's MD5, else its CRC32C (sizes always)."),
+            "verify_checksums": Field("bool", True, doc="Check each object's CRC32C, else its MD5 (sizes always)."),
         },
     },
     "disk_cache": {

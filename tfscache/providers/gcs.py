@@ -6,9 +6,10 @@ boto3 and azure-storage-blob, so it runs in the object-store core's threads the 
 (an asyncio client such as gcloud-aio-storage would need an asyncio reactor and a second copy
 path beside the core's).  Only its calls are here; listing, sizes, the parallel ranged
 download with its one-pass check, staging, progress, timeout and cancellation are the core's
-(``tfscache.providers.objectstore``).  An object's MD5 (``md5Hash``; composite objects have
-none) is checked, else its CRC32C; sizes always.  Reads are pinned to the listed generation,
-so an object replaced mid-copy fails the copy instead of mixing two contents.
+(``tfscache.providers.objectstore``).  An object's CRC32C (every object has one, and
+google-crc32c computes it in hardware, several times cheaper than MD5) is checked; sizes
+always.  Reads are pinned to the listed generation, so an object replaced mid-copy fails the
+copy instead of mixing two contents.
 
 Credentials: a service-account key file, else Application Default Credentials; ``anonymous``
 for public buckets and emulators.  They are never logged.
