@@ -8,9 +8,10 @@ same files, each against its local emulator started through the test harness:
   gcs    GCSModelProvider.fetch       vs  google-cloud-storage's ``transfer_manager.
          (fake-gcs-server)                download_many_to_path`` (8 threads, its own MD5 check)
 
-The provider copies list, download in parallel ranges with the one-pass checksum (MD5 where
-the store lists one, else CRC32C), stage and rename; the plain transfers do no checks of their
-own except GCS's. Every object is uploaded in one request, so the stores list its MD5.
+The provider copies list, download in parallel ranges with the one-pass checksum (GCS's CRC32C,
+S3's and Azure's MD5), stage and rename; ``provider_nocheck`` is the same with the checksum off
+(sizes only), so the difference is what the check costs. The plain transfers do no checks of
+their own except GCS's. Every object is uploaded in one request, so the stores list its MD5.
 
 One model version of ``--files`` objects totalling ``--total-mb`` MB (saved_model.pb,
 variables/variables.index, variables/variables.data-NNNNN-of-NNNNN), copied ``--repeat`` times
@@ -59,7 +60,7 @@ class Store:
 
     def start(self) -> None: ...
     def upload(self, files: dict[str, bytes]) -> None: ...
-    def provider(self, args: argparse.Namespace) -> Any: ...
+    def provider(self, args: argparse.Namespace, verify: bool) -> Any: ...
     def plain_copy(self, dest: str) -> int: ...
 
     def stop(self) -> None:
@@ -81,14 +82,14 @@ class S3Store(Store):
         for rel, body in files.items():
             self.client.put_object(Bucket=CONTAINER, Key=KEY_PREFIX + rel, Body=body)
 
-    def provider(self, args: argparse.Namespace) -> Any:
+    def provider(self, args: argparse.Namespace, verify: bool) -> Any:
         from tfscache.providers.s3 import S3ModelProvider
 
         s = self.server
         return S3ModelProvider(CONTAINER, PREFIX, endpoint_url=s.endpoint_url, region="us-east-1",
                                access_key_id=s.access_key, secret_access_key=s.secret_key,
                                max_concurrency=args.concurrency, multipart_threshold=args.chunk_mib * MIB,
-                               progress_interval=3600, fetch_timeout=600)
+                               progress_interval=3600, fetch_timeout=600, verify_md5=verify)
 
     def plain_copy(self, dest: str) -> int:
         return _s3_cli_like(self.client, dest)
@@ -127,13 +128,13 @@ class AzureStore(Store):
         for rel, body in files.items():
             self.container.upload_blob(KEY_PREFIX + rel, body)  # one Put Blob up to 64 MiB: Content-MD5 set
 
-    def provider(self, args: argparse.Namespace) -> Any:
+    def provider(self, args: argparse.Namespace, verify: bool) -> Any:
         from tfscache.providers.azure import AzureBlobModelProvider
 
         return AzureBlobModelProvider(CONTAINER, PREFIX, account_url=self.server.account_url,
                                       account_key=self.server.account_key, max_concurrency=args.concurrency,
                                       chunk_size=args.chunk_mib * MIB, progress_interval=3600,
-                                      fetch_timeout=600)
+                                      fetch_timeout=600, verify_md5=verify)
 
     def plain_copy(self, dest: str) -> int:
         total = 0
@@ -160,12 +161,12 @@ class GCSStore(Store):
         for rel, body in files.items():
             bucket.blob(KEY_PREFIX + rel).upload_from_string(body)
 
-    def provider(self, args: argparse.Namespace) -> Any:
+    def provider(self, args: argparse.Namespace, verify: bool) -> Any:
         from tfscache.providers.gcs import GCSModelProvider
 
         return GCSModelProvider(CONTAINER, PREFIX, endpoint_url=self.server.endpoint_url, anonymous=True,
                                 max_concurrency=args.concurrency, chunk_size=args.chunk_mib * MIB,
-                                progress_interval=3600, fetch_timeout=600)
+                                progress_interval=3600, fetch_timeout=600, verify_checksums=verify)
 
     def plain_copy(self, dest: str) -> int:
         from google.cloud.storage import transfer_manager
@@ -194,15 +195,17 @@ async def measure(store: Store, args: argparse.Namespace, files: dict[str, bytes
     await threads.deferToThread(store.upload, files)
     print(f"{store.name}: server={store.kind} uploaded {len(files)} objects, {total / MB:.0f} MB in "
           f"{time.monotonic() - started:.1f}s", flush=True)
-    provider = store.provider(args)
+    providers = {verify: store.provider(args, verify) for verify in (True, False)}
 
-    async def provider_copy(dest: str) -> int:
-        return int(await provider.fetch(NAME, VERSION, dest))
+    async def provider_copy(dest: str, verify: bool = True) -> int:
+        return int(await providers[verify].fetch(NAME, VERSION, dest))
 
     async def plain_copy(dest: str) -> int:
         return int(await threads.deferToThread(store.plain_copy, dest))
 
-    methods = {"provider": provider_copy, "plain_sdk": plain_copy}
+    methods: dict[str, Callable[[str], Any]] = {
+        "provider": provider_copy, "provider_nocheck": lambda d: provider_copy(d, verify=False),
+        "plain_sdk": plain_copy}
     runs: dict[str, list[float]] = {m: [] for m in methods}
     for m, copy in methods.items():  # client set-up, connections
         await copy(os.path.join(work, store.name, f"warm-{m}", "1"))
@@ -216,8 +219,11 @@ async def measure(store: Store, args: argparse.Namespace, files: dict[str, bytes
                 raise SystemExit(f"{store.name} {m}: copied {copied} bytes, expected {total}")
             runs[m].append(seconds)
             shutil.rmtree(dest)
-    await provider.close()
+    for p in providers.values():
+        await p.close()
     per_round = [b / p for p, b in zip(runs["provider"], runs["plain_sdk"], strict=True)]
+    nocheck = [b / p for p, b in zip(runs["provider_nocheck"], runs["plain_sdk"], strict=True)]
+    check = [p / n for p, n in zip(runs["provider"], runs["provider_nocheck"], strict=True)]
     return {
         "server": store.kind,
         "plain_sdk": store.plain,
@@ -227,6 +233,9 @@ async def measure(store: Store, args: argparse.Namespace, files: dict[str, bytes
         # provider throughput / the plain transfer's: > 1 means the provider is faster
         "provider_vs_plain": {"median_of_rounds": round(statistics.median(per_round), 3),
                               "rounds": [round(r, 3) for r in per_round]},
+        "provider_nocheck_vs_plain": {"median_of_rounds": round(statistics.median(nocheck), 3)},
+        # copy time with the checksum / without: what the one-pass check costs
+        "check_time_factor": {"median_of_rounds": round(statistics.median(check), 3)},
     }
 
 
@@ -273,14 +282,18 @@ def print_report(report: dict[str, Any]) -> None:
     rows = []
     for name, r in report["providers"].items():
         if "skipped" in r:
-            rows.append([name, "skipped", "", "", r["skipped"][:60]])
+            rows.append([name, "skipped", "", "", "", "", "", r["skipped"][:60]])
             continue
-        rows.append([name, r["server"], r["methods"]["provider"]["median_mb_per_s"],
-                     r["methods"]["plain_sdk"]["median_mb_per_s"], r["provider_vs_plain"]["median_of_rounds"]])
+        m = r["methods"]
+        rows.append([name, r["server"], m["provider"]["median_mb_per_s"], m["provider_nocheck"]["median_mb_per_s"],
+                     m["plain_sdk"]["median_mb_per_s"], r["provider_vs_plain"]["median_of_rounds"],
+                     r["provider_nocheck_vs_plain"]["median_of_rounds"], r["check_time_factor"]["median_of_rounds"]])
     print_table(
         f"object-store copy of {report['objects']} objects, {report['total_bytes'] / MB:.0f} MB, "
-        f"{report['repeat']} runs each (interleaved); ratio > 1: the provider is faster",
-        ["provider", "server", "provider MB/s", "plain SDK MB/s", "ratio (median of rounds)"], rows)
+        f"{report['repeat']} runs each (interleaved); ratios are medians of per-round ratios, "
+        "> 1: the provider is faster",
+        ["provider", "server", "provider MB/s", "no check MB/s", "plain SDK MB/s", "provider/plain",
+         "no check/plain", "check time x"], rows)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -206,7 +206,7 @@ class BenchRunTests(unittest.TestCase):
             if "skipped" in r:  # its emulator is not installed here: the reason says which
                 self.assertIn("missing", r["skipped"], name)
                 continue
-            for m in ("provider", "plain_sdk"):
+            for m in ("provider", "provider_nocheck", "plain_sdk"):
                 self.assertEqual(len(r["methods"][m]["seconds"]), 1)
                 self.assertGreater(r["methods"][m]["median_mb_per_s"], 0)
             self.assertGreater(r["provider_vs_plain"]["median_of_rounds"], 0)
