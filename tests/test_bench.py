@@ -162,6 +162,8 @@ TINY = {
     "TFSCACHE_BENCH_ARGS_S3_COPY": "--total-mb 2 --files 4 --repeat 1",
     "TFSCACHE_BENCH_ARGS_DATA_PLANE": "--seconds 0.3 --concurrency 2 --cold-models 10 --slow-load-seconds 0.5 "
                                       "--cold-window 1.5",
+    # S3 is s3_copy's above; azure and gcs start Azurite and fake-gcs-server (~15 s alone)
+    "TFSCACHE_BENCH_ARGS_OBJECT_COPY": "--total-mb 2 --files 4 --repeat 1 --providers azure gcs",
 }
 
 
@@ -267,6 +269,17 @@ class BenchRunTests(unittest.TestCase):
             self.assertEqual(len(m["seconds"]), 1)
             self.assertGreater(m["median_mb_per_s"], 0)
         self.assertGreater(s3["ratios"]["provider_vs_cli_like"]["median_of_rounds"], 0)
+        objects = report("object_copy")
+        self.assertEqual(objects["total_bytes"], 2_000_000)
+        self.assertEqual(set(objects["providers"]), {"azure", "gcs"})
+        for name, r in objects["providers"].items():
+            if "skipped" in r:  # its emulator is not installed here: the reason says which
+                self.assertIn("missing", r["skipped"], name)
+                continue
+            for m in ("provider", "provider_nocheck", "plain_sdk"):
+                self.assertEqual(len(r["methods"][m]["seconds"]), 1)
+                self.assertGreater(r["methods"][m]["median_mb_per_s"], 0)
+            self.assertGreater(r["provider_vs_plain"]["median_of_rounds"], 0)
         cold = report("cold_path")
         self.assertTrue(cold["herd"]["passed"], cold["herd"])
         self.assertGreater(cold["medians"]["cold_s"], 0)

@@ -99,7 +99,7 @@ SCHEMA: dict[str, Any] = {
                                       doc="A REST body that sends no byte for this long is closed."),
     },
     "model_provider": {
-        "type": Field("choice", "disk", choices=("disk", "s3")),
+        "type": Field("choice", "disk", choices=("disk", "s3", "azure", "gcs")),
         "listing_ttl_seconds": Field("float", 5.0, minimum=0,
                                      doc="How long a version listing is reused for 'latest'."),
         "fetch_timeout_seconds": Field("float", 600.0, minimum=0.001),
@@ -119,6 +119,32 @@ SCHEMA: dict[str, Any] = {
             "verify_md5": Field("bool", True, doc="Check each plain-MD5 ETag after download (sizes always)."),
             "access_key_id": Field("str", None, doc="Prefer boto3's standard credential chain."),
             "secret_access_key": Field("str", None),
+        },
+        "azure": {
+            "account_url": Field("str", None, doc="https://<account>.blob.core.windows.net (or Azurite's URL)."),
+            "container": Field("str", None),
+            "prefix": Field("str", ""),
+            "connection_string": Field("str", None, doc="Or sas_token, or account_key; none: DefaultAzureCredential."),
+            "sas_token": Field("str", None, doc="Needs read and list permissions."),
+            "account_key": Field("str", None),
+            "max_concurrency": Field("int", 8, minimum=1),
+            "chunk_size_bytes": Field("size", 8 * 1024 * 1024, minimum=1024 * 1024,
+                                      doc="Blobs above this are read in ranges of this size, in parallel."),
+            "progress_interval_seconds": Field("float", 5.0, minimum=0.1),
+            "verify_md5": Field("bool", True, doc="Check each blob's Content-MD5 where it has one (sizes always)."),
+        },
+        "gcs": {
+            "bucket": Field("str", None),
+            "prefix": Field("str", ""),
+            "endpoint_url": Field("str", None, doc="For an emulator (fake-gcs-server); default: Google's."),
+            "project": Field("str", None),
+            "credentials_file": Field("str", None, doc="A service-account key file; default: ADC."),
+            "anonymous": Field("bool", False, doc="No credentials: public buckets and emulators."),
+            "max_concurrency": Field("int", 8, minimum=1),
+            "chunk_size_bytes": Field("size", 8 * 1024 * 1024, minimum=1024 * 1024,
+                                      doc="Objects above this are read in ranges of this size, in parallel."),
+            "progress_interval_seconds": Field("float", 5.0, minimum=0.1),
+            "verify_checksums": Field("bool", True, doc="Check each object's CRC32C, else its MD5 (sizes always)."),
         },
     },
     "disk_cache": {
@@ -318,6 +344,22 @@ def _cross_checks(cfg: SimpleNamespace) -> None:
         raise ConfigError("model_provider.disk.base_path: a value is required for type disk")
     if p.type == "s3" and not p.s3.bucket:
         raise ConfigError("model_provider.s3.bucket: a value is required for type s3")
+    if p.type == "azure":
+        a = p.azure
+        if not a.container:
+            raise ConfigError("model_provider.azure.container: a value is required for type azure")
+        if not a.account_url and not a.connection_string:
+            raise ConfigError("model_provider.azure.account_url: a value is required without a connection_string")
+        given = [k for k in ("connection_string", "sas_token", "account_key") if getattr(a, k)]
+        if len(given) > 1:
+            raise ConfigError(f"model_provider.azure.{given[1]}: give one of connection_string, sas_token, account_key")
+    if p.type == "gcs":
+        if not p.gcs.bucket:
+            raise ConfigError("model_provider.gcs.bucket: a value is required for type gcs")
+        if p.gcs.anonymous and p.gcs.credentials_file:
+            raise ConfigError("model_provider.gcs.credentials_file: not with anonymous: true")
+        if p.gcs.credentials_file and not os.access(p.gcs.credentials_file, os.R_OK):
+            raise ConfigError(f"model_provider.gcs.credentials_file: cannot read {p.gcs.credentials_file}")
     if bool(cfg.listen.tls_cert) != bool(cfg.listen.tls_key):
         raise ConfigError("listen.tls_key: tls_cert and tls_key go together")
     for key in ("tls_cert", "tls_key"):

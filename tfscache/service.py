@@ -42,7 +42,16 @@ def make_provider(cfg: SimpleNamespace, own_shutdown: bool = True) -> IModelProv
         from tfscache.providers.disk import DiskModelProvider
 
         return DiskModelProvider(p.disk.base_path, listing_ttl=p.listing_ttl_seconds, copy_threads=p.copy_threads)
-    from tfscache.providers.s3 import S3ModelProvider  # boto3 only when asked for
+    # each SDK is imported only when its provider type is configured
+    if p.type == "azure":
+        from tfscache.providers.azure import AzureBlobModelProvider
+
+        return AzureBlobModelProvider.from_config(p, own_shutdown=own_shutdown)
+    if p.type == "gcs":
+        from tfscache.providers.gcs import GCSModelProvider
+
+        return GCSModelProvider.from_config(p, own_shutdown=own_shutdown)
+    from tfscache.providers.s3 import S3ModelProvider
 
     return S3ModelProvider.from_config(p, own_shutdown=own_shutdown)
 

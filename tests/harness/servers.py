@@ -1,9 +1,14 @@
-"""Real etcd, Consul and S3-compatible servers for the tests, on free loopback ports.
+"""Real etcd, Consul, S3-compatible, Azure Blob and GCS servers for the tests, on loopback ports.
 
 etcd comes from Debian's ``etcd-server``; Consul and MinIO are built from their Go modules by
 ``tests/harness/build_go_servers.sh`` into ``$TFSCACHE_CACHE/bin``.  If MinIO could not be
 built, ``S3Server`` runs moto's server mode instead (``kind`` says which).  ``restart()`` keeps
 the ports and the data, so a test can stop a server while traffic runs and bring it back.
+
+``AzuriteServer`` runs Microsoft's emulator from npm (installed by scripts/setup under
+``$TFSCACHE_CACHE/npm``) on a port 0 that it binds and prints; ``FakeGCSServer`` runs
+fake-gcs-server (built like MinIO), which takes a port from the command line only: a start
+that finds the port taken retries on another.
 
 ``EtcdServer`` and ``ConsulAgent`` take optional ``tls`` files (from ``tests/harness/certs.py``):
 their client API is then HTTPS only, and with ``verify_clients`` a client certificate signed by
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import ssl
 import sys
@@ -23,7 +29,7 @@ import urllib.request
 from collections.abc import Callable
 from typing import Any
 
-from tests.harness.process import CACHE_DIR, ManagedProcess, ProcessFixture, free_port, http_ready
+from tests.harness.process import CACHE_DIR, ManagedProcess, ProcessFixture, free_port, http_ready, tcp_ready
 
 
 def binary_path(name: str) -> str:
@@ -167,3 +173,122 @@ class S3Server(ProcessFixture):
             aws_access_key_id=self.access_key, aws_secret_access_key=self.secret_key,
             config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 2}),
         )
+
+
+AZURITE_VERSION = "3.35.0"  # the last release that runs on Node 20 (3.36 wants Node 21+)
+
+
+def azurite_path() -> str:
+    """azurite-blob as scripts/setup installs it from npm, under $TFSCACHE_CACHE."""
+    path = os.path.join(CACHE_DIR, "npm", f"azurite-{AZURITE_VERSION}", "node_modules", ".bin", "azurite-blob")
+    if not os.access(path, os.X_OK):
+        raise RuntimeError(f"{path} is missing: scripts/setup installs Azurite from npm (needs node and npm)")
+    return path
+
+
+class _PortFromLog:
+    """A readiness probe for a server started on port 0: the port it printed, then a TCP connect.
+
+    Used where the server can bind port 0 and says which port it got; a restart binds that
+    port again (retried by the caller if something else took it meanwhile)."""
+
+    def __init__(self, fixture: Any, pattern: str) -> None:
+        self.fixture = fixture
+        self.pattern = re.compile(pattern)
+
+    def __call__(self) -> bool:
+        if not self.fixture.port:
+            try:
+                with open(self.fixture.process.log_path, errors="replace") as f:
+                    m = self.pattern.search(f.read())
+            except OSError:
+                return False
+            if not m:
+                return False
+            self.fixture.port = int(m.group(1))
+        return tcp_ready(self.fixture.port)()
+
+
+class AzuriteServer(ProcessFixture):
+    """Azurite's Blob service (Microsoft's emulator) on 127.0.0.1, its data in a directory so a
+    restart keeps it.  The well-known development account, which Azurite checks keys and SAS
+    signatures of."""
+
+    account = "devstoreaccount1"
+    account_key = ("Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq"
+                   "/K1SZFPTOtr/KBHBeksoGMGw==")
+
+    def __init__(self) -> None:
+        self.port = 0  # Azurite binds port 0 and prints the port it got
+        self.dir = tempfile.mkdtemp(prefix="tfscache-azurite-")
+        self.kind = "azurite"
+        self.process = ManagedProcess("azurite", self._argv(), ready=_PortFromLog(
+            self, r"successfully listens on http://127\.0\.0\.1:(\d+)"), log_dir=self.dir)
+
+    def _argv(self) -> list[str]:
+        return [azurite_path(), "--blobHost", "127.0.0.1", "--blobPort", str(self.port),
+                "--location", os.path.join(self.dir, "data"), "--skipApiVersionCheck",
+                "--disableTelemetry", "--silent"]
+
+    def restart(self, timeout: float = 60.0):  # type: ignore[no-untyped-def]
+        self.process.stop()
+        self.process.argv = self._argv()  # the same port as before
+        return self.start(timeout)
+
+    @property
+    def account_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/{self.account}"
+
+    @property
+    def connection_string(self) -> str:
+        return (f"DefaultEndpointsProtocol=http;AccountName={self.account};"
+                f"AccountKey={self.account_key};BlobEndpoint={self.account_url};")
+
+    def service_client(self) -> Any:
+        from azure.storage.blob import BlobServiceClient
+
+        return BlobServiceClient.from_connection_string(self.connection_string)
+
+
+class FakeGCSServer(ProcessFixture):
+    """fake-gcs-server (built from its Go module by build_go_servers.sh) on 127.0.0.1, its data
+    in a directory so a restart keeps it.  It checks no credentials."""
+
+    def __init__(self) -> None:
+        self.port = free_port()  # it cannot report a port 0 it bound: ProcessFixture retries
+        self.dir = tempfile.mkdtemp(prefix="tfscache-fake-gcs-")
+        self.kind = "fake-gcs-server"
+        self.binary = binary_path("fake-gcs-server")
+        self.process = ManagedProcess("fake-gcs", self._argv(), ready=self._ready, log_dir=self.dir)
+
+    def _argv(self) -> list[str]:
+        return [self.binary, "-scheme", "http", "-host", "127.0.0.1", "-port", str(self.port),
+                "-backend", "filesystem", "-filesystem-root", os.path.join(self.dir, "data"),
+                "-public-host", f"127.0.0.1:{self.port}", "-external-url", self.endpoint_url,
+                "-log-level", "warn"]
+
+    def _ready(self) -> bool:
+        return http_ready(self.endpoint_url + "/storage/v1/b")()
+
+    def start(self, timeout: float = 60.0):  # type: ignore[no-untyped-def]
+        for attempt in range(5):
+            try:
+                return super().start(timeout)
+            except RuntimeError:
+                # the port was taken between free_port() and the bind: another one
+                if attempt == 4 or "address already in use" not in self.process.log_tail().lower():
+                    raise
+                self.port = free_port()
+                self.process.argv = self._argv()
+        raise AssertionError("unreachable")
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def client(self) -> Any:
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud import storage
+
+        return storage.Client(project="tfscache-test", credentials=AnonymousCredentials(),
+                              client_options={"api_endpoint": self.endpoint_url})
