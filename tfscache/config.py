@@ -125,6 +125,9 @@ SCHEMA: dict[str, Any] = {
     },
     "serving": {
         "grpc_target": Field("str", "127.0.0.1:9500", doc="host:port of TF Serving's gRPC API."),
+        "model_path": Field("str", None, doc="disk_cache.path as TF Serving sees it (the base_path sent "
+                                             "to it), when its container mounts the cache elsewhere; "
+                                             "default: disk_cache.path."),
         "rest_url": Field("str", "http://127.0.0.1:9501", doc="TF Serving's REST API."),
         "max_models": Field("int", 10, minimum=1, doc="Models loaded at once."),
         "max_bytes": Field("size", 0, minimum=0, doc="Memory budget; 0 means count only."),
