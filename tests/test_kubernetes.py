@@ -35,9 +35,15 @@ def shared_api_server() -> kube.KubeAPIServer:
                          lambda s: s.stop())
 
 
+def pod(node_id: str) -> Member:
+    """A member as its pod's endpoint gives it: a pod IP (the API refuses loopback ones)."""
+    m = member(node_id)
+    return Member(node_id, f"10.0.0.{sum(node_id.encode()) % 250 + 1}", m.rest_port, m.grpc_port)
+
+
 def endpoint(node_id: str, namespace: str, ready: bool | None = True) -> dict[str, Any]:
     conditions = {} if ready is None else {"ready": ready}
-    return {"addresses": ["127.0.0.1"], "conditions": conditions,
+    return {"addresses": [pod(node_id).host], "conditions": conditions,
             "targetRef": {"kind": "Pod", "name": node_id, "namespace": namespace}}
 
 
@@ -50,6 +56,7 @@ class _Cuttable(portforward.ProxyFactory):
 
     def __init__(self, host: str, port: int) -> None:
         super().__init__(host, port)
+        self.noisy = False
         self.servers: list[portforward.ProxyServer] = []
 
     def buildProtocol(self, addr: Any) -> portforward.ProxyServer:
@@ -123,7 +130,7 @@ class KubernetesTests(unittest.TestCase):
 
     def put(self, node_id: str, ready: bool | None = True, api: kube.KubeAPIServer | None = None,
             ports: dict[str, int] | None = None) -> defer.Deferred[None]:
-        """One slice per node (each has its own ports on 127.0.0.1)."""
+        """One slice per node (as each node here has ports of its own)."""
         return threads.deferToThread((api or self.api).put_endpoint_slice, self.namespace, f"{SERVICE}-{node_id}",
                                      SERVICE, [endpoint(node_id, self.namespace, ready)],
                                      ports or ports_of(member(node_id)))
@@ -141,7 +148,7 @@ class KubernetesTests(unittest.TestCase):
         seen: list[set[str]] = []
         d.subscribe(lambda ms: seen.append(ids(ms)))
         yield wait_until(lambda: ids(d.members()) == {"a", "b"}, what="a and b")
-        self.assertEqual(sorted(d.members(), key=lambda m: m.id), [member("a"), member("b")])
+        self.assertEqual(d.members(), [pod("a"), pod("b")])
         yield self.put("b", ready=False)
         yield wait_until(lambda: ids(d.members()) == {"a"}, what="b not ready")
         yield self.put("b", ready=True)

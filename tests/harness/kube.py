@@ -49,14 +49,18 @@ def etcd_binary() -> str | None:
     return path if os.access(path, os.X_OK) else None
 
 
-def _write_service_account_key(path: str) -> None:
+def _write_service_account_keys(private_path: str, public_path: str) -> None:
+    """The key pair that signs and verifies service-account tokens."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
     key = ec.generate_private_key(ec.SECP256R1())
-    with open(path, "wb") as f:
+    with open(private_path, "wb") as f:
         f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                   serialization.NoEncryption()))
+    with open(public_path, "wb") as f:
+        f.write(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                              serialization.PublicFormat.SubjectPublicKeyInfo))
 
 
 class KubeAPIServer(ProcessFixture):
@@ -65,7 +69,8 @@ class KubeAPIServer(ProcessFixture):
         self.etcd = EtcdServer(binary=etcd_binary())
         self.tls = make_tls_files()
         self.sa_key = os.path.join(self.dir, "service-account.key")
-        _write_service_account_key(self.sa_key)
+        self.sa_public_key = os.path.join(self.dir, "service-account.pub")
+        _write_service_account_keys(self.sa_key, self.sa_public_key)
         self.tokens = os.path.join(self.dir, "tokens.csv")
         with open(self.tokens, "w") as f:
             f.write(f'{ADMIN_TOKEN},tfscache-test-admin,admin-uid,"system:masters"\n')
@@ -84,7 +89,7 @@ class KubeAPIServer(ProcessFixture):
                 "--token-auth-file", self.tokens,
                 "--authorization-mode", "RBAC",
                 "--service-account-issuer", "https://kubernetes.default.svc.cluster.local",
-                "--service-account-key-file", self.sa_key,
+                "--service-account-key-file", self.sa_public_key,
                 "--service-account-signing-key-file", self.sa_key,
                 "--service-cluster-ip-range", "10.96.0.0/24",
                 # no kube-proxy, no real node: the API server would put its loopback address in
@@ -197,7 +202,8 @@ class KubeAPIServer(ProcessFixture):
 
     def put_endpoint_slice(self, namespace: str, name: str, service: str, endpoints: list[dict[str, Any]],
                            ports: dict[str, int]) -> None:
-        """Create or replace one EndpointSlice of ``service``."""
+        """Create or replace one EndpointSlice of ``service``.  (The API refuses loopback IPs
+        in endpoints, and FQDN ones need a dot: the tests give their members pod IPs.)"""
         body = {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
                 "metadata": {"name": name, "labels": {"kubernetes.io/service-name": service}},
                 "addressType": "IPv4",

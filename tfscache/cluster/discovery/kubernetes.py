@@ -59,6 +59,7 @@ class KubernetesError(Exception):
     def __init__(self, code: int, message: str, reason: str = "") -> None:
         super().__init__(f"HTTP {code}{' ' + reason if reason else ''}: {message.strip()[:300]}")
         self.code, self.message, self.reason = code, message, reason
+        self.verb = ""  # the API verb refused: list or watch
 
     @classmethod
     def from_status(cls, code: int, body: bytes | Mapping[str, Any]) -> KubernetesError:
@@ -214,18 +215,21 @@ class KubernetesDiscovery(DiscoveryBase):
         if isinstance(error, KubernetesError) and error.code in (401, 403):
             if not self._denied_logged:
                 self._denied_logged = True
-                verb = getattr(error, "verb", "list")
+                verb = error.verb or "list"
                 if error.code == 403:
-                    self.log.error(
-                        "kubernetes ({node}): not allowed to {verb} {resource} in namespace {namespace}: "
-                        "{hint} (the API server said: {message}); keeping the last {count} members and retrying",
-                        node=self.self_member.id, verb=verb, resource=RESOURCE, namespace=self.namespace,
-                        hint=RBAC_HINT, message=error.message, count=len(self._members))
+                    # allowed before: an API server starting up (its RBAC cache not filled yet) or
+                    # the Role changed; a warning then, it mostly passes
+                    emit = self.log.warn if self.lists else self.log.error
+                    emit("kubernetes ({node}): not allowed to {verb} {resource} in namespace {namespace}: "
+                         "{hint} (the API server said: {said}){before}; keeping the last {count} members and "
+                         "retrying", node=self.self_member.id, verb=verb, resource=RESOURCE, namespace=self.namespace,
+                         hint=RBAC_HINT, said=error.message, count=len(self._members),
+                         before=" (it was allowed before)" if self.lists else "")
                 else:
                     self.log.error(
                         "kubernetes ({node}): the API server refuses this node's credentials ({source}: "
-                        "{message}); keeping the last {count} members and retrying", node=self.self_member.id,
-                        source=self.access.source, message=error.message or "Unauthorized",
+                        "{said}); keeping the last {count} members and retrying", node=self.self_member.id,
+                        source=self.access.source, said=error.message or "Unauthorized",
                         count=len(self._members))
             self.reachable = False
             return
@@ -240,15 +244,16 @@ class KubernetesDiscovery(DiscoveryBase):
         return headers
 
     async def _get(self, params: dict[str, str], verb: str) -> Any:
+        # unbuffered: a watch's body is a stream of events, not a reply to keep
         resp = await self.http.get(self.access.server + self.path, params=params, headers=self._headers(),
-                                   timeout=self.request_timeout)
+                                   timeout=self.request_timeout, unbuffered=True)
         if resp.code == 200:
             return resp
         content = await treq.content(resp)
         error = KubernetesError.from_status(resp.code, content)
         if error.code == 410:
             raise _Expired(error.message)
-        error.verb = verb  # type: ignore[attr-defined]
+        error.verb = verb
         raise error
 
     # -- following --------------------------------------------------------------------------------
