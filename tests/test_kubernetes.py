@@ -167,6 +167,21 @@ class KubernetesTests(unittest.TestCase):
         self.assertEqual((d.lists, d.expiries, logs.count(d, "unreachable")), (1, 0, 0))
 
     @defer.inlineCallbacks
+    def test_a_watch_that_ends_resumes_from_the_last_version(self):  # type: ignore[no-untyped-def]
+        # the server ends every watch after timeoutSeconds (1 s here): the next one starts where
+        # it stopped, with no list in between and no change missed
+        logs = LogCapture(self)
+        yield self.put("a")
+        d = self.make("a", watch_seconds=1)
+        yield wait_until(lambda: d.watches >= 3, what="three watches")
+        yield self.put("b")
+        yield wait_until(lambda: ids(d.members()) == {"a", "b"}, what="b")
+        yield wait_until(lambda: d.watches >= 5, what="two more watches")
+        yield self.put("b", ready=False)
+        yield wait_until(lambda: ids(d.members()) == {"a"}, what="b not ready")
+        self.assertEqual((d.lists, d.expiries, logs.count(d, "unreachable")), (1, 0, 0))
+
+    @defer.inlineCallbacks
     def test_readiness_is_the_record(self):  # type: ignore[no-untyped-def]
         # publishing writes nothing: `published` (what /readyz reports) follows health, and a
         # list without this node is the truth (its pod is not ready), not a record to put back

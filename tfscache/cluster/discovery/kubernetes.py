@@ -2,11 +2,13 @@
 EndpointSlices (``discovery.k8s.io/v1``, label ``kubernetes.io/service-name``).
 
 Client: treq on the API server's REST API, like the Consul discovery.  Two calls are used (a
-list and a watch of endpointslices), on the reactor, with no thread per watch.  Not the
-official ``kubernetes`` client: it blocks (a thread held by every watch, and its watch cannot
-be interrupted from outside: a stopping node would wait for the stream's timeout).  Not
-``kubernetes-asyncio``: it needs the asyncio reactor, and tfscache runs on Twisted's default
-one (grpcio's and treq's integration are written for it).
+list and a watch of endpointslices), on the reactor, with no thread per watch, and all timing
+through the injected clock like the other discoveries.  Not the official ``kubernetes``
+client: it blocks (a thread held by every watch, and its watch cannot be interrupted from
+outside: a stopping node would wait for the stream's timeout).  Not ``kubernetes-asyncio``:
+it would run on the asyncio reactor tfscache uses, but it brings aiohttp and a generated
+client of the whole API for two calls, asyncio timing that a ``task.Clock`` cannot drive, and
+its watch helper leaves the resume and the re-list on 410 to the caller anyway.
 
 Publishing: there is nothing to write.  A node is a member while its pod is ready, and the
 pod is ready while ``/readyz`` answers 200, which needs TF Serving healthy (``published``
@@ -193,6 +195,7 @@ class KubernetesDiscovery(DiscoveryBase):
         self._denied_logged = False
         self._stream: _EventStream | None = None
         self.lists = 0                             # counts, for the logs and tests
+        self.watches = 0
         self.expiries = 0
 
     # -- publishing: readiness does it --------------------------------------------------------
@@ -293,6 +296,7 @@ class KubernetesDiscovery(DiscoveryBase):
         if self.resource_version:
             params["resourceVersion"] = self.resource_version
         resp = await self._get(params, "watch")
+        self.watches += 1
         self._reached()
         stream = _EventStream(self._event)
         self._stream = stream
