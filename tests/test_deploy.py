@@ -336,6 +336,16 @@ class ServerSideDryRunTests(unittest.TestCase):
     timeout = 300
 
     def apply(self, docs: list[dict[str, Any]]) -> None:
+        out, namespace = self.dry_run(docs)
+        self.assertEqual(out.returncode, 0, out.stdout + out.stderr)
+        kinds = {line.split("/")[0].split(".")[0] for line in out.stdout.splitlines() if "(server dry run)" in line}
+        self.assertEqual(kinds, {d["kind"].lower() for d in docs}, out.stdout)
+        from tests.test_kubernetes import shared_api_server
+
+        listed = shared_api_server().must("GET", f"/apis/apps/v1/namespaces/{namespace}/statefulsets")
+        self.assertEqual(listed["items"], [])  # a dry run: nothing was created
+
+    def dry_run(self, docs: list[dict[str, Any]]) -> tuple[subprocess.CompletedProcess[str], str]:
         from tests.harness import kube
         from tests.test_kubernetes import shared_api_server
 
@@ -348,12 +358,7 @@ class ServerSideDryRunTests(unittest.TestCase):
         out = subprocess.run(["kubectl", "--kubeconfig", api.kubeconfig(namespace, token=kube.ADMIN_TOKEN),
                               "apply", "--dry-run=server", "-n", namespace, "-f", path],
                              capture_output=True, text=True, timeout=120)
-        self.assertEqual(out.returncode, 0, out.stdout + out.stderr)
-        kinds = {line.split("/")[0].split(".")[0] for line in out.stdout.splitlines() if "(server dry run)" in line}
-        self.assertEqual(kinds, {d["kind"].lower() for d in docs}, out.stdout)
-        code, _ = api.request("GET", f"/apis/apps/v1/namespaces/{namespace}/statefulsets")
-        listed = api.must("GET", f"/apis/apps/v1/namespaces/{namespace}/statefulsets")
-        self.assertEqual((code, listed["items"]), (200, []))  # a dry run: nothing was created
+        return out, namespace
 
     def test_chart(self) -> None:
         return threads.deferToThread(self.apply, render())  # type: ignore[return-value]
@@ -364,3 +369,11 @@ class ServerSideDryRunTests(unittest.TestCase):
     def test_plain_manifests(self) -> None:
         docs = [d for d in yaml.safe_load_all(read("k8s", "tfscache.yaml")) if d]
         return threads.deferToThread(self.apply, docs)  # type: ignore[return-value]
+
+    def test_the_server_refuses_what_helm_lets_through(self) -> None:
+        def check() -> None:
+            out, _ = self.dry_run(render("--set", "cache.storage=lots"))
+            self.assertNotEqual(out.returncode, 0, out.stdout)
+            self.assertIn("quantities must match", out.stderr)
+
+        return threads.deferToThread(check)  # type: ignore[return-value]
