@@ -23,7 +23,7 @@ CONSUL_SUBMODULES="api@v1.33.0 sdk@v0.17.0 proto-public@v0.7.0 envoyextensions@v
 MINIO_VERSION=v0.0.0-20260212201848-7aac2a2c5b7c   # the last commit the module proxy serves
 ETCD_VERSION=v3.6.8
 KUBERNETES_VERSION=v1.36.3   # its staging modules (k8s.io/api, ...) are tagged v0.36.3
-HELM_VERSION=v4.3.2
+HELM_VERSION=v4.2.4   # the last helm on the Kubernetes libraries of KUBERNETES_VERSION (client-go v0.36)
 ONLY=" $* "
 
 command -v go >/dev/null || { echo "build_go_servers: Go is required" >&2; exit 1; }
@@ -105,8 +105,11 @@ if ! BUILD_LDFLAGS="-X $kube_version_pkg.gitVersion=$KUBERNETES_VERSION \
   echo "build_go_servers: kube-apiserver did not build; the Kubernetes tests will skip" >&2
 fi
 
+# helm on the very same k8s.io module versions as kube-apiserver: the build cache holds their
+# compiled packages already (helm's own code and its other dependencies still take minutes)
 helm_major=${HELM_VERSION%%.*}
 if ! BUILD_LDFLAGS="-X helm.sh/helm/$helm_major/internal/version.version=$HELM_VERSION" \
-    build helm "helm.sh/helm/$helm_major" "$HELM_VERSION" "helm.sh/helm/$helm_major/cmd/helm"; then
+    build helm "helm.sh/helm/$helm_major" "$HELM_VERSION" "helm.sh/helm/$helm_major/cmd/helm" \
+    "${kube_requires[@]}"; then
   echo "build_go_servers: helm did not build; the chart tests will skip" >&2
 fi
