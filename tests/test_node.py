@@ -324,6 +324,22 @@ class CacheBehaviourTests(NodeTestCase):
         self.assertEqual(sorted(v.version for v in ours.model_version_status), [1, 2])
 
 
+class ModelPathTests(NodeTestCase):
+    @defer.inlineCallbacks
+    def test_tf_serving_is_sent_its_own_path_of_the_cache(self):  # type: ignore[no-untyped-def]
+        # TF Serving's container mounts the cache volume elsewhere: a symlink stands for that mount
+        root = tempfile.mkdtemp(prefix="tfscache-mounts-")
+        cache_dir, seen_by_serving = os.path.join(root, "cache"), os.path.join(root, "models")
+        os.mkdir(cache_dir)
+        os.symlink(cache_dir, seen_by_serving)
+        node = yield self.node(cache_dir, serving={"model_path": seen_by_serving})
+        reply = yield rest_predict(node.rest_url, "m1", [1.0])
+        self.assertPrediction(reply, 1, 2, [1.0])
+        # the base_path in the model list sent to TF Serving: its path, not ours
+        self.assertEqual(node.service.backend._desired["m1"][0], os.path.join(seen_by_serving, "m1"))
+        self.assertTrue(os.path.isdir(os.path.join(cache_dir, "m1", "2")))  # copied where tfscache writes
+
+
 class ErrorTests(NodeTestCase):
     @defer.inlineCallbacks
     def test_unknown_model(self):  # type: ignore[no-untyped-def]

@@ -70,8 +70,10 @@ def _default_node_id() -> str:
 # a TF Serving moved to ports 9500 (gRPC) and 9501 (REST), so clients keep 8500/8501.
 SCHEMA: dict[str, Any] = {
     "node": {
-        "id": Field("str", None, doc="Member id in the cluster; default: the host name."),
-        "advertise_host": Field("str", "127.0.0.1", doc="Address other nodes use to reach this one."),
+        "id": Field("str", None, doc="Member id in the cluster; default: $POD_NAME (the downward API), "
+                                     "else the host name."),
+        "advertise_host": Field("str", None, doc="Address other nodes use to reach this one; default: "
+                                                 "$POD_IP, else 127.0.0.1."),
     },
     "listen": {
         "host": Field("str", "0.0.0.0", doc="Interface for the client-facing ports."),
@@ -156,6 +158,9 @@ SCHEMA: dict[str, Any] = {
     },
     "serving": {
         "grpc_target": Field("str", "127.0.0.1:9500", doc="host:port of TF Serving's gRPC API."),
+        "model_path": Field("str", None, doc="disk_cache.path as TF Serving sees it (the base_path sent "
+                                             "to it), when its container mounts the cache elsewhere; "
+                                             "default: disk_cache.path."),
         "rest_url": Field("str", "http://127.0.0.1:9501", doc="TF Serving's REST API."),
         "max_models": Field("int", 10, minimum=1, doc="Models loaded at once."),
         "max_bytes": Field("size", 0, minimum=0, doc="Memory budget; 0 means count only."),
@@ -190,7 +195,7 @@ SCHEMA: dict[str, Any] = {
         "spill_over": Field("bool", True, doc="An owner with no room for the model (RESOURCE_EXHAUSTED) "
                                               "passes the request to the next owner."),
         "discovery": {
-            "type": Field("choice", "static", choices=("static", "etcd", "consul")),
+            "type": Field("choice", "static", choices=("static", "etcd", "consul", "kubernetes")),
             "members": Field("list", [], doc="static: [{id, host, rest_port, grpc_port}]."),
             "prefix": Field("str", "/tfscache", doc="etcd key prefix / Consul service name."),
             "ttl_seconds": Field("float", 10.0, minimum=1),
@@ -198,7 +203,17 @@ SCHEMA: dict[str, Any] = {
             "username": Field("str", None),
             "password": Field("str", None),
             "token": Field("str", None, doc="Consul ACL token."),
-            "service": Field("str", None, doc="consul: service name; default: the prefix without its slashes."),
+            "service": Field("str", None, doc="consul: service name; default: the prefix without its slashes. "
+                                              "kubernetes: the Service whose ready endpoints are the members; "
+                                              "default: tfscache."),
+            "namespace": Field("str", None, doc="kubernetes: the Service's namespace; default: $POD_NAMESPACE, "
+                                                "the pod's own, the kubeconfig context's, else default."),
+            "kubeconfig": Field("str", None, doc="kubernetes: a kubeconfig file (outside the cluster); "
+                                                 "default: the pod's service account."),
+            "rest_port_name": Field("str", "rest", doc="kubernetes: the name of the Service's port for "
+                                                       "tfscache's REST port."),
+            "grpc_port_name": Field("str", "grpc", doc="kubernetes: the name of the Service's port for "
+                                                       "tfscache's gRPC port."),
             "ca_cert": Field("str", None, doc="etcd / consul: PEM CA that signs the server's certificate; "
                                               "default: system roots."),
             "client_cert": Field("str", None, doc="etcd / consul: PEM client certificate (with client_key)."),
@@ -338,7 +353,7 @@ def _check_member(i: int, m: Any) -> None:
             raise ConfigError(f"{key}.{k}: expected a TCP port 1..65535, got {v}")
 
 
-def _cross_checks(cfg: SimpleNamespace) -> None:
+def _cross_checks(cfg: SimpleNamespace, environ: Mapping[str, str]) -> None:
     p = cfg.model_provider
     if p.type == "disk" and not p.disk.base_path:
         raise ConfigError("model_provider.disk.base_path: a value is required for type disk")
@@ -382,10 +397,15 @@ def _cross_checks(cfg: SimpleNamespace) -> None:
             if str(endpoint).lower().startswith("http://"):  # TLS was asked for: never plaintext
                 raise ConfigError(f"cluster.discovery.endpoints: {endpoint!r} is plain http, but ca_cert / "
                                   "client_cert ask for TLS: use https://")
+    if d.type == "kubernetes" and d.kubeconfig and not os.access(d.kubeconfig, os.R_OK):
+        raise ConfigError(f"cluster.discovery.kubeconfig: cannot read {d.kubeconfig}")
     for i, m in enumerate(d.members):
         _check_member(i, m)
+    # the downward API's POD_NAME / POD_IP: a pod's name is its id in its Service's endpoints
     if cfg.node.id is None:
-        cfg.node.id = _default_node_id()
+        cfg.node.id = environ.get("POD_NAME") or _default_node_id()
+    if cfg.node.advertise_host is None:
+        cfg.node.advertise_host = environ.get("POD_IP") or "127.0.0.1"
 
 
 def load_config(
@@ -393,9 +413,10 @@ def load_config(
 ) -> SimpleNamespace:
     """Validate a parsed mapping (plus environment overrides) into a Config namespace."""
     merged = _deep_copy(dict(data or {}))
-    _apply_env(merged, os.environ if environ is None else environ)
+    env = os.environ if environ is None else environ
+    _apply_env(merged, env)
     cfg = _build(SCHEMA, merged, "")
-    _cross_checks(cfg)
+    _cross_checks(cfg, env)
     return cfg
 
 

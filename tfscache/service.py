@@ -83,7 +83,8 @@ class NodeService(service.MultiService):
         self.backend = ServingController(s.grpc_target, s.rest_url, s.model_platform)
         self.backend.reload_timeout = s.load_timeout_seconds
         self.disk = DiskCache(cfg.disk_cache.path, cfg.disk_cache.capacity_bytes,
-                              policy=make_policy(cfg.disk_cache.eviction, cfg.disk_cache.capacity_bytes))
+                              policy=make_policy(cfg.disk_cache.eviction, cfg.disk_cache.capacity_bytes),
+                              serving_root=s.model_path)
         self.cache = CacheManager(
             self.provider, self.backend, self.disk,
             CacheLimits(

@@ -1,6 +1,7 @@
 """Real etcd, Consul, S3-compatible, Azure Blob and GCS servers for the tests, on loopback ports.
 
-etcd comes from Debian's ``etcd-server``; Consul and MinIO are built from their Go modules by
+etcd comes from Debian's ``etcd-server`` (or ``binary``: the v3.6 that Kubernetes' harness
+builds, tests/harness/kube.py); Consul and MinIO are built from their Go modules by
 ``tests/harness/build_go_servers.sh`` into ``$TFSCACHE_CACHE/bin``.  If MinIO could not be
 built, ``S3Server`` runs moto's server mode instead (``kind`` says which).  ``restart()`` keeps
 the ports and the data, so a test can stop a server while traffic runs and bring it back.
@@ -65,12 +66,12 @@ def _https_ready(url: str, tls: dict[str, str], ok: Callable[[Any], bool]) -> Ca
 
 class EtcdServer(ProcessFixture):
     def __init__(self, tls: dict[str, str] | None = None, verify_clients: bool = False,
-                 extra_args: list[str] | None = None) -> None:
+                 extra_args: list[str] | None = None, binary: str | None = None) -> None:
         self.host = "127.0.0.1"
         self.port, self.peer_port = free_port(), free_port()
         self.tls = tls
         self.data_dir = tempfile.mkdtemp(prefix="tfscache-etcd-")
-        etcd = shutil.which("etcd") or "/usr/bin/etcd"
+        etcd = binary or shutil.which("etcd") or "/usr/bin/etcd"
         argv = [etcd, "--name", "test", "--data-dir", os.path.join(self.data_dir, "data"),
                 "--listen-client-urls", self.endpoint, "--advertise-client-urls", self.endpoint,
                 "--listen-peer-urls", f"http://127.0.0.1:{self.peer_port}",

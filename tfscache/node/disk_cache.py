@@ -1,15 +1,17 @@
 """The models on local disk: ``<root>/<name>/<version>/``, a byte budget, rebuilt at start-up.
 
 The directory layout is TF Serving's, so ``<root>/<name>`` is directly the ``base_path`` that
-the backend loads from.  This object only keeps the books (sizes and recency) and deletes
-whole version directories; which models may not be deleted is decided by its owner (the
-CacheManager protects anything being loaded or served), which of the others goes first by an
-eviction policy (``eviction.py``; LRU unless told otherwise: a deleted model costs a copy later).
+the backend loads from (at ``serving_root`` when TF Serving mounts the directory elsewhere).
+This object only keeps the books (sizes and recency) and deletes whole version directories;
+which models may not be deleted is decided by its owner (the CacheManager protects anything
+being loaded or served), which of the others goes first by an eviction policy (``eviction.py``;
+LRU unless told otherwise: a deleted model costs a copy later).
 """
 
 from __future__ import annotations
 
 import os
+import posixpath
 import shutil
 import time
 import uuid
@@ -70,9 +72,12 @@ class DiskCache:
     log = Logger()
 
     def __init__(self, root: str, capacity_bytes: int, clock: Callable[[], float] = time.time,
-                 policy: IEvictionPolicy | None = None) -> None:
+                 policy: IEvictionPolicy | None = None, serving_root: str | None = None) -> None:
         self.root = os.path.abspath(root)
         self.policy: IEvictionPolicy = policy or LRUPolicy()
+        # the same directory as TF Serving sees it (``serving.model_path``): its container may
+        # mount the shared volume elsewhere; a path in TF Serving's file system, not ours
+        self.serving_root = serving_root.rstrip("/") if serving_root else self.root
         self.capacity_bytes = capacity_bytes
         self._clock = clock
         self._used_at: dict[ModelId, float] = {}
@@ -126,6 +131,10 @@ class DiskCache:
 
     def base_path(self, name: str) -> str:
         return os.path.join(self.root, name)
+
+    def serving_base_path(self, name: str) -> str:
+        """The model's ``base_path`` for TF Serving (under ``serving_root``)."""
+        return posixpath.join(self.serving_root, name)
 
     def path(self, mid: ModelId) -> str:
         return os.path.join(self.root, mid.name, str(mid.version))

@@ -323,7 +323,7 @@ class CacheManager:
         entry.size = entry.size or (self.disk.size_of(mid) or 0)
         started = self.now()
         try:
-            await self.backend.load(mid.name, mid.version, self.disk.base_path(mid.name),
+            await self.backend.load(mid.name, mid.version, self.disk.serving_base_path(mid.name),
                                     self.limits.load_timeout)
         except Exception:
             self.metrics.load_done(mid.name, "error")

@@ -1,4 +1,5 @@
-"""Cluster membership: static list, etcd (lease + watch) or Consul (TTL check + blocking queries).
+"""Cluster membership: static list, etcd (lease + watch), Consul (TTL check + blocking queries)
+or Kubernetes (a Service's ready endpoints, watched).
 
 ``make_discovery(cfg, self_member, health_check, clock)`` builds the one the configuration
 asks for.  Every implementation is an ``IDiscovery`` and a Twisted ``Service``:
@@ -108,6 +109,10 @@ class DiscoveryBase(service.Service):
 
     log = Logger()
     backend = "discovery"
+    # the backend holds a record this node writes (etcd, Consul): a list without it while
+    # published means the record was lost, and it is put back.  False where the list is the
+    # truth about this node (Kubernetes: its pod's readiness)
+    keeps_records = True
 
     def __init__(
         self,
@@ -184,7 +189,8 @@ class DiscoveryBase(service.Service):
         new = tuple(sorted({m.id: m for m in members}.values(), key=lambda m: m.id))
         me = self.self_member.id
         missing = all(m.id != me for m in new)
-        if self._want_published and missing and ((self.published and self._seen_self) or self._lost):
+        if self.keeps_records and self._want_published and missing and (
+                (self.published and self._seen_self) or self._lost):
             # the backend lost this node's record while it believes it is published (a Consul
             # -dev agent restarted, etcd wiped or its keys deleted): the others are most likely
             # alive and republishing too, so a list that is empty or lacks this node would move
@@ -427,6 +433,14 @@ def make_discovery(
             d.endpoints, self_member, health_check, service=getattr(d, "service", None),
             prefix=d.prefix, ttl=d.ttl_seconds, token=d.token, ca_cert=d.ca_cert,
             client_cert=d.client_cert, client_key=d.client_key, clock=clock,
+        )
+    if d.type == "kubernetes":
+        from tfscache.cluster.discovery.kubernetes import KubernetesDiscovery
+
+        return KubernetesDiscovery(
+            self_member, health_check, service=getattr(d, "service", None) or "tfscache",
+            namespace=d.namespace, kubeconfig=d.kubeconfig, rest_port_name=d.rest_port_name,
+            grpc_port_name=d.grpc_port_name, ttl=d.ttl_seconds, clock=clock,
         )
     raise ValueError(f"cluster.discovery.type: unknown type {d.type!r}")
 
