@@ -75,7 +75,7 @@ from tests.harness.servers import EtcdServer
 
 NETNS_ENV = "TFSCACHE_BENCH_NETNS"
 BIN = os.path.join(CACHE_DIR, "bin")
-CONTENDERS = ("direct", "original", "tfscache")
+CONTENDERS = ("direct", "original", "tfscache", "before")
 VERSION = 1
 ORIGINAL_PORT_BASE = 20000  # inside the private namespace nothing else binds; below the ephemeral range
 
@@ -100,6 +100,9 @@ def extra_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--cold-timeout", type=float,
                     help="cold cell: the cold calls' deadline (default 30 s, --quick 10 s); unanswered by then: errors")
     ap.add_argument("--name", default="data_plane", help="report name (JSON file stem)")
+    ap.add_argument("--before", metavar="DIR",
+                    help="a checkout of an earlier tfscache (git worktree add DIR <commit>): a fourth "
+                         "contender, 'before', in the fast backend's one-node cells")
 
 
 # -- a private network namespace ------------------------------------------------------------
@@ -437,6 +440,13 @@ class Topology(contextlib.AbstractContextManager["Topology"]):
         t_other = NodeProcess(tfscache_config("node-0", self.models, cache(), backends[2], self.max_models, members),
                               "node-0")
         fixtures: list[Any] = [t_single, t_owner, t_other]
+        t_before = None
+        if a.before and self.kind == "fast":
+            before_backend = self._fast()
+            t_before = NodeProcess(tfscache_config("before", self.models, cache(), before_backend, self.max_models),
+                                   "before")
+            t_before.process.env["PYTHONPATH"] = os.path.abspath(a.before)
+            fixtures.append(t_before)
         if self.with_original:
             path = binary("tfservingcache")
             assert path is not None
@@ -463,6 +473,10 @@ class Topology(contextlib.AbstractContextManager["Topology"]):
             "tfscache": Target(t_other.rest_url, t_other.grpc_target, routed, [pid(t_other), pid(t_owner)],
                                pid_of(backends[1])),
         }
+        if t_before is not None:
+            self.targets["one_node"]["before"] = Target(t_before.rest_url, t_before.grpc_target, "warm",
+                                                        [pid(t_before)], pid_of(before_backend))
+            warm(self.targets["one_node"]["before"].predict_url)
         warm(self.targets["one_node"]["tfscache"].predict_url)
         warm(self.targets["router"]["tfscache"].predict_url)
         # the routed model must have been forwarded: loaded by the owner's backend only
@@ -543,12 +557,15 @@ def summarise(cell: dict[str, Any]) -> None:
     cell["errors"] = {c: sum(r["errors"] for r in runs) for c, runs in cell["rounds"].items()}
     med = cell["median"]
     out: dict[str, dict[str, float | None]] = {}
-    for num, den in (("tfscache", "original"), ("tfscache", "direct"), ("original", "direct")):
+    for num, den in (("tfscache", "original"), ("tfscache", "direct"), ("original", "direct"), ("tfscache", "before")):
         if num in med and den in med:
             out[f"{num}_vs_{den}"] = {m: ratio(med[num][m], med[den][m]) for m in METRICS[:3]}
     if "tfscache" in med and "original" in med:
         out["tfscache_vs_original"]["node_cpu_us_per_req"] = ratio(med["tfscache"]["node_cpu_us_per_req"],
                                                                    med["original"]["node_cpu_us_per_req"])
+    if "tfscache" in med and "before" in med:
+        out["tfscache_vs_before"]["node_cpu_us_per_req"] = ratio(med["tfscache"]["node_cpu_us_per_req"],
+                                                                 med["before"]["node_cpu_us_per_req"])
     cell["ratios"] = out
 
 
@@ -570,10 +587,11 @@ def run_cells(topo: Topology, args: argparse.Namespace, concurrency: list[int], 
     for scenario in args.scenarios:
         for protocol in args.protocols:
             for c in concurrency:
+                present = [k for k in contenders if k in topo.targets[scenario]]
                 cell: dict[str, Any] = {"backend": topo.kind, "scenario": scenario, "protocol": protocol,
-                                        "concurrency": c, "rounds": {k: [] for k in contenders}}
+                                        "concurrency": c, "rounds": {k: [] for k in present}}
                 for _ in range(args.rounds):
-                    for who in contenders:
+                    for who in present:
                         t = topo.targets[scenario][who]
                         if protocol == "rest":
                             r = rest_measure(t.predict_url, lua, c, args.seconds, t.groups)
@@ -678,7 +696,7 @@ def run(args: argparse.Namespace, netns_reason: str | None) -> dict[str, Any]:
         original_reason = (f"the original TFServingCache is not built in {BIN} (bench/build_go_bench.sh "
                            "needs its source in /work/shared/peers/TFServingCache)")
     with_original = original_reason is None
-    contenders = [c for c in CONTENDERS if with_original or c != "original"]
+    contenders = [c for c in CONTENDERS if (with_original or c != "original") and (args.before or c != "before")]
     if original_reason:
         print(f"data_plane: the original is not measured: {original_reason}", flush=True)
 
@@ -754,10 +772,10 @@ def show(report: dict[str, Any]) -> None:
         t_o = rat.get("tfscache_vs_original", {})
         rows.append([
             f"{cell['backend']} {cell['scenario']} {cell['protocol']} c={cell['concurrency']}",
-            " / ".join(fmt(med[w]["rps"]) for w in who),
-            " / ".join(fmt(med[w]["p50_ms"], 2) for w in who),
-            " / ".join(fmt(med[w]["p99_ms"], 2) for w in who),
-            " / ".join(fmt(med[w]["node_cpu_us_per_req"]) for w in who if w != "direct"),
+            " / ".join(fmt(med.get(w, {}).get("rps")) for w in who),
+            " / ".join(fmt(med.get(w, {}).get("p50_ms"), 2) for w in who),
+            " / ".join(fmt(med.get(w, {}).get("p99_ms"), 2) for w in who),
+            " / ".join(fmt(med.get(w, {}).get("node_cpu_us_per_req")) for w in who if w != "direct"),
             fmt(rat.get("tfscache_vs_direct", {}).get("rps"), 2),
             fmt(t_o.get("rps"), 2), fmt(t_o.get("p50_ms"), 2), fmt(t_o.get("node_cpu_us_per_req"), 2),
             sum(cell["errors"].values()),
@@ -765,7 +783,7 @@ def show(report: dict[str, Any]) -> None:
     s = report["settings"]
     print_table(
         f"Data plane ({s['seconds_per_measurement']:g} s per measurement, median of {s['rounds']} interleaved "
-        f"rounds; {label} = direct / original / tfscache; latency ms; node CPU us per request; t/o = tfscache / "
+        f"rounds; {label} = {' / '.join(who)}; latency ms; node CPU us per request; t/o = tfscache / "
         "original, t/d = tfscache / direct)",
         ["cell", f"req/s {label}", f"p50 {label}", f"p99 {label}", "node CPU " + "/".join(w[0] for w in who[1:]),
          "rps t/d", "rps t/o", "p50 t/o", "CPU t/o", "errors"], rows)

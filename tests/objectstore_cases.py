@@ -287,9 +287,10 @@ class ObjectStoreCases:
         self.server_restarted()
         p._verify = real_verify  # type: ignore[method-assign]
         p.listings.invalidate("dies")
-        if (yield p.list_versions("dies")) != [1]:  # an emulator that lost what it had not saved
-            for rel, body in files.items():
-                self.upload(f"dies/1/{rel}", body)
+        # an emulator may lose some of what it had not saved when killed (Azurite kept 8 of the
+        # 12 objects once): put them all back, the same bytes, before the second copy
+        for rel, body in files.items():
+            self.upload(f"dies/1/{rel}", body)
         copied = yield p.fetch("dies", 1, dest)
         self.assertEqual(copied, 12 * 2 * MIB)  # type: ignore[attr-defined]
         self.assertEqual(tree(dest), {os.path.join(*k.split("/")): v for k, v in files.items()})  # type: ignore[attr-defined]

@@ -459,8 +459,10 @@ class _RealServerTests:
         yield wait_until(lambda: a.reachable and a.published and b.published, what="all published")
         self.assertEqual(logs.count(a, "unreachable"), 1)
         self.assertEqual(logs.count(a, "reachable again"), 1)
-        # a server that came back empty (Consul -dev keeps nothing) never emptied a's list
-        self.assertEqual([s for s in seen if not {"a", "b"} <= s], [])
+        # a server that came back empty (Consul -dev keeps nothing) never emptied a's list nor
+        # dropped a itself; b may be missing for a moment, between c's publish and b's own
+        # republish after the restart (their order is a race)
+        self.assertEqual([s for s in seen if "a" not in s or len(s) < 2], [])
 
 
 class EtcdTests(_RealServerTests, unittest.TestCase):
