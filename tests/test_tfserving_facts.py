@@ -90,9 +90,12 @@ def source() -> str:
 
 
 def start_up_config(base: str) -> str:
-    """The DevServer's start-up config: every model, TWO_VERSIONS as HRH configures it."""
+    """The DevServer's start-up config: every model, TWO_VERSIONS as HRH configures it, and
+    the broken one (a DevServer survives it; TF Serving would not start, so it is left out
+    there, which TF Serving answers with the same NOT_FOUND)."""
     parts = []
-    for name in [*MODELS, "broken"]:
+    broken = [] if shutil.which("tensorflow_model_server") else ["broken"]
+    for name in [*MODELS, *broken]:
         extra = ""
         if name == TWO_VERSIONS:
             extra = (f'model_version_policy {{ specific {{ versions: 123 }} }} '
@@ -332,6 +335,18 @@ class Facts:
         return self.assertGrpcError(  # type: ignore[no-any-return]
             self.grpc("Predict", self.predict_request(signature_name="nope")), Code.FAILED_PRECONDITION,
             'Serving signature key "nope" not found.')
+
+    @defer.inlineCallbacks
+    def test_grpc_output_filter_errors(self):  # type: ignore[no-untyped-def]
+        """SRC predict_util.cc: an output_filter alias the signature lacks, and one given
+        twice: INVALID_ARGUMENT with TF Serving's words."""
+        req = self.predict_request()
+        req.output_filter[:] = ["nope"]
+        yield self.assertGrpcError(self.grpc("Predict", req), Code.INVALID_ARGUMENT,
+                                   "output tensor alias not found in signature: nope")
+        req.output_filter[:] = ["y", "y"]
+        yield self.assertGrpcError(self.grpc("Predict", req), Code.INVALID_ARGUMENT,
+                                   "duplicate output tensor alias: y")
 
     def test_grpc_classify_unknown_signature(self) -> defer.Deferred[Any]:
         """SRC classifier.cc: INVALID_ARGUMENT "No signature was found with the name: nope"."""
