@@ -92,7 +92,7 @@ class DaemonTests(unittest.TestCase):
             reply = yield rest_predict(node.rest_url, name, [1.0])
             self.assertEqual(reply.code, 200, reply.body)
         reply = yield rest_predict(node.rest_url, "broken", [1.0])  # unloads d1, then fails
-        self.assertEqual(reply.code, 500)
+        self.assertEqual(reply.code, 404)  # TF Serving's code for a servable that did not load
         client = GrpcClient(node.grpc_target)
         self.addCleanup(client.close)
         yield client.predict("d2", [1.0])
@@ -341,7 +341,7 @@ class DaemonTests(unittest.TestCase):
             reply = yield rest_predict(node.rest_url, name, [1.0])
             self.assertEqual(reply.code, 200, reply.body)
         reply = yield rest_predict(node.rest_url, "broken", [1.0])
-        self.assertEqual(reply.code, 500)
+        self.assertEqual(reply.code, 404)
         m = metrics(node.rest_url)
         self.assertEqual(m['tfscache_cache_hits_total{model="d0"}'], 1)
         self.assertEqual(m['tfscache_cache_misses_total{model="d1"}'], 1)

@@ -155,3 +155,76 @@ class DevServerTests(unittest.TestCase):
         self.assertIn("Unrecognized servable version label: canary", err.message)
         err = yield self.assertFailure(self.client.predict("ge", [1.0], version=5), ServingError)
         self.assertEqual(err.message, "Servable not found for request: Specific(ge, 5)")
+
+
+class ServableManagerTests(unittest.TestCase):
+    """The DevServer's ModelService semantics in-process, where a race can be forced."""
+
+    timeout = 120
+
+    def setUp(self) -> None:
+        from tfscache.devserver.servables import ServableManager
+
+        self.base = tempfile.mkdtemp(prefix="tfscache-servables-")
+        self.manager = ServableManager(poll_wait=0)
+        self.addCleanup(self.manager.stop)
+
+    def config(self, models: dict[str, str], labels: dict[str, dict[str, int]] | None = None) -> Any:
+        req = reload_request(models)
+        for mc in req.config.model_config_list.config:
+            mc.version_labels.update((labels or {}).get(mc.name, {}))
+        return req.config
+
+    def reload(self, models: dict[str, str], labels: dict[str, dict[str, int]] | None = None) -> Any:
+        return threads.deferToThread(self.manager.reload, self.config(models, labels), time.monotonic() + 60)
+
+    @defer.inlineCallbacks
+    def test_readded_while_unloading_is_loaded_again(self):  # type: ignore[no-untyped-def]
+        write_half_plus_two(self.base, "race", 1)
+        models = {"race": os.path.join(self.base, "race")}
+        yield self.reload(models)
+
+        def unload_and_readd() -> None:
+            # the unload's thread cannot finish before the model is asked for again: it needs
+            # the lock held here (an RLock; the second reload's wait releases it)
+            with self.manager.lock:
+                self.manager.reload(self.config({}), None)
+                self.assertEqual(self.manager.versions[("race", 1)].state, 40)  # UNLOADING
+                self.manager.reload(self.config(models), time.monotonic() + 60)
+
+        yield threads.deferToThread(unload_and_readd)
+        self.assertEqual(self.manager.resolve("race", None, None).state, AVAILABLE)
+
+    @defer.inlineCallbacks
+    def test_a_label_must_name_an_available_version(self):  # type: ignore[no-untyped-def]
+        write_half_plus_two(self.base, "lb", 1)
+        models = {"lb": os.path.join(self.base, "lb")}
+        err = yield self.assertFailure(self.reload(models, {"lb": {"stable": 2}}), ServingError)
+        self.assertEqual(err.code, Code.FAILED_PRECONDITION)
+        self.assertIn("Request to assign label to version 2 of model lb", err.message)
+        self.assertEqual(self.manager.resolve("lb", None, None).version, 1)  # the list applied
+        yield self.reload(models, {"lb": {"stable": 1}})
+        self.assertEqual(self.manager.resolve("lb", None, "stable").version, 1)
+
+
+class StartUpConfigTests(unittest.TestCase):
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def test_a_model_that_fails_at_start_up_does_not_stop_the_server(self):  # type: ignore[no-untyped-def]
+        from tests.harness.devserver import DevServer
+
+        base = tempfile.mkdtemp(prefix="tfscache-startup-")
+        write_corrupt_model(base, "bad", 1)
+        write_half_plus_two(base, "good", 1)
+        config = ("model_config_list { "
+                  + " ".join(f'config {{ name: "{n}" base_path: "{os.path.join(base, n)}" model_platform: '
+                             f'"tensorflow" }}' for n in ("bad", "good")) + " }\n")
+        server = yield threads.deferToThread(DevServer(model_config=config).start)
+        self.addCleanup(server.stop)
+        client = GrpcClient(server.grpc_target)
+        self.addCleanup(client.close)
+        got = yield client.predict("good", [2.0])
+        self.assertEqual(list(got.outputs["y"].float_val), [3.0])
+        status = yield client.status("bad")
+        self.assertEqual(status.model_version_status[0].state, END)

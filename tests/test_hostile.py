@@ -971,7 +971,8 @@ BAD_NAMES = ["..", ".", "../outside", "..\\outside", "a/../../outside", "/etc/pa
 class PathSafetyTests(NodeTestCase):
     @defer.inlineCallbacks
     def test_names_and_versions_are_checked_before_the_file_system(self):  # type: ignore[no-untyped-def]
-        """Hostile names and versions over REST and gRPC: INVALID_ARGUMENT; none reaches the
+        """Hostile names and versions over REST and gRPC: INVALID_ARGUMENT (NOT_FOUND for a
+        negative gRPC version); none reaches the
         model provider (which builds file paths from it), and the disk cache stays empty."""
         root = tempfile.mkdtemp(prefix="tfscache-pathsafety-")
         models = os.path.join(root, "models")
@@ -1001,9 +1002,9 @@ class PathSafetyTests(NodeTestCase):
             for version in (None, 1):
                 code, details = yield threads.deferToThread(grpc_call, name, version)
                 self.assertEqual(code, grpc.StatusCode.INVALID_ARGUMENT, (name, details))
-        for version in (-1, -(2**63)):
+        for version in (-1, -(2**63)):  # no such version, as TF Serving answers it
             code, details = yield threads.deferToThread(grpc_call, "inside", version)
-            self.assertEqual(code, grpc.StatusCode.INVALID_ARGUMENT, (version, details))
+            self.assertEqual(code, grpc.StatusCode.NOT_FOUND, (version, details))
         for version in ("9223372036854775808", "18446744073709551617", "1" * 400):
             reply = yield http("POST", node.rest_url + f"/v1/models/inside/versions/{version}:predict",
                                {"instances": [1.0]})

@@ -45,7 +45,12 @@ class RestPathTests(unittest.TestCase):
         self.assertCode(Code.INVALID_ARGUMENT, "POST", "/v1/models/m:explode")
         self.assertCode(Code.INVALID_ARGUMENT, "DELETE", "/v1/models/m")
         self.assertCode(Code.INVALID_ARGUMENT, "GET", "/v1/models/m/versions/x")
-        self.assertCode(Code.INVALID_ARGUMENT, "GET", "/v1/models/m/versions/99999999999999999999")
+        err = self.assertCode(Code.INVALID_ARGUMENT, "GET", "/v1/models/m/versions/99999999999999999999")
+        # TF Serving's words (http_rest_api_util.cc; http_rest_api_handler_test.cc checks them
+        # for uint64's max)
+        self.assertEqual(err.message, "Failed to convert version: 99999999999999999999 to numeric.")
+        err = self.assertCode(Code.INVALID_ARGUMENT, "POST", f"/v1/models/m/versions/{2**64 - 1}:regress")
+        self.assertIn("Failed to convert version", err.message)
 
     def test_names_that_could_escape_are_refused(self) -> None:
         for bad in ("..", "%2e%2e", "a%2Fb", "a%5Cb", "%00x", ".hidden", "x" * 300):

@@ -35,6 +35,13 @@ class IModelProvider(Interface):
         """Fire if the source is reachable; fail otherwise (for readiness probes)."""
 
 
+class IVersionLabels(Interface):
+    """A model source that also declares version labels (label -> version) per model."""
+
+    def list_labels(name: str):  # -> Deferred[dict[str, int]]
+        """Fire with the model's labels ({} when it declares none); cached like listings."""
+
+
 class IServingBackend(Interface):
     """One TF Serving instance, driven through its ModelService.
 

@@ -6,13 +6,14 @@ Every name is validated here, before it can reach a file system path or an S3 ke
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from urllib.parse import unquote
 
 from google.protobuf.message import DecodeError
 
-from tfscache.errors import ServingError, invalid
+from tfscache.errors import Code, ServingError, invalid, not_found
 from tfscache.proto import model_spec_pb2
 
 MAX_NAME_BYTES = 255
@@ -67,6 +68,59 @@ def validate_version(version: int) -> int:
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_ASCII_DIGITS = re.compile(r"[0-9]+")
+
+
+def parse_version_dir(dirname: str) -> int | None:
+    """The version a directory name stands for, as TF Serving reads it: ASCII digits within
+    int64, leading zeros allowed (``00000123`` is version 123, the layout TF Serving's own test
+    models ship in); None for anything else, which TF Serving ignores."""
+    if not _ASCII_DIGITS.fullmatch(dirname):
+        return None
+    version = int(dirname)
+    return version if version <= MAX_VERSION else None
+
+
+def version_dirs(names: list[str]) -> dict[int, str]:
+    """Version -> directory name among ``names`` (the first in sorted order when two names,
+    say ``123`` and ``0123``, stand for one version)."""
+    out: dict[int, str] = {}
+    for n in sorted(names):
+        v = parse_version_dir(n)
+        if v is not None:
+            out.setdefault(v, n)
+    return out
+
+
+# Version labels live in the model source beside the version directories, one small JSON
+# object per model: ``<name>/labels.json`` = ``{"stable": 123, "canary": 124}``.
+LABELS_FILE = "labels.json"
+
+
+def parse_labels(name: str, data: bytes) -> dict[str, int]:
+    """A model's ``labels.json``: label -> version; ServingError (FAILED_PRECONDITION) naming
+    the model for anything else."""
+
+    def bad(why: str) -> ServingError:
+        return ServingError(Code.FAILED_PRECONDITION,
+                            f"The version labels of model {name} ({LABELS_FILE}) are invalid: {why}")
+
+    try:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise bad(f"not JSON ({e})")
+    if not isinstance(doc, dict):
+        raise bad("expected an object of label: version")
+    labels: dict[str, int] = {}
+    for label, version in doc.items():
+        if not label or "/" in label or ":" in label or _CONTROL.search(label):
+            raise bad(f"label {label!r} must be non-empty, without '/', ':' or control characters")
+        if isinstance(version, str) and parse_version_dir(version) is not None:
+            version = int(version)
+        if isinstance(version, bool) or not isinstance(version, int) or not 0 <= version <= MAX_VERSION:
+            raise bad(f"label {label!r}: version {version!r} is not a non-negative int64")
+        labels[label] = version
+    return labels
 
 
 # TF Serving's own expressions (http_rest_api_handler.cc), matched case-insensitively.
@@ -120,8 +174,9 @@ def _make_ref(name: str, version: str | int | None, label: str | None) -> ModelR
     if version is not None:
         try:
             v = validate_version(int(version))
-        except ValueError:
-            raise invalid(f"Invalid model version: {version}")
+        except (ValueError, ServingError):
+            # TF Serving's words (http_rest_api_util.cc), for a version outside int64 too
+            raise invalid(f"Failed to convert version: {version} to numeric.")
     if label is not None and not label:
         label = None
     return ModelRef(name=name, version=v, label=label)
@@ -131,6 +186,12 @@ def parse_model_spec(spec: model_spec_pb2.ModelSpec) -> ModelRef:
     which = spec.WhichOneof("version_choice")
     version = spec.version.value if which == "version" else None
     label = spec.version_label if which == "version_label" else None
+    if not spec.name:  # TF Serving looks the empty name up, and finds nothing
+        what = f"Specific(, {version})" if version is not None else "Latest()"
+        raise not_found(f"Servable not found for request: {what}")
+    if version is not None and version < 0:  # an int64 on the wire: no such version
+        validate_name(spec.name)
+        raise not_found(f"Servable not found for request: Specific({spec.name}, {version})")
     ref = _make_ref(spec.name, version, label)
     return ModelRef(ref.name, ref.version, ref.label, spec.signature_name)
 
@@ -145,12 +206,15 @@ def parse_grpc_request(method: str, payload: bytes) -> ModelRef:
     try:
         if method == "MultiInference":
             multi = model_spec_pb2.MultiInferenceCarrier.FromString(payload)
+            # TF Serving's checks and words (multi_inference.cc); the first task's spec
+            # names the servable, as there
             if not multi.tasks:
                 raise invalid("Inference tasks not specified")
-            refs = {parse_model_spec(t.model_spec) for t in multi.tasks}
-            if len({(r.name, r.version, r.label) for r in refs}) != 1:
+            if any(not t.model_spec.name for t in multi.tasks):
+                raise invalid("Found ModelSpec with an empty model name.")
+            if len({t.model_spec.name for t in multi.tasks}) != 1:
                 raise invalid("All ModelSpecs in a MultiInferenceRequest must access the same model name.")
-            return next(iter(refs))
+            return parse_model_spec(multi.tasks[0].model_spec)
         carrier = model_spec_pb2.ModelSpecCarrier.FromString(payload)
     except DecodeError as e:
         raise invalid(f"Could not parse the {method} request: {e}")
@@ -160,13 +224,17 @@ def parse_grpc_request(method: str, payload: bytes) -> ModelRef:
 
 
 __all__ = [
+    "LABELS_FILE",
     "ModelId",
     "ModelRef",
     "RestCall",
     "ServingError",
     "parse_grpc_request",
+    "parse_labels",
     "parse_model_spec",
     "parse_rest_path",
+    "parse_version_dir",
     "validate_name",
     "validate_version",
+    "version_dirs",
 ]

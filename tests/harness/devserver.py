@@ -19,15 +19,20 @@ from tests.harness.process import (
 
 
 class DevServer(ProcessFixture):
-    def __init__(self, extra_args: tuple[str, ...] = ()) -> None:
+    """``model_config``: a ModelServerConfig in text format to start with (TF Serving's
+    ``--model_config_file``); none by default: tfscache owns the list."""
+
+    def __init__(self, extra_args: tuple[str, ...] = (), model_config: str | None = None) -> None:
         self.grpc_port, self.rest_port = free_port(), free_port()
         self.dir = tempfile.mkdtemp(prefix="tfscache-backend-")
         real = shutil.which("tensorflow_model_server")
         self.kind = "tensorflow_model_server" if real else "devserver"
+        config = os.path.join(self.dir, "models.config")
+        with open(config, "w") as f:
+            f.write(model_config or "model_config_list {}\n")
+        if not real and model_config:
+            extra_args = ("--model_config_file", config, *extra_args)
         if real:
-            config = os.path.join(self.dir, "models.config")
-            with open(config, "w") as f:
-                f.write("model_config_list {}\n")
             argv = [real, f"--port={self.grpc_port}", f"--rest_api_port={self.rest_port}",
                     f"--model_config_file={config}", "--model_config_file_poll_wait_seconds=0",
                     "--file_system_poll_wait_seconds=1", "--max_num_load_retries=0", *extra_args]

@@ -32,12 +32,16 @@ def main(argv: list[str] | None = None) -> int:
 
     from tfscache.devserver import grpc_service, rest
     from tfscache.devserver.servables import ServableManager
+    from tfscache.errors import ServingError
 
     manager = ServableManager(args.poll_wait, args.retries, args.retry_micros / 1e6)
     if args.config_file:
         with open(args.config_file) as f:
             config = text_format.Parse(f.read(), model_server_config_pb2.ModelServerConfig())
-        manager.reload(config, deadline=None)
+        try:
+            manager.reload(config, deadline=None)
+        except ServingError as e:  # as TF Serving: a model that fails to load is its status
+            logging.error("start-up config: %s", e.message)
     grpc_server, grpc_port = grpc_service.make_server(manager, args.host, args.port)
     grpc_server.start()
     http = rest.make_server(manager, args.host, args.rest_port)

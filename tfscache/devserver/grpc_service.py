@@ -60,9 +60,19 @@ class _Base:
             _abort(context, e)
 
 
+def _add_classes(out: Any, row: list[tuple[str, float]]) -> None:
+    for label, score in row:
+        out.classes.add(label=label, score=score)
+
+
 class PredictionService(_Base, prediction_service_pb2_grpc.PredictionServiceServicer):
     def _ver(self, spec: Any) -> Version:
         return self.manager.resolve(*_spec(spec))
+
+    def _request_ver(self, request: Any) -> Version:
+        if not request.HasField("model_spec"):  # TF Serving's check in every API
+            raise invalid("Missing ModelSpec")
+        return self._ver(request.model_spec)
 
     def _reply_spec(self, out_spec: Any, ver: Version, sig: str) -> None:
         out_spec.name = ver.name
@@ -71,7 +81,7 @@ class PredictionService(_Base, prediction_service_pb2_grpc.PredictionServiceServ
 
     def Predict(self, request: Any, context: grpc.ServicerContext) -> Any:
         def run() -> Any:
-            ver = self._ver(request.model_spec)
+            ver = self._request_ver(request)
             inputs = {k: inference.from_tensor_proto(v) for k, v in request.inputs.items()}
             sig, outputs = inference.predict(ver, request.model_spec.signature_name, inputs,
                                              list(request.output_filter))
@@ -84,21 +94,19 @@ class PredictionService(_Base, prediction_service_pb2_grpc.PredictionServiceServ
 
     def Classify(self, request: Any, context: grpc.ServicerContext) -> Any:
         def run() -> Any:
-            ver = self._ver(request.model_spec)
+            ver = self._request_ver(request)
             sig, rows = inference.classify(ver, request.model_spec.signature_name,
                                            _serialized_examples(request.input))
             resp = classification_pb2.ClassificationResponse()
             self._reply_spec(resp.model_spec, ver, sig)
             for row in rows:
-                c = resp.result.classifications.add()
-                for label, score in row:
-                    c.classes.add(label=label, score=score)
+                _add_classes(resp.result.classifications.add(), row)
             return resp
         return self._guard(context, run)
 
     def Regress(self, request: Any, context: grpc.ServicerContext) -> Any:
         def run() -> Any:
-            ver = self._ver(request.model_spec)
+            ver = self._request_ver(request)
             sig, values = inference.regress(ver, request.model_spec.signature_name,
                                             _serialized_examples(request.input))
             resp = regression_pb2.RegressionResponse()
@@ -110,35 +118,54 @@ class PredictionService(_Base, prediction_service_pb2_grpc.PredictionServiceServ
 
     def MultiInference(self, request: Any, context: grpc.ServicerContext) -> Any:
         def run() -> Any:
+            # TF Serving's checks (multi_inference.cc), in its order
             if not request.tasks:
                 raise invalid("Inference tasks not specified")
-            if len({t.model_spec.name for t in request.tasks}) != 1:
-                raise invalid("All ModelSpecs in a MultiInferenceRequest must access the same model name.")
+            names, signatures = set(), set()
+            for task in request.tasks:
+                if not task.model_spec.name:
+                    raise invalid("Found ModelSpec with an empty model name.")
+                names.add(task.model_spec.name)
+                if len(names) > 1:
+                    raise invalid("All ModelSpecs in a MultiInferenceRequest must access the same model name.")
+                sig_name = task.model_spec.signature_name or inference.DEFAULT_SIGNATURE
+                if sig_name in signatures:
+                    raise invalid(f"Duplicate evaluation of signature: {sig_name}")
+                signatures.add(sig_name)
+                if task.method_name not in (inference.CLASSIFY, inference.REGRESS):
+                    raise ServingError(Code.UNIMPLEMENTED,
+                                       f"Unsupported signature method_name: {task.method_name}")
+            ver = self._ver(request.tasks[0].model_spec)
+            assert ver.loaded is not None
+            for task in request.tasks:
+                sig_name = task.model_spec.signature_name or inference.DEFAULT_SIGNATURE
+                if sig_name not in ver.loaded.signature_defs:
+                    raise invalid(f"Requested signature not found in model graph: {sig_name}")
             examples = _serialized_examples(request.input)
             resp = inference_pb2.MultiInferenceResponse()
             for task in request.tasks:
-                ver = self._ver(task.model_spec)
                 result = resp.results.add()
                 if task.method_name == inference.CLASSIFY:
                     sig, rows = inference.classify(ver, task.model_spec.signature_name, examples)
                     for row in rows:
-                        c = result.classification_result.classifications.add()
-                        for label, score in row:
-                            c.classes.add(label=label, score=score)
-                elif task.method_name == inference.REGRESS:
+                        _add_classes(result.classification_result.classifications.add(), row)
+                else:
                     sig, values = inference.regress(ver, task.model_spec.signature_name, examples)
                     for v in values:
                         result.regression_result.regressions.add(value=v)
-                else:
-                    raise invalid(f"Unsupported signature method_name: {task.method_name}")
                 self._reply_spec(result.model_spec, ver, sig)
             return resp
         return self._guard(context, run)
 
     def GetModelMetadata(self, request: Any, context: grpc.ServicerContext) -> Any:
         def run() -> Any:
-            if list(request.metadata_field) != ["signature_def"]:
-                raise invalid("Metadata field signature_def must be requested (and only it)")
+            if not request.HasField("model_spec"):
+                raise invalid("Missing ModelSpec")
+            if not request.metadata_field:
+                raise invalid("GetModelMetadataRequest must specify at least one metadata_field")
+            for field in request.metadata_field:
+                if field != "signature_def":
+                    raise invalid(f"Metadata field {field} is not supported")
             ver = self._ver(request.model_spec)
             resp = get_model_metadata_pb2.GetModelMetadataResponse()
             self._reply_spec(resp.model_spec, ver, "")
@@ -159,6 +186,8 @@ def signature_def_map(ver: Version) -> Any:
 class ModelService(_Base, model_service_pb2_grpc.ModelServiceServicer):
     def GetModelStatus(self, request: Any, context: grpc.ServicerContext) -> Any:
         def run() -> Any:
+            if not request.HasField("model_spec"):
+                raise invalid("Missing ModelSpec")
             resp = get_model_status_pb2.GetModelStatusResponse()
             for ver in self.manager.status(*_spec(request.model_spec)):
                 st = resp.model_version_status.add(version=ver.version, state=ver.state)

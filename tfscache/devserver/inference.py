@@ -17,31 +17,35 @@ REGRESS = "tensorflow/serving/regress"
 PREDICT = "tensorflow/serving/predict"
 
 
-def signature(ver: Version, name: str, method: str | None = None) -> tuple[str, Any]:
+def signature(ver: Version, name: str) -> tuple[str, Any]:
+    """Predict's signature lookup (predict_util.cc): FAILED_PRECONDITION when missing."""
     name = name or DEFAULT_SIGNATURE
     assert ver.loaded is not None
     sig = ver.loaded.signature_defs.get(name)
     if sig is None:
         raise ServingError(Code.FAILED_PRECONDITION, f'Serving signature key "{name}" not found.')
-    if method is not None and sig.method_name != method:
-        raise invalid(f"Expected {method.rsplit('/', 1)[-1]} signature method_name to be {method}. "
-                      f"Was: {sig.method_name}")
     return name, sig
 
 
-def _call(ver: Version, sig_name: str, feeds: dict[str, Any]) -> dict[str, np.ndarray]:
+def _examples_signature(ver: Version, name: str) -> tuple[str, Any]:
+    """Classify's and Regress's lookup (classifier.cc, regressor.cc): INVALID_ARGUMENT when
+    missing; no method-name check (TF Serving's default, which TF2 models rely on)."""
+    name = name or DEFAULT_SIGNATURE
     assert ver.loaded is not None
-    fn = ver.loaded.model.signatures[sig_name]
-    specs = fn.structured_input_signature[1]
-    args = {}
+    sig = ver.loaded.signature_defs.get(name)
+    if sig is None:
+        raise invalid(f"No signature was found with the name: {name}")
+    return name, sig
+
+
+def _call(ver: Version, sig_name: str, feeds: dict[str, Any], outputs: list[str] | None = None
+          ) -> dict[str, np.ndarray]:
+    assert ver.loaded is not None
     try:
-        for key, value in feeds.items():
-            args[key] = tf.convert_to_tensor(value, dtype=specs[key].dtype)
-        out = fn(**args)
-    except (tf.errors.InvalidArgumentError, ValueError, TypeError) as e:
+        return ver.loaded.run(sig_name, feeds, outputs)
+    except (tf.errors.InvalidArgumentError, ValueError, TypeError, OverflowError) as e:
         msg = getattr(e, "message", None) or str(e)
         raise invalid(msg.splitlines()[0] if msg else type(e).__name__)
-    return {k: v.numpy() for k, v in out.items()}
 
 
 def predict(ver: Version, sig_name: str, inputs: dict[str, Any], output_filter: list[str] | None = None
@@ -54,34 +58,65 @@ def predict(ver: Version, sig_name: str, inputs: dict[str, Any], output_filter: 
             f"!= len({{{','.join(sorted(expected))}}}). Sent extra: {{{','.join(sorted(sent - expected))}}}. "
             f"Missing but required: {{{','.join(sorted(expected - sent))}}}."
         )
-    outputs = _call(ver, sig_name, inputs)
+    wanted = None
     if output_filter:
-        unknown = [o for o in output_filter if o not in outputs]
-        if unknown:
-            raise invalid(f"output tensor alias not found in signature: {unknown[0]}")
-        outputs = {k: v for k, v in outputs.items() if k in output_filter}
-    return sig_name, outputs
+        seen = set()
+        for alias in output_filter:
+            if alias not in sig.outputs:
+                raise invalid(f"output tensor alias not found in signature: {alias} Outputs expected to be "
+                              f"in the set {{{','.join(sorted(sig.outputs))}}}.")
+            if alias in seen:
+                raise invalid(f"duplicate output tensor alias: {alias}")
+            seen.add(alias)
+        wanted = list(output_filter)
+    return sig_name, _call(ver, sig_name, inputs, wanted)
+
+
+def _one_input(sig: Any, what: str) -> str:
+    if len(sig.inputs) != 1:
+        raise invalid("Expected one input Tensor.")
+    if "inputs" not in sig.inputs:
+        raise invalid(f"No {what} inputs found in SignatureDef: {sig}")
+    return "inputs"
 
 
 def classify(ver: Version, sig_name: str, examples: list[bytes]) -> tuple[str, list[list[tuple[str, float]]]]:
-    sig_name, sig = signature(ver, sig_name, CLASSIFY)
-    out = _call(ver, sig_name, {next(iter(sig.inputs)): np.array(examples, dtype=object)})
-    scores = out.get("scores")
-    classes = out.get("classes")
+    sig_name, sig = _examples_signature(ver, sig_name)
+    alias = _one_input(sig, "classification")
+    if len(sig.outputs) not in (1, 2):
+        raise invalid(f"Expected one or two output Tensors, found {len(sig.outputs)}")
+    wanted = [k for k in ("classes", "scores") if k in sig.outputs]
+    if not wanted:
+        raise invalid('Expected classification signature outputs to contain at least one of "classes" or '
+                      f'"scores". Signature was: {sig}')
+    out = _call(ver, sig_name, {alias: np.array(examples, dtype=object)}, wanted)
+    scores, classes = out.get("scores"), out.get("classes")
+    for tensor in (t for t in (classes, scores) if t is not None):
+        if tensor.ndim != 2:
+            raise invalid(f"Expected Tensor shape: [batch_size num_classes] but got {list(tensor.shape)}")
     rows = []
     for i in range(len(examples)):
-        s: Any = np.reshape(scores[i], [-1]) if scores is not None else []
-        c: Any = np.reshape(classes[i], [-1]) if classes is not None else [b""] * len(s)
+        # a missing output is an empty label or a zero score, as in TF Serving's result
+        s: Any = scores[i] if scores is not None else [0.0] * len(classes[i])  # type: ignore[index]
+        c: Any = classes[i] if classes is not None else [b""] * len(s)
         rows.append([(lbl.decode() if isinstance(lbl, bytes) else str(lbl), float(sc))
                      for lbl, sc in zip(c, s, strict=False)])
     return sig_name, rows
 
 
 def regress(ver: Version, sig_name: str, examples: list[bytes]) -> tuple[str, list[float]]:
-    sig_name, sig = signature(ver, sig_name, REGRESS)
-    out = _call(ver, sig_name, {next(iter(sig.inputs)): np.array(examples, dtype=object)})
-    values = np.reshape(out["outputs"], [-1])
-    return sig_name, [float(v) for v in values]
+    sig_name, sig = _examples_signature(ver, sig_name)
+    alias = _one_input(sig, "regression")
+    if len(sig.outputs) != 1:
+        raise invalid("Expected one output Tensor.")
+    if "outputs" not in sig.outputs:
+        raise invalid(f"No regression outputs found in SignatureDef: {sig}")
+    out = _call(ver, sig_name, {alias: np.array(examples, dtype=object)}, ["outputs"])
+    values = out["outputs"]
+    if not (values.ndim == 1 or (values.ndim == 2 and values.shape[1] == 1)):
+        raise invalid("Expected output Tensor shape to be either [batch_size] or [batch_size, 1] but got "
+                      f"{list(values.shape)}")
+    return sig_name, [float(v) for v in np.reshape(values, [-1])]
 
 
 # -- TensorProto in the typed fields TF Serving uses (float_val, int_val, ...) -----------------

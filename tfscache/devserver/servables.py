@@ -24,6 +24,7 @@ from tensorflow_serving.config import model_server_config_pb2
 
 from tfscache.devserver.models import DELAY_FILE
 from tfscache.errors import Code, ServingError, invalid, not_found
+from tfscache.modelspec import version_dirs
 
 log = logging.getLogger("devserver")
 
@@ -32,12 +33,50 @@ STATE_NAMES = {0: "UNKNOWN", START: "START", LOADING: "LOADING", AVAILABLE: "AVA
                UNLOADING: "UNLOADING", END: "END"}
 
 
-@dataclass
 class Loaded:
-    """A loaded SavedModel: its TF2 object (callable signatures) and its SignatureDefs."""
+    """A SavedModel loaded as TF Serving loads it: its MetaGraph into a TensorFlow session,
+    signatures run by feeding and fetching their tensors by name.  That serves TF1 and TF2
+    models alike, including what TF2's object loader cannot (TF1 graphs whose signatures parse
+    serialized ``tf.Example`` scalars, reference-typed variables), and calls a signature for any
+    API without checking its method name, as TF Serving does by default."""
 
-    model: Any
-    signature_defs: dict[str, Any]
+    def __init__(self, session: Any, signature_defs: dict[str, Any]) -> None:
+        self.session = session
+        self.signature_defs = signature_defs
+        self._callables: dict[tuple[tuple[str, ...], tuple[str, ...]], Any] = {}
+        self._lock = threading.Lock()
+
+    def run(self, sig_name: str, feeds: dict[str, Any], outputs: list[str] | None = None) -> dict[str, Any]:
+        """Run signature ``sig_name``: ``feeds`` by input alias (numpy arrays are fed as they
+        are, other values converted to the input's dtype), ``outputs`` by alias (all when
+        None).  Through a session callable, as TF Serving's C++ Session::Run: the shapes fed
+        are not checked against the placeholders' (Python's ``Session.run`` would refuse a
+        ``[3]`` tensor for a ``[?, 1]`` placeholder that TF Serving feeds happily)."""
+        import numpy as np
+        import tensorflow as tf
+        from tensorflow.core.protobuf import config_pb2
+
+        sig = self.signature_defs[sig_name]
+        in_aliases = tuple(sorted(feeds))
+        out_aliases = tuple(sorted(outputs if outputs else sig.outputs))
+        values = []
+        for alias in in_aliases:
+            value = feeds[alias]
+            if not isinstance(value, np.ndarray):
+                dtype = tf.dtypes.as_dtype(sig.inputs[alias].dtype).base_dtype
+                value = np.asarray(value, dtype=object if dtype == tf.string else dtype.as_numpy_dtype)
+            values.append(value)
+        key = (tuple(sig.inputs[a].name for a in in_aliases), tuple(sig.outputs[a].name for a in out_aliases))
+        with self._lock:
+            call = self._callables.get(key)
+            if call is None:
+                options = config_pb2.CallableOptions(feed=list(key[0]), fetch=list(key[1]))
+                call = self._callables[key] = self.session._make_callable_from_options(options)
+        results = call(*values)
+        return dict(zip(out_aliases, results, strict=True))
+
+    def close(self) -> None:
+        self.session.close()
 
 
 @dataclass
@@ -49,6 +88,7 @@ class Version:
     loaded: Loaded | None = None
     aspired: bool = True
     attempt: int = 0
+    path: str = ""
 
 
 @dataclass
@@ -63,16 +103,22 @@ class ModelConfig:
 
 def load_saved_model(path: str) -> Loaded:
     import tensorflow as tf
-    from tensorflow.core.protobuf import saved_model_pb2
 
     delay_file = os.path.join(path, DELAY_FILE)
     if os.path.exists(delay_file):
         with open(delay_file) as f:
             time.sleep(float(f.read().strip() or 0))
-    with open(os.path.join(path, "saved_model.pb"), "rb") as f:
-        sm = saved_model_pb2.SavedModel.FromString(f.read())
-    model = tf.saved_model.load(path, tags=["serve"])
-    return Loaded(model, dict(sm.meta_graphs[0].signature_def))
+    if not os.path.exists(os.path.join(path, "saved_model.pb")):
+        raise FileNotFoundError(f"Could not find SavedModel .pb at supplied export directory path: {path}")
+    graph = tf.Graph()
+    session = tf.compat.v1.Session(graph=graph)
+    try:
+        with graph.as_default():
+            meta_graph = tf.compat.v1.saved_model.loader.load(session, ["serve"], path)
+    except BaseException:
+        session.close()
+        raise
+    return Loaded(session, dict(meta_graph.signature_def))
 
 
 class ServableManager:
@@ -83,6 +129,7 @@ class ServableManager:
         self.changed = threading.Condition(self.lock)
         self.reload_lock = threading.Lock()  # TF Serving serialises config reloads
         self.configs: dict[str, ModelConfig] = {}
+        self.labels: dict[str, dict[str, int]] = {}
         self.versions: dict[tuple[str, int], Version] = {}
         self.load_counts: dict[str, int] = {}
         self._stop = threading.Event()
@@ -103,20 +150,50 @@ class ServableManager:
                 added = [n for n in new_configs if n not in self.configs]
                 self.configs = new_configs
             self.reconcile()
-            self._wait_for(added, deadline)
+            failure: ServingError | None = None
+            try:
+                self._wait_for(added, deadline)
+            except ServingError as e:  # a model that failed: the others' labels still apply
+                failure = e
+            try:
+                self._update_labels()
+            except ServingError as e:
+                failure = failure or e
+            if failure is not None:
+                raise failure
+
+    def _update_labels(self) -> None:
+        """TF Serving's rule (ServerCore::UpdateModelVersionLabelMap): a label may only name
+        a version that is AVAILABLE; otherwise the reload fails and the labels stay as they
+        were (the model list itself has been applied)."""
+        with self.lock:
+            labels: dict[str, dict[str, int]] = {}
+            for name, mc in self.configs.items():
+                for label, version in mc.labels.items():
+                    ver = self.versions.get((name, version))
+                    if ver is None or ver.state != AVAILABLE:
+                        raise ServingError(
+                            Code.FAILED_PRECONDITION,
+                            f"Request to assign label to version {version} of model {name}, which "
+                            "is not currently available for inference")
+                    labels.setdefault(name, {})[label] = version
+            self.labels = labels
 
     def _wait_for(self, names: list[str], deadline: float | None) -> None:
         with self.lock:
             while True:
-                pending = []
+                # every name settles (AVAILABLE or failed) before a failure is reported
+                pending, failures = [], []
                 for name in names:
                     vs = [v for (n, _), v in self.versions.items() if n == name and v.aspired]
                     failed = [v for v in vs if v.state == END and v.error is not None]
                     if failed:
-                        raise failed[0].error  # type: ignore[misc]
-                    if not any(v.state == AVAILABLE for v in vs):
+                        failures.append(failed[0].error)
+                    elif not any(v.state == AVAILABLE for v in vs):
                         pending.append(name)
                 if not pending:
+                    if failures:
+                        raise failures[0]  # type: ignore[misc]
                     return
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
@@ -128,8 +205,8 @@ class ServableManager:
         with self.lock:
             aspired: dict[tuple[str, int], str] = {}
             for name, mc in self.configs.items():
-                for v in _aspired_versions(mc):
-                    aspired[(name, v)] = os.path.join(mc.base_path, str(v))
+                for v, dirname in _aspired_versions(mc).items():
+                    aspired[(name, v)] = os.path.join(mc.base_path, dirname)
             for key, path in aspired.items():
                 ver = self.versions.get(key)
                 if ver is None or (ver.state == END and not ver.aspired):
@@ -159,14 +236,21 @@ class ServableManager:
 
     def _unload(self, ver: Version) -> None:
         with self.lock:
-            ver.loaded = None
+            loaded, ver.loaded = ver.loaded, None
             ver.state = END
             ver.error = None
             log.info("unloaded model=%s version=%d", ver.name, ver.version)
+            if ver.aspired and self.versions.get((ver.name, ver.version)) is ver:
+                # asked for again while its unload ran: load it again, as TF Serving does (a
+                # version that ends while aspired would otherwise never come back)
+                fresh = self.versions[(ver.name, ver.version)] = Version(ver.name, ver.version, path=ver.path)
+                self._start_load(fresh, ver.path)
             self.changed.notify_all()
+        if loaded is not None:
+            loaded.close()
 
     def _start_load(self, ver: Version, path: str) -> None:
-        ver.state = START
+        ver.state, ver.path = START, path
         threading.Thread(target=self._load, args=(ver, path), daemon=True).start()
 
     def _load(self, ver: Version, path: str) -> None:
@@ -197,6 +281,7 @@ class ServableManager:
         with self.lock:
             if not ver.aspired:
                 ver.state = END
+                loaded.close()
             else:
                 ver.loaded, ver.state, ver.error = loaded, AVAILABLE, None
                 key = f"{ver.name}/{ver.version}"
@@ -249,10 +334,10 @@ class ServableManager:
     def _labelled(self, name: str, version: int | None, label: str | None) -> int | None:
         if not label:
             return version
-        mc = self.configs.get(name)
-        if mc is None or label not in mc.labels:
+        version = self.labels.get(name, {}).get(label)
+        if version is None:
             raise invalid(f"Unrecognized servable version label: {label}")
-        return mc.labels[label]
+        return version
 
     def available(self) -> list[str]:
         with self.lock:
@@ -269,17 +354,20 @@ def _model_config(mc: Any) -> ModelConfig:
     return out
 
 
-def _aspired_versions(mc: ModelConfig) -> list[int]:
+def _aspired_versions(mc: ModelConfig) -> dict[int, str]:
+    """Version -> directory name of the versions the policy wants (zero-padded names too)."""
     try:
         children = os.listdir(mc.base_path)
     except OSError:
-        return []
-    on_disk = sorted(int(c) for c in children if c.isdigit() and os.path.isdir(os.path.join(mc.base_path, c)))
-    if mc.policy == "all":
-        return on_disk
+        return {}
+    on_disk = {v: n for v, n in version_dirs(children).items()
+               if os.path.isdir(os.path.join(mc.base_path, n))}
+    versions = sorted(on_disk)
     if mc.policy == "specific":
-        return [v for v in on_disk if v in mc.specific]
-    return on_disk[-mc.num_versions:]
+        versions = [v for v in versions if v in mc.specific]
+    elif mc.policy != "all":
+        versions = versions[-mc.num_versions:]
+    return {v: on_disk[v] for v in versions}
 
 
 def reload_response(error: ServingError | None) -> model_management_pb2.ReloadConfigResponse:

@@ -11,10 +11,13 @@ nothing the client sees when that version is the highest (predict, classify and 
 carry no version or the one used; metadata names the version it describes).  Status calls are
 never pinned: without a version TF Serving lists every version, and so do we.  MultiInference
 is not pinned either: its specs sit inside repeated tasks, and appending one would add a task.
+A call by version label is pinned the same way (status calls too): tfscache resolved the label
+to the version it leased; TF Serving has the labels in its config as well (for MultiInference).
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -42,11 +45,21 @@ _PINNABLE_GRPC = frozenset({
     "/tensorflow.serving.PredictionService/GetModelMetadata",
 })
 _PINNABLE_REST = frozenset({"predict", "classify", "regress", "metadata"})
+# a label names one version, so a status call by label is pinned too
+_LABEL_PINNABLE_GRPC = _PINNABLE_GRPC | {"/tensorflow.serving.ModelService/GetModelStatus"}
+
+
+_LABEL_SEGMENT = re.compile(rb"/labels/[^/:?]+", re.IGNORECASE)
 
 
 def pinned_rest_path(call: RestCall, path: bytes, mid: ModelId) -> bytes:
-    """``path`` (raw, with its query) naming version ``mid.version`` when the call named none."""
-    if call.ref.version is not None or call.ref.label is not None or call.api not in _PINNABLE_REST:
+    """``path`` (raw, with its query) naming version ``mid.version`` when the call named none,
+    or named a label (``/labels/L`` becomes ``/versions/N``, for every API: the label was
+    resolved to the version leased)."""
+    if call.ref.label is not None:
+        target, q, query = path.partition(b"?")
+        return _LABEL_SEGMENT.sub(b"/versions/%d" % mid.version, target, count=1) + q + query
+    if call.ref.version is not None or call.api not in _PINNABLE_REST:
         return path
     target, q, query = path.partition(b"?")
     pin = b"/versions/%d" % mid.version
@@ -62,8 +75,10 @@ def pinned_grpc_payload(method: str, ref: ModelRef, payload: bytes, mid: ModelId
     """``payload`` with ``model_spec.version`` set when the call named none: a second
     ``model_spec`` (field 1) appended to a message is merged into the first by protobuf, so
     the name, signature and every other field stay as the client sent them."""
-    if ref.version is not None or ref.label is not None or method not in _PINNABLE_GRPC:
+    labelled = ref.label is not None and method in _LABEL_PINNABLE_GRPC
+    if not labelled and (ref.version is not None or ref.label is not None or method not in _PINNABLE_GRPC):
         return payload
+    # a version after a version_label replaces it (one oneof): the label was resolved to it
     spec = model_spec_pb2.ModelSpecCarrier()
     spec.model_spec.version.value = mid.version
     return payload + spec.SerializeToString()

@@ -28,7 +28,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from tfscache.errors import Code, ModelLoadError, ServingError, deadline, invalid, no_room, not_found
-from tfscache.interfaces import IModelCache, IModelProvider, IServingBackend
+from tfscache.interfaces import IModelCache, IModelProvider, IServingBackend, IVersionLabels
 from tfscache.metrics import Metrics
 from tfscache.modelspec import ModelId
 from tfscache.node.disk_cache import DiskCache
@@ -156,10 +156,7 @@ class CacheManager:
     # -- IModelCache -------------------------------------------------------------------------
     def resolve(self, name: str, version: int | None, label: str | None = None) -> defer.Deferred[ModelId]:
         if label is not None:
-            return defer.fail(invalid(
-                f"Version labels are not supported by tfscache (label {label!r} of model {name}): "
-                "ask for a version number, or for no version to get the latest"
-            ))
+            return self._labels(name).addCallback(lambda labels: self._resolve_label(name, label, labels))
         if version is not None:
             mid = ModelId(name, version)
             if mid in self.entries and self.entries[mid].state != State.ABSENT:
@@ -174,14 +171,45 @@ class CacheManager:
                 raise not_found(f"Servable not found for request: Specific({name}, {version})")
             return ModelId(name, version)
 
-        listing = self.provider.list_versions(name)
-        if not listing.called:  # a source that does not answer must not hold the request forever
-            listing = with_timeout(
-                listing, self.limits.fetch_timeout, self.clock,
-                lambda: deadline(f"Listing the versions of model {name} timed out after "
-                                 f"{self.limits.fetch_timeout:g}s: the model source did not answer"),
-            )
-        return listing.addCallback(pick)
+        return self._bounded(name, "versions", self.provider.list_versions(name)).addCallback(pick)
+
+    def _bounded(self, name: str, what: str, listing: defer.Deferred[Any]) -> defer.Deferred[Any]:
+        if listing.called:
+            return listing
+        # a source that does not answer must not hold the request forever
+        return with_timeout(
+            listing, self.limits.fetch_timeout, self.clock,
+            lambda: deadline(f"Listing the {what} of model {name} timed out after "
+                             f"{self.limits.fetch_timeout:g}s: the model source did not answer"),
+        )
+
+    # -- version labels ----------------------------------------------------------------------
+    def _labels(self, name: str) -> defer.Deferred[dict[str, int]]:
+        """The model's labels from its source (cached there for the listing TTL), handed to
+        the backend too, so that TF Serving's own config says what the source says.  Read
+        only for requests by label (MultiInference by label included), so traffic by number
+        never waits for, nor holds a thread on, the labels file."""
+        if not IVersionLabels.providedBy(self.provider):
+            return defer.succeed({})
+
+        def tell_backend(labels: dict[str, int]) -> dict[str, int]:
+            set_labels = getattr(self.backend, "set_labels", None)
+            if set_labels is not None:
+                # not waited for: requests by label are pinned to their version; a list that
+                # did not go out is sent again with the next change
+                set_labels(name, labels).addErrback(
+                    lambda f: self.log.warn("version labels of model={model} not sent to TF Serving: "
+                                            "{error}", model=name, error=f.getErrorMessage()))
+            return labels
+
+        listing = self.provider.list_labels(name)  # type: ignore[attr-defined]
+        return self._bounded(name, "version labels", listing).addCallback(tell_backend)
+
+    def _resolve_label(self, name: str, label: str, labels: dict[str, int]) -> defer.Deferred[ModelId]:
+        if label not in labels:
+            # TF Serving's words and code (ServerCore::GetModelVersionForLabel)
+            raise invalid(f"Unrecognized servable version label: {label}")
+        return self.resolve(name, labels[label])
 
     def acquire(self, mid: ModelId, timeout: float | None = None) -> defer.Deferred[Lease]:
         self.policy.capacity = self._budget()  # max_models / max_bytes may change on SIGHUP

@@ -28,13 +28,6 @@ MODEL_SERVICE = "/tensorflow.serving.ModelService/"
 State = pb.ModelVersionStatus
 
 
-def _code(value: int) -> Code:
-    try:
-        return Code(value)
-    except ValueError:
-        return Code.UNKNOWN
-
-
 class _Method:
     def __init__(self, channel: grpc.Channel, name: str, request: Any, response: Any) -> None:
         self._call = channel.unary_unary(
@@ -83,6 +76,11 @@ class ServingController:
                                pb.GetModelStatusRequest, pb.GetModelStatusResponse)
         # desired list: name -> (base_path, versions)
         self._desired: dict[str, tuple[str, set[int]]] = {}
+        # version labels as the model source declares them, and the versions seen AVAILABLE:
+        # TF Serving refuses a whole config whose label names a version it does not serve yet
+        # (FAILED_PRECONDITION), so the config carries only labels of AVAILABLE versions
+        self._labels: dict[str, dict[str, int]] = {}
+        self._available: set[tuple[str, int]] = set()
         self._generation = 0        # bumped on every change of the desired list
         self._sending = False       # one reload call at a time
         self._waiters: list[tuple[int, defer.Deferred[None]]] = []
@@ -111,7 +109,39 @@ class ServingController:
             mc = req.config.model_config_list.config.add()
             mc.name, mc.base_path, mc.model_platform = name, base_path, self.model_platform
             mc.model_version_policy.specific.versions.extend(sorted(versions))
+            for label, version in sorted(self._effective_labels(name).items()):
+                mc.version_labels[label] = version
         return req
+
+    def _effective_labels(self, name: str) -> dict[str, int]:
+        entry = self._desired.get(name)
+        if entry is None:
+            return {}
+        return {label: v for label, v in self._labels.get(name, {}).items()
+                if v in entry[1] and (name, v) in self._available}
+
+    def set_labels(self, name: str, labels: dict[str, int]) -> defer.Deferred[None]:
+        """The model's labels (from its source); sent when they change what TF Serving has."""
+        before = self._effective_labels(name)
+        if labels:
+            self._labels[name] = dict(labels)
+        else:
+            self._labels.pop(name, None)
+        if self._effective_labels(name) == before:
+            return defer.succeed(None)
+        return self._change()
+
+    def _mark_available(self, name: str, version: int) -> defer.Deferred[None]:
+        """Once a version is AVAILABLE its labels may go to TF Serving: a load returns after
+        they have, so a request by label finds TF Serving knowing it."""
+        before = self._effective_labels(name)
+        self._available.add((name, version))
+        if self._effective_labels(name) == before:
+            return defer.succeed(None)
+        return self._change()
+
+    def _drop_available(self, name: str, version: int) -> None:
+        self._available.discard((name, version))
 
     def _send(self) -> None:
         self._sending = True
@@ -161,6 +191,7 @@ class ServingController:
         versions.add(version)
         d = self._change()
         d.addCallback(lambda _: self._wait_available(name, version, started + timeout, new_name))
+        d.addCallback(lambda _: self._mark_available(name, version))
         return d
 
     def unload(self, name: str, version: int) -> defer.Deferred[None]:
@@ -168,12 +199,14 @@ class ServingController:
         if entry is None or version not in entry[1]:
             return defer.succeed(None)
         entry[1].discard(version)
+        self._drop_available(name, version)
         if not entry[1]:
             del self._desired[name]
         return self._change()
 
     def forget(self, name: str, version: int) -> None:
         """Drop a model from the list without sending (it failed; the next change sends)."""
+        self._drop_available(name, version)
         entry = self._desired.get(name)
         if entry is not None:
             entry[1].discard(version)
@@ -182,6 +215,7 @@ class ServingController:
 
     def reset(self) -> defer.Deferred[None]:
         self._desired.clear()
+        self._available.clear()
         return self._change()
 
     def resend(self) -> defer.Deferred[None]:
@@ -232,8 +266,11 @@ class ServingController:
                     # after this attempt started (or a grace period), is this load's failure.
                     stale = not progressed and self.now() - started < self.stale_end_grace
                     if st.state == State.END and st.status.error_code and not stale:
+                        # TF Serving answers a request for a version that failed to load
+                        # with NOT_FOUND (it serves no such servable), whatever the load's
+                        # own code: the same code here, with the load's error in the text
                         raise ModelLoadError(
-                            _code(st.status.error_code),
+                            Code.NOT_FOUND,
                             f"Model {name} version {version} failed to load: {st.status.error_message}",
                         )
             yield task.deferLater(self.clock, min(delay, max(remaining, 0)), lambda: None)

@@ -27,26 +27,28 @@ class ListingCache:
 
     MAX_ENTRIES = 10_000
 
-    def __init__(self, ttl: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, ttl: float, clock: Callable[[], float] = time.monotonic,
+                 normalise: Callable[[Any], Any] = sorted) -> None:
         self.ttl = ttl
         self._clock = clock
-        self._entries: dict[str, tuple[float, list[int]]] = {}
+        self._normalise = normalise  # versions come back sorted; label maps as they are
+        self._entries: dict[str, tuple[float, Any]] = {}
         self._pending: dict[str, SharedResult] = {}
 
-    def get(self, name: str, fetch: Callable[[str], defer.Deferred[list[int]]]) -> defer.Deferred[list[int]]:
+    def get(self, name: str, fetch: Callable[[str], defer.Deferred[Any]]) -> defer.Deferred[Any]:
         now = self._clock()
         hit = self._entries.get(name)
         if hit is not None and now - hit[0] < self.ttl:
-            return defer.succeed(list(hit[1]))
+            return defer.succeed(self._normalise(hit[1]))
         if len(self._entries) > self.MAX_ENTRIES:
             # bounded memory under a flood of distinct (possibly absent) names
             self._entries = {k: v for k, v in self._entries.items() if now - v[0] < self.ttl}
         shared = self._pending.get(name)
         if shared is None:
 
-            def store(versions: list[int]) -> list[int]:
-                self._entries[name] = (self._clock(), sorted(versions))
-                return sorted(versions)
+            def store(listing: Any) -> Any:
+                self._entries[name] = (self._clock(), self._normalise(listing))
+                return self._normalise(listing)
 
             def settle(result: Any) -> Any:
                 self._pending.pop(name, None)

@@ -13,8 +13,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tfscache.errors import Code, ServingError, not_found, unavailable
-from tfscache.interfaces import IModelProvider
-from tfscache.modelspec import validate_name
+from tfscache.interfaces import IModelProvider, IVersionLabels
+from tfscache.modelspec import LABELS_FILE, parse_labels, validate_name, version_dirs
 from tfscache.providers.base import (
     CopyControl,
     CopyStopped,
@@ -34,20 +34,22 @@ def tree_size(path: str) -> int:
     return total
 
 
-def numeric_children(path: str) -> list[int]:
-    """TF Serving's rule: version directories have int64 names; anything else is ignored."""
+def version_directories(path: str) -> dict[int, str]:
+    """Version -> directory name under ``path``, by TF Serving's rule: a directory named by an
+    int64, leading zeros allowed (``00000123`` is version 123); anything else is ignored."""
     try:
         names = os.listdir(path)
     except FileNotFoundError:
-        return []
-    out = []
-    for n in names:
-        if n.isdigit() and os.path.isdir(os.path.join(path, n)):
-            out.append(int(n))
-    return sorted(out)
+        return {}
+    return {v: n for v, n in version_dirs(names).items() if os.path.isdir(os.path.join(path, n))}
 
 
-@implementer(IModelProvider)
+def numeric_children(path: str) -> list[int]:
+    """The versions under ``path``, ascending (see ``version_directories``)."""
+    return sorted(version_directories(path))
+
+
+@implementer(IModelProvider, IVersionLabels)
 class DiskModelProvider:
     """Copies run in the provider's own pool of ``copy_threads`` threads; listings and sizes
     (short calls that warm requests may wait for) stay in the reactor's pool."""
@@ -65,6 +67,7 @@ class DiskModelProvider:
             reactor = _reactor
         self.base_path = os.path.abspath(base_path)
         self.listings = ListingCache(listing_ttl)
+        self.label_listings = ListingCache(listing_ttl, normalise=dict)
         self._reactor = reactor
         self._threads = OwnThreadPool(reactor, copy_threads, "tfscache-disk-copy", stop_at_shutdown=True,
                                       stop_work=self._stop_all)
@@ -81,10 +84,35 @@ class DiskModelProvider:
         path = self._model_dir(name)
         return self.listings.get(name, lambda _n: threads.deferToThread(numeric_children, path))
 
+    def list_labels(self, name: str) -> defer.Deferred[dict[str, int]]:
+        """The model's version labels (``<name>/labels.json``; none without the file), cached
+        like the version listing: a change in the source takes effect within the TTL."""
+        path = os.path.join(self._model_dir(name), LABELS_FILE)
+
+        def read(_name: str) -> dict[str, int]:
+            try:
+                with open(path, "rb") as f:
+                    return parse_labels(name, f.read())
+            except FileNotFoundError:
+                return {}
+
+        return self.label_listings.get(name, lambda n: threads.deferToThread(read, n))
+
+    def _version_dir(self, name: str, version: int) -> str:
+        """The source directory of one version: ``<name>/123`` or a zero-padded
+        ``<name>/00000123`` (blocking: call from a thread)."""
+        model_dir = self._model_dir(name)
+        plain = os.path.join(model_dir, str(int(version)))
+        if os.path.isdir(plain):
+            return plain
+        dirname = version_directories(model_dir).get(int(version))
+        return plain if dirname is None else os.path.join(model_dir, dirname)
+
     def version_size(self, name: str, version: int) -> defer.Deferred[int]:
-        src = os.path.join(self._model_dir(name), str(int(version)))
+        self._model_dir(name)  # a bad name fails here, not in a thread
 
         def size() -> int:
+            src = self._version_dir(name, version)
             if not os.path.isdir(src):
                 raise not_found(f"Servable not found for request: Specific({name}, {version})")
             return tree_size(src)
@@ -92,12 +120,13 @@ class DiskModelProvider:
         return threads.deferToThread(size)
 
     def fetch(self, name: str, version: int, destination: str) -> defer.Deferred[int]:
-        src = os.path.join(self._model_dir(name), str(int(version)))
+        self._model_dir(name)
         if self._closed:
             return defer.fail(ServingError(Code.UNAVAILABLE, "The disk model source is shut down"))
         control = CopyControl()
 
         def fill(tmp: str) -> int:
+            src = self._version_dir(name, version)
             if not os.path.isdir(src):
                 raise not_found(f"Servable not found for request: Specific({name}, {version})")
             # file by file rather than copytree, which would gather a full disk's OSError into a
