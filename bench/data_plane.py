@@ -78,6 +78,23 @@ BIN = os.path.join(CACHE_DIR, "bin")
 CONTENDERS = ("direct", "original", "tfscache", "before")
 VERSION = 1
 ORIGINAL_PORT_BASE = 20000  # inside the private namespace nothing else binds; below the ephemeral range
+TFSCACHE_PORT_BASE = 21000
+
+
+class Ports:
+    """Ports for the tfscache nodes, which must be known before they start (static members).
+    Inside the private namespace: fixed ones below the ephemeral range, because a port picked
+    free could be taken by another process's outgoing connection (the original's, started at the
+    same time) before the node binds it; outside: free ones."""
+
+    def __init__(self, base: int) -> None:
+        self.next = base
+
+    def __call__(self) -> int:
+        if not os.environ.get(NETNS_ENV):
+            return free_port()
+        self.next += 1
+        return self.next
 
 
 def extra_args(ap: argparse.ArgumentParser) -> None:
@@ -219,15 +236,16 @@ class OriginalNode(ProcessFixture):
 # -- configs: the one place each contender's config is made ---------------------------------
 
 def tfscache_config(node_id: str, models: str, cache_dir: str, backend: Any, max_models: int,
-                    members: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+                    members: list[dict[str, Any]] | None = None,
+                    port: Callable[[], int] = free_port) -> dict[str, Any]:
     """A tfscache node's config: the configured defaults except the source, the cache, the
     backend, a model count that fits the cold cell, timeouts long enough for it, and warn-level
     logs. ``members``: a static cluster with replicas_per_model 1 (this node among them)."""
     me = next((m for m in members or [] if m["id"] == node_id), None)
     cfg: dict[str, Any] = {
         "node": {"id": node_id, "advertise_host": "127.0.0.1"},
-        "listen": {"host": "127.0.0.1", "rest_port": me["rest_port"] if me else free_port(),
-                   "grpc_port": me["grpc_port"] if me else free_port()},
+        "listen": {"host": "127.0.0.1", "rest_port": me["rest_port"] if me else port(),
+                   "grpc_port": me["grpc_port"] if me else port()},
         "model_provider": {"type": "disk", "disk": {"base_path": models}},
         "disk_cache": {"path": cache_dir},
         "serving": {"grpc_target": backend.grpc_target, "rest_url": backend.rest_url, "max_models": max_models,
@@ -427,14 +445,16 @@ class Topology(contextlib.AbstractContextManager["Topology"]):
             if self.with_original:
                 backends += [dev[2], dev[3], self._fast()]
         # tfscache: a single node, and node-0 -> node-1 (the owner of `routed`)
-        ports = [(free_port(), free_port()) for _ in range(2)]
+        port = Ports(TFSCACHE_PORT_BASE + (0 if self.kind == "fast" else 100))
+        ports = [(port(), port()) for _ in range(2)]
         members = [{"id": f"node-{i}", "host": "127.0.0.1", "rest_port": r, "grpc_port": g}
                    for i, (r, g) in enumerate(ports)]
 
         def cache() -> str:
             return tempfile.mkdtemp(prefix="cache-", dir=self.work)
 
-        t_single = NodeProcess(tfscache_config("single", self.models, cache(), backends[0], self.max_models), "single")
+        t_single = NodeProcess(tfscache_config("single", self.models, cache(), backends[0], self.max_models,
+                                               port=port), "single")
         t_owner = NodeProcess(tfscache_config("node-1", self.models, cache(), backends[1], self.max_models, members),
                               "node-1")
         t_other = NodeProcess(tfscache_config("node-0", self.models, cache(), backends[2], self.max_models, members),
