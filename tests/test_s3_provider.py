@@ -518,6 +518,9 @@ class S3ProviderTests(unittest.TestCase):
             return real_verify(s3, job, o, path)
 
         p._verify = slow  # type: ignore[method-assign]
+        # the client built and connected first (boto3 takes a while on a busy machine): the
+        # 1 s deadline is the copy's alone, so it has time for its progress lines
+        yield p.check()
         err = yield self.assertFailure(
             p.fetch("slow", 3, os.path.join(self.cache, "slow", "3")), ServingError)
         self.assertEqual(err.code, Code.DEADLINE_EXCEEDED)
