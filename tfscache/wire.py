@@ -81,6 +81,15 @@ class HttpRequest:
     def body(self) -> bytes:
         return self.parts[0] if len(self.parts) == 1 else b"".join(self.parts)
 
+    def head(self, n: int) -> bytes:
+        """The body's first ``n`` bytes, without joining the rest."""
+        out = b""
+        for part in self.parts:
+            out += part[:n - len(out)]
+            if len(out) >= n:
+                break
+        return out
+
     def __repr__(self) -> str:
         return f"HttpRequest({self.method!r}, {self.path!r}, {self.length} bytes)"
 

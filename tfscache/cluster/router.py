@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 from twisted.internet import defer
@@ -67,8 +67,6 @@ from tfscache.wire import (
     forwardable_headers,
     reply_headers,
 )
-
-T = TypeVar("T")
 
 DOWN_SECONDS = 3.0        # how long a member that failed node-wide is tried last
 _NO_ROOM_HEADER = NO_ROOM_KEY.encode()

@@ -108,7 +108,7 @@ class RestFrontend:
             encoding = header_value(request.headers, b"content-encoding")
             # TF Serving accepts gzip bodies; they pass on as they came, after a bounded check
             # that they are gzip at all (a bomb must not be inflated here)
-            if encoding is not None and encoding.lower() == b"gzip" and request.body[:2] != b"\x1f\x8b":
+            if encoding is not None and encoding.lower() == b"gzip" and request.head(2) != b"\x1f\x8b":
                 raise invalid("Content-Encoding is gzip but the body is not gzip data")
             forwarded = has_header(request.headers, FORWARDED_HEADER)
             d = (self.local if forwarded else self.handler).rest(call, request)

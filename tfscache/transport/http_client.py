@@ -158,7 +158,6 @@ class _ClientConnection(asyncio.Protocol):
         self._reply = defer.Deferred(self._cancel)
         self._parser = httptools.HttpResponseParser(self)
         self._got_bytes = False
-        self._code = 0
         self._headers: list[Header] = []
         self._parts: list[bytes] = []
         if not parts:

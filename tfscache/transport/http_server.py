@@ -245,7 +245,6 @@ class HttpServerProtocol(asyncio.Protocol):
         self._length = 0
         self._error: ServingError | None = None
         self._discarding = False
-        self._head_done = False
 
     def on_message_begin(self) -> None:
         self.idle = False
@@ -274,7 +273,6 @@ class HttpServerProtocol(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         if self.parser.get_http_version() not in ("1.0", "1.1"):  # llhttp takes HTTP/0.9's bare line
             raise ServingError(Code.INVALID_ARGUMENT, "Malformed request: HTTP/1.0 or HTTP/1.1 only")
-        self._head_done = True
         self.deadline = self.factory.clock.seconds() + self.limits.body_timeout
         for k, v in self._headers:
             if len(k) == 6 and k.lower() == b"expect" and v.lower() == b"100-continue" \
