@@ -86,6 +86,10 @@ class IModelCache(Interface):
         """Fire with a lease once ``model_id`` is AVAILABLE.  The model is not unloaded until
         the lease is released.  All callers for one cold model share one fetch and one load."""
 
+    def lease_now(name: str, version: int | None):  # -> Lease | None
+        """The warm path: a lease at once when version ``version`` of ``name`` is AVAILABLE
+        (the request counted as acquire counts it), else None (then resolve and acquire)."""
+
     def snapshot():  # -> list[dict]
         """The state of every model this node knows (for the admin API and tests)."""
 

@@ -179,26 +179,35 @@ class AdaptivePolicy:
 
     # -- IEvictionPolicy -----------------------------------------------------------------------
     def requested(self, key: Hashable) -> None:
+        # runs for every request (twice: TF Serving's slots and the disk), so a hit in a
+        # shadow files nothing: a key's value only grows with its requests, so its entry in
+        # the heap comes out early and _shrink files it again at its current value
         self.now += 1
         size = self.size.get(key)
         weight = self._weight(key)
+        decay = self._miss_decay
+        missed = False
         for shadow in self.shadows:
-            shadow.misses *= self._miss_decay
+            shadow.misses *= decay
             value = shadow.bump(key, self.now) + weight
-            if key not in shadow.resident:
-                shadow.misses += 1.0
-                shadow.resident[key] = size
-                shadow.used += size
-                self._shrink(shadow, key)
+            if key in shadow.resident:
+                continue
+            missed = True
+            shadow.misses += 1.0
+            shadow.resident[key] = size
+            shadow.used += size
+            self._shrink(shadow, key)
             heapq.heappush(shadow.heap, (value, next(self._tie), key))
             if len(shadow.heap) > 4 * len(shadow.resident) + 64:
                 shadow.heap = [(self._value(shadow, k), next(self._tie), k) for k in shadow.resident]
                 heapq.heapify(shadow.heap)
-        best = min(range(len(self.shadows)), key=lambda i: self.shadows[i].misses)
-        if best != self.current and (self.shadows[best].misses
-                                     < (1 - SWITCH_MARGIN) * self.shadows[self.current].misses):
-            self.current = best
-            self.switches += 1
+        # all miss counts decay alike: which is least changes only with a miss
+        if missed:
+            best = min(range(len(self.shadows)), key=lambda i: self.shadows[i].misses)
+            if best != self.current and (self.shadows[best].misses
+                                         < (1 - SWITCH_MARGIN) * self.shadows[self.current].misses):
+                self.current = best
+                self.switches += 1
         self._forget()
 
     def _shrink(self, shadow: _Shadow, keep: Hashable) -> None:

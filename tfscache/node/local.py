@@ -124,7 +124,14 @@ class LocalNode:
 
     # -- REST --------------------------------------------------------------------------------
     def rest(self, call: RestCall, request: HttpRequest) -> defer.Deferred[HttpReply]:
-        return self._lease(call.ref, self.load_timeout).addCallback(self._rest_forward, call, request)
+        ref = call.ref
+        lease = None if ref.label is not None else self.cache.lease_now(ref.name, ref.version)
+        if lease is not None:  # warm: no Deferred until the forward's own
+            try:
+                return self._rest_forward(lease, call, request)
+            except Exception:
+                return defer.fail()
+        return self._lease(ref, self.load_timeout).addCallback(self._rest_forward, call, request)
 
     def _rest_forward(self, lease: Lease, call: RestCall, request: HttpRequest) -> defer.Deferred[HttpReply]:
         path = pinned_rest_path(call, request.path, lease.model_id)
@@ -152,6 +159,12 @@ class LocalNode:
         self, method: str, ref: ModelRef, payload: bytes, timeout: float | None, metadata: Metadata = ()
     ) -> defer.Deferred[bytes]:
         started = self.clock.seconds()
+        lease = None if ref.label is not None else self.cache.lease_now(ref.name, ref.version)
+        if lease is not None:  # warm
+            try:
+                return self._grpc_forward(lease, method, ref, payload, timeout, metadata, started)
+            except Exception:
+                return defer.fail()
         d = self._lease(ref, timeout if timeout is not None else self.load_timeout)
         return d.addCallback(self._grpc_forward, method, ref, payload, timeout, metadata, started)
 

@@ -211,15 +211,21 @@ class CacheManager:
             raise invalid(f"Unrecognized servable version label: {label}")
         return self.resolve(name, labels[label])
 
+    def lease_now(self, name: str, version: int | None) -> Lease | None:
+        if version is None:
+            return None
+        mid = ModelId(name, version)
+        entry = self.entries.get(mid)
+        if entry is None or entry.state != State.AVAILABLE:
+            return None
+        self._count(mid)
+        return self._hit(entry)
+
     def acquire(self, mid: ModelId, timeout: float | None = None) -> defer.Deferred[Lease]:
-        self.policy.capacity = self._budget()  # max_models / max_bytes may change on SIGHUP
-        self.policy.requested(mid)
-        self.disk.requested(mid)
+        self._count(mid)
         entry = self.entries.get(mid)
         if entry is not None and entry.state == State.AVAILABLE:
-            self.metrics.model(self.metrics.hits, mid.name).inc()
-            entry.hits += 1
-            return defer.succeed(self._lease(entry))
+            return defer.succeed(self._hit(entry))
         if entry is None:
             entry = self.entries[mid] = ModelEntry(mid)
         if self._backing_off(entry):
@@ -233,6 +239,16 @@ class CacheManager:
                 "passed (the load goes on and will serve later requests)"
             ),
         )
+
+    def _count(self, mid: ModelId) -> None:
+        self.policy.capacity = self._budget()  # max_models / max_bytes may change on SIGHUP
+        self.policy.requested(mid)
+        self.disk.requested(mid)
+
+    def _hit(self, entry: ModelEntry) -> Lease:
+        self.metrics.model(self.metrics.hits, entry.mid.name).inc()
+        entry.hits += 1
+        return self._lease(entry)
 
     def _join(self, entry: ModelEntry) -> defer.Deferred[Lease]:
         """Share the entry's bring-up (starting one if none runs) and lease the model after."""
