@@ -98,20 +98,11 @@ class _Shadow:
 
     def __init__(self, half_life: float) -> None:
         self.rate = 0.0 if math.isinf(half_life) else math.log(2) / half_life
-        self.score: dict[Hashable, float] = {}    # log of the decayed count, at time 0
+        self.score: dict[Hashable, float] = {}    # log of the decayed count, at time 0 (see requested)
         self.resident: dict[Hashable, float] = {}  # key -> its size in the shadow
         self.used = 0.0
         self.heap: list[tuple[float, int, Hashable]] = []  # (value, tie, key), stale ones skipped
         self.misses = 0.0  # decayed, see AdaptivePolicy.requested
-
-    def bump(self, key: Hashable, now: int) -> float:
-        """Count a request at time ``now``: log(sum over requests of e^(rate * t)), so that the
-        order of two keys never changes between their requests."""
-        x = self.rate * now if self.rate else 0.0
-        old = self.score.get(key)
-        new = x if old is None else max(old, x) + math.log1p(math.exp(-abs(old - x)))
-        self.score[key] = new
-        return new
 
 
 class _Known:
@@ -187,11 +178,20 @@ class AdaptivePolicy:
         weight = self._weight(key)
         decay = self._miss_decay
         missed = False
+        now = self.now
+        log1p, exp = math.log1p, math.exp
         for shadow in self.shadows:
             shadow.misses *= decay
-            value = shadow.bump(key, self.now) + weight
+            # count the request at time ``now``: score = log(sum over requests of e^(rate * t)),
+            # so that the order of two keys never changes between their requests
+            x = shadow.rate * now
+            score = shadow.score
+            old = score.get(key)
+            value = x if old is None else (old if old > x else x) + log1p(exp(-abs(old - x)))
+            score[key] = value
             if key in shadow.resident:
                 continue
+            value += weight
             missed = True
             shadow.misses += 1.0
             shadow.resident[key] = size
