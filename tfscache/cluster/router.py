@@ -266,7 +266,7 @@ class Router:
         headers.append((FORWARDED_HEADER, b"1"))
         try:
             reply: HttpReply = await self.http.request(self.scheme, member.host, member.rest_port, request.method,
-                                                       request.path, headers, request.parts)
+                                                       request.path, headers, request.parts, request.length)
         except ConnectFailed as e:
             raise _Failover(unavailable(f"{member.id} refused the connection or did not accept it in time ({e})"),
                             mark_down=True)

@@ -136,7 +136,8 @@ class LocalNode:
     def _rest_forward(self, lease: Lease, call: RestCall, request: HttpRequest) -> defer.Deferred[HttpReply]:
         path = pinned_rest_path(call, request.path, lease.model_id)
         d = self.http.request(self.rest_scheme, self.rest_host, self.rest_port, request.method,
-                              self.rest_prefix + path, forwardable_headers(request.headers), request.parts)
+                              self.rest_prefix + path, forwardable_headers(request.headers), request.parts,
+                              request.length)
         # the deadline covers the answer and its body
         timer = self.timers.call_later(self.request_timeout, d.cancel)
         return d.addBoth(self._rest_done, lease, timer)

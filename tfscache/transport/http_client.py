@@ -18,6 +18,7 @@ the asyncio loop's own transports, as in ``http_server``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ssl
 from collections import deque
 from typing import Any
@@ -54,10 +55,13 @@ class HttpClientPool:
         self._open: set[_ClientConnection] = set()
 
     def request(self, scheme: bytes, host: str, port: int, method: bytes, target: bytes,
-                headers: list[Header], parts: list[bytes]) -> defer.Deferred[HttpReply]:
-        """Send one request; ``headers`` without Host, Content-Length or hop-by-hop ones."""
+                headers: list[Header], parts: list[bytes], length: int | None = None) -> defer.Deferred[HttpReply]:
+        """Send one request; ``headers`` without Host, Content-Length or hop-by-hop ones;
+        ``length``: the body's, when the caller knows it."""
         key = (scheme, host, port)
-        head = _request_head(method, target, host, port, headers, sum(len(p) for p in parts))
+        if length is None:
+            length = sum(len(p) for p in parts)
+        head = _request_head(method, target, host, port, headers, length)
         idle = self._idle.get(key)
         while idle:
             conn = idle.pop()
@@ -116,8 +120,13 @@ class HttpClientPool:
         return defer.gatherResults(waits).addCallback(lambda _: None)
 
 
+@functools.lru_cache(maxsize=1024)
+def _host_header(host: str, port: int) -> bytes:
+    return b"Host: %s:%d\r\n" % (host.encode("idna"), port)
+
+
 def _request_head(method: bytes, target: bytes, host: str, port: int, headers: list[Header], length: int) -> bytes:
-    lines = [b"%s %s HTTP/1.1\r\nHost: %s:%d\r\n" % (method, target, host.encode("idna"), port)]
+    lines = [b"%s %s HTTP/1.1\r\n%s" % (method, target, _host_header(host, port))]
     for k, v in headers:
         lines.append(b"%s: %s\r\n" % (k, v))
     if length or method not in (b"GET", b"HEAD", b"DELETE", b"OPTIONS"):
