@@ -7,7 +7,9 @@ marker is spelled once."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+
+from twisted.internet import defer
 
 from tfscache.errors import NODE_UNAVAILABLE_KEY
 
@@ -97,12 +99,15 @@ class HttpRequest:
 class HttpReply:
     """A REST reply: the code, the end-to-end headers and the body as chunks."""
 
-    __slots__ = ("code", "headers", "parts")
+    __slots__ = ("code", "headers", "parts", "stream")
 
-    def __init__(self, code: int, body: bytes | list[bytes] = b"", headers: list[Header] | None = None) -> None:
+    def __init__(self, code: int, body: bytes | list[bytes] = b"", headers: list[Header] | None = None,
+                 stream: BodyStream | None = None) -> None:
         self.code = code
         self.parts = [body] if isinstance(body, bytes) else body
         self.headers = headers if headers is not None else []
+        # a large body still arriving (``parts`` is then empty): written on as it comes
+        self.stream = stream
 
     @property
     def body(self) -> bytes:
@@ -113,3 +118,52 @@ class HttpReply:
 
     def __repr__(self) -> str:
         return f"HttpReply({self.code}, {sum(len(p) for p in self.parts)} bytes)"
+
+
+class BodyStream:
+    """The body of a large reply, still arriving from the server that sends it: its chunks go
+    to the sink attached (the client's connection) as they come, so that a 32 MB answer is
+    neither held whole nor delayed until its last byte.  ``length`` is its Content-Length.
+    ``done`` fires once the last chunk went to the sink and fails if the sending connection
+    broke; cancelling it (the client went away) aborts the sending connection.  ``pause`` and
+    ``resume`` stop and restart reading from it while the sink's buffer is full."""
+
+    __slots__ = ("length", "done", "_sink", "_pending", "_pause", "_resume", "_abort")
+
+    def __init__(self, length: int, pause: Callable[[], None], resume: Callable[[], None],
+                 abort: Callable[[], None]) -> None:
+        self.length = length
+        self.done: defer.Deferred[None] = defer.Deferred(lambda _d: abort())
+        self._sink: Callable[[bytes], None] | None = None
+        self._pending: list[bytes] = []
+        self._pause, self._resume, self._abort = pause, resume, abort
+
+    def feed(self, chunk: bytes) -> None:
+        if self._sink is not None:
+            self._sink(chunk)
+        else:
+            self._pending.append(chunk)
+
+    def attach(self, sink: Callable[[bytes], None]) -> list[bytes]:
+        """Send the chunks from now on to ``sink``; returns those that came before."""
+        self._sink = sink
+        pending, self._pending = self._pending, []
+        return pending
+
+    def finish(self) -> None:
+        if not self.done.called:
+            self.done.callback(None)
+
+    def fail(self, why: Exception) -> None:
+        if not self.done.called:
+            self.done.errback(why)
+
+    def pause(self) -> None:
+        self._pause()
+
+    def resume(self) -> None:
+        self._resume()
+
+    def abort(self) -> None:
+        """Stop it (its deadline passed): the sending connection is aborted, ``done`` fails."""
+        self._abort()

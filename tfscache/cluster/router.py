@@ -225,7 +225,7 @@ class Router:
         if not isinstance(result, HttpReply) or result.code != 429 or result.header(_NO_ROOM_HEADER) is None:
             return result
         reply = HttpReply(result.code, result.parts, [(k, v) for k, v in result.headers
-                                                      if k.lower() != _NO_ROOM_HEADER])
+                                                      if k.lower() != _NO_ROOM_HEADER], result.stream)
         if not self.spill_over:
             return reply
         return self._spill(ServingError(Code.RESOURCE_EXHAUSTED, f"{member_id} has no room for the model",

@@ -143,16 +143,32 @@ class LocalNode:
         return d.addBoth(self._rest_done, lease, timer)
 
     def _rest_done(self, result: HttpReply | Failure, lease: Lease, timer: Any) -> HttpReply:
-        lease.release()
-        if timer.active():
+        expired = not timer.active()
+        if not expired:
             timer.cancel()
-        elif isinstance(result, Failure) and result.check(defer.CancelledError):
-            raise deadline(f"TF Serving did not answer within {self.request_timeout:g}s")
         if isinstance(result, Failure):
+            lease.release()
+            if expired and result.check(defer.CancelledError):
+                raise deadline(f"TF Serving did not answer within {self.request_timeout:g}s")
             if result.check(defer.CancelledError, ServingError):
                 result.raiseException()
             raise unavailable(f"TF Serving REST API is unreachable: {type(result.value).__name__}", node_wide=True)
         result.headers = reply_headers(result.headers)
+        stream = result.stream
+        if stream is None:
+            lease.release()
+        else:
+            # the head is in, the body on its way: it gets a deadline of its own, and the model
+            # stays leased until its last byte
+            body_timer = self.timers.call_later(self.request_timeout, stream.abort)
+            stream.done.addBoth(self._streamed, lease, body_timer)
+        return result
+
+    @staticmethod
+    def _streamed(result: object, lease: Lease, timer: Any) -> object:
+        lease.release()
+        if timer.active():
+            timer.cancel()
         return result
 
     # -- gRPC --------------------------------------------------------------------------------

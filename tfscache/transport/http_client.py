@@ -28,7 +28,7 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from tfscache.transport.grpc_client import as_deferred
-from tfscache.wire import Header, HttpReply
+from tfscache.wire import BodyStream, Header, HttpReply, header_value
 
 
 class ConnectFailed(Exception):
@@ -44,6 +44,9 @@ class _Stale(ExchangeFailed):
 
 
 Key = tuple[bytes, str, int]
+# A reply whose Content-Length is at least this is streamed (HttpReply.stream): handed on once
+# its head is in, its body written on as it arrives.  Smaller ones come whole (one write on).
+STREAM_AT = 256 * 1024
 
 
 class HttpClientPool:
@@ -145,6 +148,8 @@ class _ClientConnection(asyncio.Protocol):
         self.closed: defer.Deferred[None] = defer.Deferred()
         self._reply: defer.Deferred[HttpReply] | None = None
         self._parser: httptools.HttpResponseParser | None = None
+        self._stream: BodyStream | None = None
+        self._paused = False  # reading paused: the client a stream goes to reads slower
         self._got_bytes = False
 
     def connection_made(self, transport: Any) -> None:
@@ -156,6 +161,9 @@ class _ClientConnection(asyncio.Protocol):
         self.connected = False
         self.pool._lost(self)
         reply, self._reply = self._reply, None
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            stream.fail(ExchangeFailed(f"the connection was lost mid-reply: {exc or 'closed by the server'}"))
         if reply is not None and not reply.called:
             if self.reused and not self._got_bytes:
                 reply.errback(_Stale("the kept-alive connection was closed"))
@@ -184,7 +192,7 @@ class _ClientConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self._got_bytes = True
         parser = self._parser
-        if parser is None or self._reply is None:
+        if parser is None or (self._reply is None and self._stream is None):
             self.transport.abort()  # bytes nobody asked for
             return
         try:
@@ -194,24 +202,51 @@ class _ClientConnection(asyncio.Protocol):
             self.transport.abort()
             if reply is not None:
                 reply.errback(ExchangeFailed(f"the reply is not HTTP: {e}"))
+            # a stream fails in connection_lost
 
     # httptools callbacks
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name, value))
 
+    def on_headers_complete(self) -> None:
+        length = header_value(self._headers, b"content-length")
+        if self._reply is None or length is None or not length.isdigit() or int(length) < STREAM_AT:
+            return
+        self._stream = BodyStream(int(length), self._pause_reading, self._resume_reading, self.transport.abort)
+        assert self._parser is not None
+        d, self._reply = self._reply, None
+        d.callback(HttpReply(self._parser.get_status_code(), [], self._headers, self._stream))
+
+    def _pause_reading(self) -> None:
+        if not self._paused:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self._paused:
+            self._paused = False
+            self.transport.resume_reading()
+
     def on_body(self, body: bytes) -> None:
-        self._parts.append(body)
+        if self._stream is not None:
+            self._stream.feed(body)
+        else:
+            self._parts.append(body)
 
     def on_message_complete(self) -> None:
         parser = self._parser
         assert parser is not None
-        reply = HttpReply(parser.get_status_code(), self._parts, self._headers)
         keep_alive = parser.should_keep_alive()
+        stream, self._stream = self._stream, None
+        reply = None if stream is not None else HttpReply(parser.get_status_code(), self._parts, self._headers)
         d, self._reply, self._parser = self._reply, None, None
         if keep_alive:
             self.reused = True
+            self._resume_reading()
             self.pool._idle_again(self)
         else:
             self.transport.close()
-        if d is not None:
+        if stream is not None:
+            stream.finish()
+        elif d is not None and reply is not None:
             d.callback(reply)

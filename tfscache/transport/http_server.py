@@ -1,9 +1,11 @@
 """The REST port's HTTP/1.x server: an asyncio protocol around ``httptools`` (llhttp, in C).
 
 It parses only the framing (request line, headers, body length or chunks) and hands each
-complete request to an ``IHttpApp``; the app's reply is written with one ``writelines``.
-HTTP/1.0 and 1.1, keep-alive, pipelined requests (answered in order: the transport is paused
-while one is in progress), ``Expect: 100-continue``, chunked bodies.
+complete request to an ``IHttpApp``; the app's reply is written with one ``writelines`` (a
+large one streamed: its head at once, its body as it arrives, the transport's buffer limits
+pausing the server it comes from).  HTTP/1.0 and 1.1, keep-alive, pipelined requests
+(answered in order: the transport is paused while one is in progress), ``Expect:
+100-continue``, chunked bodies.
 
 Limits, each answered in TF Serving's JSON error format where an answer is possible:
 - a body over ``max_body`` is counted as it arrives, not kept, and answered 400 once complete
@@ -43,7 +45,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from tfscache.errors import Code, ServingError
-from tfscache.wire import HttpReply, HttpRequest
+from tfscache.wire import BodyStream, HttpReply, HttpRequest
 
 
 class IHttpApp(TypingProtocol):
@@ -167,6 +169,7 @@ class HttpServerProtocol(asyncio.Protocol):
         self.closing = False        # close after the reply in progress
         self._queue: deque[tuple[HttpRequest, ServingError | None, bool, bytes]] = deque()
         self._busy: defer.Deferred[Any] | None = None
+        self._streaming: BodyStream | None = None  # the reply body being written on
         self._paused = False
         self._gone = False
         self._refused = False  # the stream is not HTTP any more: nothing after it is parsed
@@ -369,10 +372,58 @@ class HttpServerProtocol(asyncio.Protocol):
 
     def _done(self, reply: HttpReply, request: HttpRequest, keep_alive: bool, version: bytes) -> None:
         self.factory.buffered -= request.length
+        stream = reply.stream
         if self._gone:
+            if stream is not None:
+                stream.done.cancel()
             return
         keep_alive = keep_alive and not self.closing
-        self._write(reply, version, keep_alive, head_only=request.method == b"HEAD")
+        head_only = request.method == b"HEAD"
+        self._write(reply, version, keep_alive, head_only)
+        if stream is not None:
+            if head_only:
+                stream.done.cancel()  # nobody wants the body
+            else:
+                self._stream_on(stream, keep_alive)
+                return
+        self._reply_sent(keep_alive)
+
+    def _stream_on(self, stream: BodyStream, keep_alive: bool) -> None:
+        """The head is written: the body follows as it arrives, the next request after it."""
+        self._streaming = stream
+        self._busy = stream.done
+        write = self.transport.write
+        for chunk in stream.attach(write):
+            write(chunk)
+        stream.done.addCallbacks(self._streamed, self._stream_broke, callbackArgs=(keep_alive,))
+
+    def _streamed(self, _: object, keep_alive: bool) -> None:
+        self._streaming = None
+        if self._busy is None:
+            return  # the connection is gone
+        self._busy = None
+        self._reply_sent(keep_alive)
+        self._next()
+
+    def _stream_broke(self, failure: Failure) -> None:
+        self._streaming = None
+        if self._busy is None:
+            return  # the connection is gone (its loss cancelled the stream)
+        self._busy = None
+        # the head promised a length the body will not reach: only closing says so
+        self.log.warn("REST: a streamed reply broke off: {error}", error=failure.getErrorMessage())
+        self.closing = True
+        self.transport.abort()
+
+    def pause_writing(self) -> None:
+        if self._streaming is not None:
+            self._streaming.pause()
+
+    def resume_writing(self) -> None:
+        if self._streaming is not None:
+            self._streaming.resume()
+
+    def _reply_sent(self, keep_alive: bool) -> None:
         if not keep_alive:
             self.closing = True
             self.transport.close()
@@ -383,7 +434,7 @@ class HttpServerProtocol(asyncio.Protocol):
             self.resume()
 
     def _write(self, reply: HttpReply, version: bytes, keep_alive: bool, head_only: bool) -> None:
-        length = sum(len(p) for p in reply.parts)
+        length = reply.stream.length if reply.stream is not None else sum(len(p) for p in reply.parts)
         head = [status_line(version if version in (b"1.0", b"1.1") else b"1.1", reply.code), _DATE.line()]
         for k, v in reply.headers:
             head.append(b"%s: %s\r\n" % (k, v))
