@@ -1,6 +1,8 @@
 """Large predict bodies: what forwarding a 4 MB and a 32 MB request adds to its latency.
 
-The fast backend (bench/fastbackend, a fixed small reply) behind one tfscache node; the same
+The fast backend (bench/fastbackend, a fixed small reply; ``rest-echo``: a reply as large as
+the request, the backend echoing the body, so that the reply's way back is measured too: the
+node streams it) behind one tfscache node; the same
 request sent to the backend directly and through the node, one at a time on a kept-alive
 connection (REST: http.client; gRPC: a raw-bytes grpcio call), interleaved (direct, tfscache,
 repeat) so a noisy neighbour slows both alike.  Reported: median and p90 latency of each, the
@@ -32,6 +34,7 @@ from tests.harness.node import NodeProcess
 
 MB = 1024 * 1024
 MODEL = "big"
+ECHO_MODEL = "echo-big"  # the backend runs with -echo-prefix echo-
 
 
 def extra_args(ap: argparse.ArgumentParser) -> None:
@@ -52,16 +55,19 @@ def grpc_body(size: int) -> bytes:
 
 
 class RestClient:
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, model: str = MODEL) -> None:
         self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        self.model = model
 
     def __call__(self, body: bytes) -> None:
-        self.conn.request("POST", f"/v1/models/{MODEL}/versions/1:predict", body,
+        self.conn.request("POST", f"/v1/models/{self.model}/versions/1:predict", body,
                           {"Content-Type": "application/json"})
         resp = self.conn.getresponse()
         data = resp.read()
         if resp.status != 200:
             raise RuntimeError(f"REST {resp.status}: {data[:200]!r}")
+        if self.model == ECHO_MODEL and len(data) != len(body):
+            raise RuntimeError(f"REST echo: {len(data)} bytes back for {len(body)}")
 
     def close(self) -> None:
         self.conn.close()
@@ -99,8 +105,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     requests = args.requests or (3 if args.quick else 15)
     work = tempfile.mkdtemp(prefix="tfscache-large-")
     models = os.path.join(work, "models")
-    write_fake_models(models, [MODEL])
-    backend = FastBackend(path).start()
+    write_fake_models(models, [MODEL, ECHO_MODEL])
+    backend = FastBackend(path, ["-echo-prefix", "echo-"]).start()
     node = NodeProcess(tfscache_config("large", models, os.path.join(work, "cache"), backend, 4), "tfscache-large")
     cells: list[dict[str, Any]] = []
     try:
@@ -108,9 +114,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         pid = node.process.pid
         clients: dict[str, dict[str, Any]] = {
             "rest": {"direct": RestClient(backend.rest_port), "tfscache": RestClient(node.rest_port)},
+            "rest-echo": {"direct": RestClient(backend.rest_port, ECHO_MODEL),
+                          "tfscache": RestClient(node.rest_port, ECHO_MODEL)},
             "grpc": {"direct": GrpcClient(backend.grpc_target), "tfscache": GrpcClient(node.grpc_target)},
         }
-        for protocol, make in (("rest", rest_body), ("grpc", grpc_body)):
+        for protocol, make in (("rest", rest_body), ("rest-echo", rest_body), ("grpc", grpc_body)):
             for mb in sizes:
                 body = make(mb * MB)
                 for who in ("tfscache", "direct"):  # warm: the node loads the model into the backend

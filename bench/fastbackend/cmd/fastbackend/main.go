@@ -8,6 +8,7 @@
 //	      tensorflow.serving.ModelService/GetModelStatus
 //	      tensorflow.serving.PredictionService/Predict  (fixed PredictResponse with model_spec)
 //	REST  POST /v1/models/<name>[/versions/N]:predict   {"predictions": [2.5, 3.0, 4.5]}
+//	      (with -echo-prefix P, models named P... answer with the request's body: large replies)
 //	      GET  /v1/models/<name>[/versions/N]           status JSON
 //	      GET  /fastbackend/counters                    requests per kind, loads, unloads
 //
@@ -95,6 +96,7 @@ type server struct {
 
 	loadDelay       time.Duration
 	slowPrefix      string
+	echoPrefix      string
 	slowDelay       time.Duration
 	signatureName   string
 	outputTensorKey string
@@ -607,7 +609,12 @@ func (s *server) handleRest(w http.ResponseWriter, r *http.Request) {
 	switch {
 	case r.Method == http.MethodPost && strings.EqualFold(verb, "predict"):
 		s.n.RestPredict.Add(1)
-		_, _ = io.Copy(io.Discard, r.Body)
+		reply := []byte(restPredictBody)
+		if s.echoPrefix != "" && strings.HasPrefix(name, s.echoPrefix) {
+			reply, _ = io.ReadAll(r.Body)
+		} else {
+			_, _ = io.Copy(io.Discard, r.Body)
+		}
 		s.mu.RLock()
 		_, err := s.servable(name, ver, hasVersion)
 		s.mu.RUnlock()
@@ -615,7 +622,7 @@ func (s *server) handleRest(w http.ResponseWriter, r *http.Request) {
 			restError(w, err)
 			return
 		}
-		writeJSON(w, []byte(restPredictBody))
+		writeJSON(w, reply)
 	case r.Method == http.MethodGet && verb == "":
 		s.n.RestStatus.Add(1)
 		sts, err := s.statuses(name, ver, hasVersion)
@@ -661,11 +668,13 @@ func main() {
 	loadSeconds := flag.Float64("load-seconds", 0, "how long every model takes to become AVAILABLE")
 	slowPrefix := flag.String("slow-load-prefix", "", "models whose name starts with this load slowly")
 	slowSeconds := flag.Float64("slow-load-seconds", 5, "how long those take to become AVAILABLE")
+	echoPrefix := flag.String("echo-prefix", "", "REST predictions of models whose name starts with this echo the request body")
 	flag.Parse()
 
 	s := &server{
 		models: map[string]*model{}, loadDelay: time.Duration(*loadSeconds * float64(time.Second)),
 		slowPrefix: *slowPrefix, slowDelay: time.Duration(*slowSeconds * float64(time.Second)),
+		echoPrefix:    *echoPrefix,
 		signatureName: "serving_default", outputTensorKey: "y",
 	}
 	gl, err := net.Listen("tcp", net.JoinHostPort(*host, strconv.Itoa(*grpcPort)))
