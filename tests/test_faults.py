@@ -797,7 +797,7 @@ class OverloadTests(FaultTestCase):
         self.assertEqual(node.cache.loads, len(served))  # one load per served model, none twice
         self.assertEqual(node.cache.unloads, len(served) - len(node.cache.loaded()))
         self.assertLessEqual(len(node.cache.loaded()), 2)
-        self.assertEqual(sample(node, "tfscache_capacity_rejections_total"), len(rejected))
+        self.assertEqual(sample(node, "tfscache_capacity_rejections_total", reason="serving"), len(rejected))
         after = yield devserver_loads(self.backend)
         self.assertEqual({n: after.get(f"{n}/1", 0) - before.get(f"{n}/1", 0) for n in names},
                          {n: int(n in served) for n in names})
@@ -805,3 +805,26 @@ class OverloadTests(FaultTestCase):
             reply = yield rest_predict(node.rest_url, rejected[0], [1.0])
             self.assertPredicts(reply, [3.0])
             self.assertEqual(node.cache.loads, len(served) + 1)
+
+    @defer.inlineCallbacks
+    def test_no_room_in_the_disk_cache_is_counted(self):  # type: ignore[no-untyped-def]
+        """A disk cache that cannot take a model answers 429 / RESOURCE_EXHAUSTED, and
+        /metrics counts it in tfscache_capacity_rejections_total{reason="disk"} (it counted
+        only TF Serving's slots before): a model larger than the whole disk cache, and one that
+        would fit but finds the disk full of a model in use."""
+        node = yield self.node(disk_cache={"capacity_bytes": 600 * 1024})
+        client = self.client(node.grpc_target)
+        reply = yield rest_predict(node.rest_url, "f-big", [1.0])  # 2 MiB of padding
+        self.assertEqual(reply.code, 429, reply.body)
+        self.assertIn("larger than the disk cache", reply.json()["error"])
+        mid = yield node.cache.resolve("f-warm", None)
+        lease = yield node.cache.acquire(mid)  # on disk and in use: not deleted for room
+        self.addCleanup(lease.release)
+        # as large as the space left: f-cold's copy needs the room f-warm holds
+        node.service.disk.capacity_bytes = node.service.disk.used_bytes + 1
+        err = yield self.assertFailure(client.predict("f-cold", [1.0], timeout=30), ServingError)
+        self.assertEqual(err.code, Code.RESOURCE_EXHAUSTED, err.message)
+        self.assertIn("No room in the disk cache", err.message)
+        page = yield http("GET", node.rest_url + "/metrics", timeout=10)
+        self.assertIn('tfscache_capacity_rejections_total{reason="disk"} 2.0', page.body.decode())
+        self.assertNotIn('tfscache_capacity_rejections_total{reason="serving"}', page.body.decode())

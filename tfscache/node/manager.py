@@ -335,7 +335,12 @@ class CacheManager:
                 lambda: deadline(f"Sizing model {mid.name} version {mid.version} in the model source "
                                  f"timed out after {self.limits.fetch_timeout:g}s"),
             )
-            await self.disk.make_room(mid, size, self._protected())
+            try:
+                await self.disk.make_room(mid, size, self._protected())
+            except ServingError as e:
+                if e.no_room:
+                    self.metrics.rejected.labels(reason="disk").inc()
+                raise
             copy = self.provider.fetch(mid.name, mid.version, self.disk.path(mid))
             copied = await with_timeout(
                 copy, self.limits.fetch_timeout, self.clock,
@@ -458,7 +463,7 @@ class CacheManager:
                 continue
             remaining = give_up - self.now()
             if remaining <= 0:
-                self.metrics.rejected.inc()
+                self.metrics.rejected.labels(reason="serving").inc()
                 raise no_room(
                     f"No room to load model {entry.mid.name} version {entry.mid.version}: all "
                     f"{self.limits.max_models} loaded models are in use",
