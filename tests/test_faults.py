@@ -244,6 +244,39 @@ class BackendCrashTests(FaultTestCase):
         self.assertEqual(loads, {"f-slow/1": 1, "f-warm/1": 1})  # the new backend's own count
 
 
+    @defer.inlineCallbacks
+    def test_not_found_right_after_an_empty_restart_loads_again(self):  # type: ignore[no-untyped-def]
+        """TF Serving restarts empty and the next requests come before the backend monitor
+        looks (its interval is an hour here): TF Serving answers "Servable not found" for
+        models tfscache believes AVAILABLE.  The node verifies (GetModelStatus), forgets what
+        TF Serving lost, loads the model again from the disk cache and sends the request once
+        more: the client gets its answer, not a 404 / NOT_FOUND."""
+        backend = DevServer()
+        yield threads.deferToThread(backend.start)
+        self.addCleanup(backend.stop)
+        node = yield self.node(backend, serving={"health_interval_seconds": 3600})
+        client = self.client(node.grpc_target)
+        reply = yield rest_predict(node.rest_url, "f-warm", [1.0])
+        self.assertPredicts(reply, [3.0])
+        resp = yield client.predict("f-cold", [1.0], timeout=30)
+        self.assertEqual(list(resp.outputs["y"].float_val), [4.0])
+
+        yield threads.deferToThread(backend.restart)  # same ports, nothing loaded
+        self.assertEqual(node.cache.loaded(), [ModelId("f-cold", 1), ModelId("f-warm", 1)])  # not noticed
+        reply = yield rest_predict(node.rest_url, "f-warm", [2.0])
+        self.assertPredicts(reply, [5.0])
+        resp = yield client.predict("f-cold", [2.0], timeout=30)
+        self.assertEqual(list(resp.outputs["y"].float_val), [7.0])
+        status = yield http("GET", node.rest_url + "/v1/models/f-warm", timeout=10)
+        self.assertEqual(status.code, 200, status.body)
+        self.assertEqual((node.cache.fetches, node.cache.loads), (2, 4))  # loaded again from disk
+        # the first NOT_FOUND told the node that TF Serving restarted: it forgot both models, so
+        # f-cold was loaded before its request went to TF Serving
+        self.assertEqual(sample(node, "tfscache_reloads_after_not_found_total"), 1)
+        loads = yield devserver_loads(backend)
+        self.assertEqual(loads, {"f-cold/1": 1, "f-warm/1": 1})  # the new backend's own count
+
+
 # -- 2. corrupt models in the source ------------------------------------------------------------------
 class CorruptModelTests(FaultTestCase):
     """A model that TF Serving cannot load: the client gets an error naming it (REST and gRPC,

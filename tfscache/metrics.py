@@ -52,6 +52,10 @@ class Metrics:
         self.rejected = Counter("tfscache_capacity_rejections",
                                 "Loads refused with RESOURCE_EXHAUSTED for lack of room", ("reason",),
                                 registry=r)
+        self.reloads_after_not_found = Counter(
+            "tfscache_reloads_after_not_found",
+            "Requests that TF Serving answered NOT_FOUND for a model loaded here, which it had lost "
+            "(it restarted empty): loaded again and sent once more", registry=r)
         self.forwards = Counter("tfscache_router_forwards", "Requests forwarded by the router",
                                 ("target", "outcome"), registry=r)
         self.retries = Counter("tfscache_router_retries", "Forwards retried on the next owner", registry=r)

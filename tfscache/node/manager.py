@@ -33,6 +33,7 @@ from tfscache.metrics import Metrics
 from tfscache.modelspec import ModelId
 from tfscache.node.disk_cache import DiskCache
 from tfscache.node.eviction import IEvictionPolicy, LRUPolicy
+from tfscache.proto import model_service_pb2
 from tfscache.util.deferreds import SharedResult, cancel_when_done, with_timeout
 
 
@@ -134,6 +135,7 @@ class CacheManager:
         self.entries: dict[ModelId, ModelEntry] = {}
         self._room_waiters: list[defer.Deferred[None]] = []
         self._wake_call: Any = None
+        self._verifying: dict[ModelId, SharedResult] = {}
         self.fetches = 0
         self.loads = 0
         self.unloads = 0
@@ -528,6 +530,62 @@ class CacheManager:
         self._gauges()
         self._wake_room_waiters()
         await self.backend.resend()
+
+    def reverify(self, mid: ModelId) -> defer.Deferred[bool]:
+        """TF Serving answered NOT_FOUND for ``mid``, which a request held AVAILABLE: ask it
+        (GetModelStatus) whether it serves the version.  True when it does not (it restarted
+        empty, or dropped the model): the model is forgotten, so the caller's retry loads it
+        again; False when it does (the NOT_FOUND is TF Serving's answer to the request).
+        Concurrent callers for one model share one check."""
+        entry = self.entries.get(mid)
+        if entry is None or entry.state != State.AVAILABLE:
+            return defer.succeed(True)  # forgotten already (the monitor noticed): load again
+        shared = self._verifying.get(mid)
+        if shared is None or shared.done:
+            shared = self._verifying[mid] = SharedResult(defer.ensureDeferred(self._reverify(entry)))
+        return shared.observe()
+
+    async def _reverify(self, entry: ModelEntry) -> bool:
+        mid = entry.mid
+        try:
+            if await self._backend_serves(mid):
+                return False
+            if entry.state != State.AVAILABLE:
+                return True
+            # one model gone, or all of them (a restart): a second loaded model tells which
+            others = [m for m in self.loaded() if m != mid]
+            restarted = not others or not await self._backend_serves(others[0])
+        finally:
+            self._verifying.pop(mid, None)
+        if restarted:
+            self.log.warn(
+                "TF Serving at {target} answered NOT_FOUND for model={model} version={version}, "
+                "loaded here: it restarted empty; forgetting {count} loaded models",
+                target=self.backend.grpc_target, model=mid.name, version=mid.version, count=len(self.loaded()),
+            )
+            await self.backend_lost()
+        elif entry.state == State.AVAILABLE:
+            self.log.warn(
+                "TF Serving at {target} answered NOT_FOUND for model={model} version={version}, "
+                "loaded here: it no longer serves it; loading it again",
+                target=self.backend.grpc_target, model=mid.name, version=mid.version,
+            )
+            entry.state = State.ON_DISK if mid in self.disk else State.ABSENT
+            self.policy.removed(mid)
+            self.backend.forget(mid.name, mid.version)
+            self._gauges()
+            self._wake_room_waiters()
+        return True
+
+    async def _backend_serves(self, mid: ModelId) -> bool:
+        try:
+            resp = await self.backend.status(mid.name, timeout=2.0)
+        except ServingError as e:
+            if e.code != Code.NOT_FOUND:
+                raise
+            return False
+        available = model_service_pb2.ModelVersionStatus.AVAILABLE
+        return any(s.version == mid.version and s.state == available for s in resp.model_version_status)
 
     async def evict(self, mid: ModelId) -> None:
         """Admin: unload the model and delete it from disk (refused while it is in use)."""
