@@ -167,6 +167,10 @@ SCHEMA: dict[str, Any] = {
         "memory_factor": Field("float", 1.0, minimum=0.01,
                                doc="Estimated memory = size on disk x this factor."),
         "load_timeout_seconds": Field("float", 300.0, minimum=0.001),
+        "config_write_timeout_seconds": Field(
+            "float", 30.0, minimum=0.001,
+            doc="Bound on one model-list write to TF Serving; past it the node's loads count as "
+                "stuck (cold models go to other owners) until TF Serving finishes them."),
         "request_timeout_seconds": Field("float", 60.0, minimum=0.001,
                                          doc="Deadline of a forwarded request without its own."),
         "failure_backoff_seconds": Field("float", 30.0, minimum=0,

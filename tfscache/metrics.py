@@ -56,6 +56,9 @@ class Metrics:
             "tfscache_reloads_after_not_found",
             "Requests that TF Serving answered NOT_FOUND for a model loaded here, which it had lost "
             "(it restarted empty): loaded again and sent once more", registry=r)
+        self.loads_stuck = Gauge("tfscache_loads_stuck",
+                                 "1 while a write of TF Serving's model list is held up by a load that has "
+                                 "not finished: cold models go to other owners", registry=r)
         self.forwards = Counter("tfscache_router_forwards", "Requests forwarded by the router",
                                 ("target", "outcome"), registry=r)
         self.retries = Counter("tfscache_router_retries", "Forwards retried on the next owner", registry=r)

@@ -81,7 +81,7 @@ class NodeService(service.MultiService):
         s = cfg.serving
         self.provider = make_provider(cfg, own_shutdown=False)
         self.backend = ServingController(s.grpc_target, s.rest_url, s.model_platform)
-        self.backend.reload_timeout = s.load_timeout_seconds
+        self.backend.reload_timeout = s.config_write_timeout_seconds
         self.disk = DiskCache(cfg.disk_cache.path, cfg.disk_cache.capacity_bytes,
                               policy=make_policy(cfg.disk_cache.eviction, cfg.disk_cache.capacity_bytes),
                               serving_root=s.model_path)
@@ -308,6 +308,7 @@ class NodeService(service.MultiService):
         "serving.capacity_wait_seconds": lambda self, v: setattr(self.cache.limits, "capacity_wait", v),
         "serving.failure_backoff_seconds": lambda self, v: setattr(self.cache.limits, "failure_backoff", v),
         "serving.load_timeout_seconds": lambda self, v: self._set_load_timeout(v),
+        "serving.config_write_timeout_seconds": lambda self, v: setattr(self.backend, "reload_timeout", v),
         "serving.request_timeout_seconds": lambda self, v: setattr(self.local, "request_timeout", v),
         "model_provider.fetch_timeout_seconds": lambda self, v: self._set_fetch_timeout(v),
         "disk_cache.capacity_bytes": lambda self, v: setattr(self.disk, "capacity_bytes", v),
@@ -315,11 +316,9 @@ class NodeService(service.MultiService):
     }
 
     def _set_load_timeout(self, seconds: float) -> None:
-        # every holder of the value: the cache's limit, the request's wait for a load, and the
-        # bound on a model list change in TF Serving
+        # every holder of the value: the cache's limit and the request's wait for a load
         self.cache.limits.load_timeout = seconds
         self.local.load_timeout = seconds
-        self.backend.reload_timeout = seconds
 
     def _set_fetch_timeout(self, seconds: float) -> None:
         self.cache.limits.fetch_timeout = seconds
@@ -428,6 +427,8 @@ class NodeService(service.MultiService):
                    for name, (ok, val) in zip(checks, results, strict=True)}
             ok = self.ready and all(r[0] for r in results)
             out["node"] = "ok" if self.ready else "starting"
+            # not a reason to be unready: loaded models are served, cold ones go elsewhere
+            out["loads"] = self.backend.stuck_reason() or "ok"
             return json_reply(json.dumps(out).encode(), 200 if ok else 503)
 
         return defer.DeferredList(list(checks.values()), consumeErrors=True).addCallback(report)

@@ -140,6 +140,9 @@ class CacheManager:
         self.loads = 0
         self.unloads = 0
         disk.on_evict = self._on_disk_evict
+        subscribe_stuck = getattr(backend, "subscribe_stuck", None)
+        if subscribe_stuck is not None:
+            subscribe_stuck(lambda stuck: self.metrics.loads_stuck.set(int(stuck)))
 
     # -- start-up ----------------------------------------------------------------------------
     def start(self, reset_backend: bool = True) -> defer.Deferred[None]:
@@ -228,6 +231,10 @@ class CacheManager:
         entry = self.entries.get(mid)
         if entry is not None and entry.state == State.AVAILABLE:
             return defer.succeed(self._hit(entry))
+        if getattr(self.backend, "loads_stuck", False):
+            # TF Serving has not finished a load (serving.py): a cold model goes to its next
+            # owner at once (UNAVAILABLE about this model only), not after the load timeout
+            return defer.fail(self.backend.stuck_error())  # type: ignore[attr-defined]
         if entry is None:
             entry = self.entries[mid] = ModelEntry(mid)
         if self._backing_off(entry):
