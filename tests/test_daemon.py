@@ -23,6 +23,7 @@ from tests.clients import GrpcClient, http, rest_predict
 from tests.harness import shared
 from tests.harness.node import NodeProcess, node_config
 from tests.harness.process import REPO_ROOT, free_port
+from tests.test_faults import until
 from tfscache.devserver.models import set_load_delay, write_corrupt_model, write_half_plus_two
 from tfscache.errors import Code, ServingError
 from tfscache.util.grpc_twisted import future_to_deferred
@@ -301,7 +302,12 @@ class DaemonTests(unittest.TestCase):
         reply = yield rest_predict(node.rest_url, "slow", [1.0])
         self.assertEqual(reply.code, 504, reply.body)
         self.assertLess(time.monotonic() - started, 1.9)  # the new bound, not the 2 s load
-        reply = yield rest_predict(node.rest_url, "d0", [1.0])  # warm models unaffected
+        # the write of the model list is bounded by the new load timeout too: TF Serving's
+        # reload call still waits for "slow", so the node's loads are stuck (/readyz says so)
+        # until that load has ended, then the next cold model loads
+        yield until(lambda: http("GET", node.rest_url + "/readyz").addCallback(
+            lambda r: r.json()["loads"] == "ok"), "the loads to go on after the slow one")
+        reply = yield rest_predict(node.rest_url, "d0", [1.0])
         self.assertEqual(reply.code, 200, reply.body)
 
     @defer.inlineCallbacks

@@ -105,6 +105,8 @@ SCHEMA: dict[str, Any] = {
         "listing_ttl_seconds": Field("float", 5.0, minimum=0,
                                      doc="How long a version listing is reused for 'latest'."),
         "fetch_timeout_seconds": Field("float", 600.0, minimum=0.001),
+        "check_interval_seconds": Field("float", 10.0, minimum=0.1,
+                                        doc="How often the source is checked for readability (/readyz)."),
         "copy_threads": Field("int", 4, minimum=1,
                               doc="Copies at once, in threads of their own (not the reactor's pool)."),
         "disk": {

@@ -27,7 +27,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from tfscache.errors import Code, ModelLoadError, ServingError, deadline, invalid, no_room, not_found
+from tfscache.errors import Code, ModelLoadError, ServingError, deadline, invalid, no_room, not_found, unavailable
 from tfscache.interfaces import IModelCache, IModelProvider, IServingBackend, IVersionLabels
 from tfscache.metrics import Metrics
 from tfscache.modelspec import ModelId
@@ -136,6 +136,9 @@ class CacheManager:
         self._room_waiters: list[defer.Deferred[None]] = []
         self._wake_call: Any = None
         self._verifying: dict[ModelId, SharedResult] = {}
+        # why the model source cannot be read (SourceMonitor), None while it can: a model it
+        # does not list is then not known to be absent
+        self.source_problem: str | None = None
         self.fetches = 0
         self.loads = 0
         self.unloads = 0
@@ -168,6 +171,12 @@ class CacheManager:
                 return defer.succeed(mid)
 
         def pick(versions: list[int]) -> ModelId:
+            if self.source_problem is not None and (not versions or (version is not None and version not in versions)):
+                # not known to be absent: serve the newest copy here, if any, else say why
+                local = sorted(m.version for m, e in self.entries.items() if m.name == name and e.state != State.ABSENT)
+                if version is None and local:
+                    return ModelId(name, local[-1])
+                raise unavailable(f"Model {name}: the model source cannot be read: {self.source_problem}")
             if version is None:
                 if not versions:
                     raise not_found(f"Servable not found for request: Latest({name})")
@@ -210,7 +219,12 @@ class CacheManager:
         listing = self.provider.list_labels(name)  # type: ignore[attr-defined]
         return self._bounded(name, "version labels", listing).addCallback(tell_backend)
 
+    def set_source_problem(self, problem: str | None) -> None:
+        self.source_problem = problem
+
     def _resolve_label(self, name: str, label: str, labels: dict[str, int]) -> defer.Deferred[ModelId]:
+        if label not in labels and self.source_problem is not None:
+            raise unavailable(f"Model {name}: the model source cannot be read: {self.source_problem}")
         if label not in labels:
             # TF Serving's words and code (ServerCore::GetModelVersionForLabel)
             raise invalid(f"Unrecognized servable version label: {label}")
