@@ -139,6 +139,7 @@ class CacheManager:
         # why the model source cannot be read (SourceMonitor), None while it can: a model it
         # does not list is then not known to be absent
         self.source_problem: str | None = None
+        self._unlisted: set[str] = set()  # names whose listing said nothing while it could not
         self.fetches = 0
         self.loads = 0
         self.unloads = 0
@@ -176,6 +177,8 @@ class CacheManager:
                 local = sorted(m.version for m, e in self.entries.items() if m.name == name and e.state != State.ABSENT)
                 if version is None and local:
                     return ModelId(name, local[-1])
+                if len(self._unlisted) < 10_000:
+                    self._unlisted.add(name)
                 raise unavailable(f"Model {name}: the model source cannot be read: {self.source_problem}")
             if version is None:
                 if not versions:
@@ -221,6 +224,13 @@ class CacheManager:
 
     def set_source_problem(self, problem: str | None) -> None:
         self.source_problem = problem
+        if problem is None:
+            # a listing taken while the source could not be read says nothing: list again
+            listings = getattr(self.provider, "listings", None)
+            for name in self._unlisted:
+                if listings is not None:
+                    listings.invalidate(name)
+            self._unlisted.clear()
 
     def _resolve_label(self, name: str, label: str, labels: dict[str, int]) -> defer.Deferred[ModelId]:
         if label not in labels and self.source_problem is not None:
@@ -245,7 +255,8 @@ class CacheManager:
         entry = self.entries.get(mid)
         if entry is not None and entry.state == State.AVAILABLE:
             return defer.succeed(self._hit(entry))
-        if getattr(self.backend, "loads_stuck", False):
+        refuses_load = getattr(self.backend, "refuses_load", None)
+        if refuses_load is not None and refuses_load(mid.name):
             # TF Serving has not finished a load (serving.py): a cold model goes to its next
             # owner at once (UNAVAILABLE about this model only), not after the load timeout
             return defer.fail(self.backend.stuck_error())  # type: ignore[attr-defined]

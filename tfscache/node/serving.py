@@ -13,8 +13,9 @@ with it every other load and unload) until ``load_timeout``.  Each write is boun
 versions that write left loading have settled (AVAILABLE, failed, or gone with a TF Serving
 restart), checked with GetModelStatus every ``stuck_poll`` seconds.  Meanwhile what is loaded
 keeps being served, and new loads fail at once with UNAVAILABLE about the model only
-(``node_wide=False``), which routers answer by trying the model's next owner; unloads and
-label changes are kept and sent with the first write after.
+(``node_wide=False``), which routers answer by trying the model's next owner (a model that
+TF Serving is loading is waited for instead); unloads and label changes are kept and sent
+with the first write after.
 """
 
 from __future__ import annotations
@@ -133,6 +134,11 @@ class ServingController:
     @property
     def loads_stuck(self) -> bool:
         return self.stuck_since is not None
+
+    def refuses_load(self, name: str) -> bool:
+        """While stuck, a load fails at once, except of a model TF Serving is loading (that
+        load is waited for, as the request would on any other node)."""
+        return self.stuck_since is not None and name not in self._stuck_names
 
     def subscribe_stuck(self, listener: Callable[[bool], None]) -> None:
         """``listener(True)`` when the loads get stuck, ``listener(False)`` when they are not."""
@@ -313,11 +319,17 @@ class ServingController:
         # TF Serving's reload call waits for NEW names: once it answers, their state is this
         # attempt's.  A new version of a known name may still show an older END for a while.
         new_name = name not in self._desired
-        if self.stuck_since is not None:
+        if self.refuses_load(name):
             return defer.fail(self.stuck_error())
         _bp, versions = self._desired.setdefault(name, (base_path, set()))
         versions.add(version)
-        d = self._change(load=True)
+        if self.stuck_since is not None:
+            # TF Serving is loading it (the write that ran out has it): wait for its status;
+            # the list goes out with the first write after
+            self._stuck_dirty = True
+            d: defer.Deferred[None] = defer.succeed(None)
+        else:
+            d = self._change(load=True)
         d.addCallback(lambda _: self._wait_available(name, version, started + timeout, new_name))
         d.addCallback(lambda _: self._mark_available(name, version))
         return d
