@@ -12,6 +12,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from typing import Any
 
 import grpc
 import yaml
@@ -305,8 +306,14 @@ class DaemonTests(unittest.TestCase):
         # the write of the model list is bounded by the new load timeout too: TF Serving's
         # reload call still waits for "slow", so the node's loads are stuck (/readyz says so)
         # until that load has ended, then the next cold model loads
-        yield until(lambda: http("GET", node.rest_url + "/readyz").addCallback(
-            lambda r: r.json()["loads"] == "ok"), "the loads to go on after the slow one")
+        stuck: list[bool] = []  # /readyz's "loads", probe by probe: stuck, then not
+
+        def stuck_then_not(reply: Any) -> bool:
+            stuck.append(reply.json()["loads"] != "ok")
+            return any(stuck) and not stuck[-1]
+
+        yield until(lambda: http("GET", node.rest_url + "/readyz").addCallback(stuck_then_not),
+                    "the loads to be stuck, then go on after the slow one", timeout=30)
         reply = yield rest_predict(node.rest_url, "d0", [1.0])
         self.assertEqual(reply.code, 200, reply.body)
 
