@@ -12,6 +12,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from typing import Any
 
 import grpc
 import yaml
@@ -23,6 +24,7 @@ from tests.clients import GrpcClient, http, rest_predict
 from tests.harness import shared
 from tests.harness.node import NodeProcess, node_config
 from tests.harness.process import REPO_ROOT, free_port
+from tests.test_faults import until
 from tfscache.devserver.models import set_load_delay, write_corrupt_model, write_half_plus_two
 from tfscache.errors import Code, ServingError
 from tfscache.util.grpc_twisted import future_to_deferred
@@ -301,7 +303,18 @@ class DaemonTests(unittest.TestCase):
         reply = yield rest_predict(node.rest_url, "slow", [1.0])
         self.assertEqual(reply.code, 504, reply.body)
         self.assertLess(time.monotonic() - started, 1.9)  # the new bound, not the 2 s load
-        reply = yield rest_predict(node.rest_url, "d0", [1.0])  # warm models unaffected
+        # the write of the model list is bounded by the new load timeout too: TF Serving's
+        # reload call still waits for "slow", so the node's loads are stuck (/readyz says so)
+        # until that load has ended, then the next cold model loads
+        stuck: list[bool] = []  # /readyz's "loads", probe by probe: stuck, then not
+
+        def stuck_then_not(reply: Any) -> bool:
+            stuck.append(reply.json()["loads"] != "ok")
+            return any(stuck) and not stuck[-1]
+
+        yield until(lambda: http("GET", node.rest_url + "/readyz").addCallback(stuck_then_not),
+                    "the loads to be stuck, then go on after the slow one", timeout=30)
+        reply = yield rest_predict(node.rest_url, "d0", [1.0])
         self.assertEqual(reply.code, 200, reply.body)
 
     @defer.inlineCallbacks

@@ -244,6 +244,39 @@ class BackendCrashTests(FaultTestCase):
         self.assertEqual(loads, {"f-slow/1": 1, "f-warm/1": 1})  # the new backend's own count
 
 
+    @defer.inlineCallbacks
+    def test_not_found_right_after_an_empty_restart_loads_again(self):  # type: ignore[no-untyped-def]
+        """TF Serving restarts empty and the next requests come before the backend monitor
+        looks (its interval is an hour here): TF Serving answers "Servable not found" for
+        models tfscache believes AVAILABLE.  The node verifies (GetModelStatus), forgets what
+        TF Serving lost, loads the model again from the disk cache and sends the request once
+        more: the client gets its answer, not a 404 / NOT_FOUND."""
+        backend = DevServer()
+        yield threads.deferToThread(backend.start)
+        self.addCleanup(backend.stop)
+        node = yield self.node(backend, serving={"health_interval_seconds": 3600})
+        client = self.client(node.grpc_target)
+        reply = yield rest_predict(node.rest_url, "f-warm", [1.0])
+        self.assertPredicts(reply, [3.0])
+        resp = yield client.predict("f-cold", [1.0], timeout=30)
+        self.assertEqual(list(resp.outputs["y"].float_val), [4.0])
+
+        yield threads.deferToThread(backend.restart)  # same ports, nothing loaded
+        self.assertEqual(node.cache.loaded(), [ModelId("f-cold", 1), ModelId("f-warm", 1)])  # not noticed
+        reply = yield rest_predict(node.rest_url, "f-warm", [2.0])
+        self.assertPredicts(reply, [5.0])
+        resp = yield client.predict("f-cold", [2.0], timeout=30)
+        self.assertEqual(list(resp.outputs["y"].float_val), [7.0])
+        status = yield http("GET", node.rest_url + "/v1/models/f-warm", timeout=10)
+        self.assertEqual(status.code, 200, status.body)
+        self.assertEqual((node.cache.fetches, node.cache.loads), (2, 4))  # loaded again from disk
+        # the first NOT_FOUND told the node that TF Serving restarted: it forgot both models, so
+        # f-cold was loaded before its request went to TF Serving
+        self.assertEqual(sample(node, "tfscache_reloads_after_not_found_total"), 1)
+        loads = yield devserver_loads(backend)
+        self.assertEqual(loads, {"f-cold/1": 1, "f-warm/1": 1})  # the new backend's own count
+
+
 # -- 2. corrupt models in the source ------------------------------------------------------------------
 class CorruptModelTests(FaultTestCase):
     """A model that TF Serving cannot load: the client gets an error naming it (REST and gRPC,
@@ -797,7 +830,7 @@ class OverloadTests(FaultTestCase):
         self.assertEqual(node.cache.loads, len(served))  # one load per served model, none twice
         self.assertEqual(node.cache.unloads, len(served) - len(node.cache.loaded()))
         self.assertLessEqual(len(node.cache.loaded()), 2)
-        self.assertEqual(sample(node, "tfscache_capacity_rejections_total"), len(rejected))
+        self.assertEqual(sample(node, "tfscache_capacity_rejections_total", reason="serving"), len(rejected))
         after = yield devserver_loads(self.backend)
         self.assertEqual({n: after.get(f"{n}/1", 0) - before.get(f"{n}/1", 0) for n in names},
                          {n: int(n in served) for n in names})
@@ -805,3 +838,105 @@ class OverloadTests(FaultTestCase):
             reply = yield rest_predict(node.rest_url, rejected[0], [1.0])
             self.assertPredicts(reply, [3.0])
             self.assertEqual(node.cache.loads, len(served) + 1)
+
+    @defer.inlineCallbacks
+    def test_no_room_in_the_disk_cache_is_counted(self):  # type: ignore[no-untyped-def]
+        """A disk cache that cannot take a model answers 429 / RESOURCE_EXHAUSTED, and
+        /metrics counts it in tfscache_capacity_rejections_total{reason="disk"} (it counted
+        only TF Serving's slots before): a model larger than the whole disk cache, and one that
+        would fit but finds the disk full of a model in use."""
+        node = yield self.node(disk_cache={"capacity_bytes": 600 * 1024})
+        client = self.client(node.grpc_target)
+        reply = yield rest_predict(node.rest_url, "f-big", [1.0])  # 2 MiB of padding
+        self.assertEqual(reply.code, 429, reply.body)
+        self.assertIn("larger than the disk cache", reply.json()["error"])
+        mid = yield node.cache.resolve("f-warm", None)
+        lease = yield node.cache.acquire(mid)  # on disk and in use: not deleted for room
+        self.addCleanup(lease.release)
+        # as large as the space left: f-cold's copy needs the room f-warm holds
+        node.service.disk.capacity_bytes = node.service.disk.used_bytes + 1
+        err = yield self.assertFailure(client.predict("f-cold", [1.0], timeout=30), ServingError)
+        self.assertEqual(err.code, Code.RESOURCE_EXHAUSTED, err.message)
+        self.assertIn("No room in the disk cache", err.message)
+        page = yield http("GET", node.rest_url + "/metrics", timeout=10)
+        self.assertIn('tfscache_capacity_rejections_total{reason="disk"} 2.0', page.body.decode())
+        self.assertNotIn('tfscache_capacity_rejections_total{reason="serving"}', page.body.decode())
+
+
+# -- 7. a load that never finishes ------------------------------------------------------------------
+HANG_LOAD = 3600.0  # seconds the DevServer takes to load the hanging model: it never finishes here
+
+
+class StuckLoadTests(FaultTestCase):
+    @defer.inlineCallbacks
+    def test_a_hung_load_does_not_freeze_the_node(self):  # type: ignore[no-untyped-def]
+        """Node A's TF Serving never finishes one load (the DevServer sleeps in it, as TF
+        Serving can on a huge or broken model or a slow file system).  TF Serving's reload call
+        waits for that load, and config writes are serialised, so before this every other
+        cold model of A waited for ``load_timeout_seconds``.  Now the write is bounded by
+        ``serving.config_write_timeout_seconds`` (1 s here); past it A's loads are stuck: the
+        models A has loaded keep answering there (REST and gRPC), a cold model whose first owner
+        is A is served by its next owner B at once, /readyz stays ready and says why, and
+        tfscache_loads_stuck is 1."""
+        own = DevServer()
+        yield threads.deferToThread(own.start)
+        self.addCleanup(own.stop)
+        models = tempfile.mkdtemp(prefix="tfscache-stuck-")
+        b = yield self.node(self.backend, models, node_id="stuck-b")
+        members = [{"id": "stuck-b", "host": "127.0.0.1", "rest_port": b.service.rest_port,
+                    "grpc_port": b.service.grpc.bound_port}]
+        a = yield self.node(own, models, node_id="stuck-a",
+                            serving={"config_write_timeout_seconds": 1.0, "load_timeout_seconds": 60},
+                            listen={"drain_timeout_seconds": 1},
+                            cluster={"replicas_per_model": 2, "discovery": {"type": "static", "members": members}})
+        # three models whose first owner is A: one warm, one that hangs, one cold
+        names = [f"s-{i}" for i in range(64)]
+        warm, hang, cold = [n for n in names if a.service.router.owners_for(n)[0].id == "stuck-a"][:3]
+        source = os.path.join(self.models, "f-warm", "1")  # y = 2x + 1
+        for name in (warm, hang, cold):
+            copy_version(source, models, name)
+        set_load_delay(os.path.join(models, hang, "1"), HANG_LOAD)
+        client = self.client(a.grpc_target)
+
+        reply = yield rest_predict(a.rest_url, warm, [1.0])
+        self.assertPredicts(reply, [3.0])
+        hung = rest_predict(a.rest_url, hang, [1.0])
+        hung.addErrback(lambda _f: None)  # answered (or cut) only when A stops
+        yield until(lambda: a.service.backend.loads_stuck, "node A's loads to be stuck")
+
+        for x in (1.0, 2.0, 3.0):
+            reply = yield rest_predict(a.rest_url, warm, [x])
+            self.assertPredicts(reply, [2 * x + 1])
+            resp = yield client.predict(warm, [x], timeout=30)
+            self.assertEqual(list(resp.outputs["y"].float_val), [2 * x + 1])
+        reply = yield rest_predict(a.rest_url, cold, [1.0])
+        self.assertPredicts(reply, [3.0])
+        self.assertIn(ModelId(cold, 1), b.cache.loaded())
+        self.assertNotIn(cold, a.service.backend.served())
+        self.assertFalse(hung.called, "the hanging load answered")
+        self.assertEqual(sample(a, "tfscache_router_forwards_total", target="local", outcome="failover"), 1)
+        self.assertEqual(sample(a, "tfscache_loads_stuck"), 1)
+        ready = yield http("GET", a.rest_url + "/readyz", timeout=10)
+        self.assertEqual(ready.code, 200, ready.body)
+        self.assertIn(hang, ready.json()["loads"])
+
+    @defer.inlineCallbacks
+    def test_loads_go_on_once_the_slow_load_ends(self):  # type: ignore[no-untyped-def]
+        """One node alone, a load slower than the write bound: while it runs, a cold model
+        gets UNAVAILABLE at once, marked "this model only" (no other owner here); once the
+        slow load is AVAILABLE (GetModelStatus, polled on the node's clock) the loads are no
+        longer stuck, the slow request gets its answer, and the cold model loads here."""
+        node = yield self.node(serving={"config_write_timeout_seconds": 0.5})
+        slow = rest_predict(node.rest_url, "f-slow", [1.0])
+        yield until(lambda: node.service.backend.loads_stuck, "the node's loads to be stuck")
+        reply = yield rest_predict(node.rest_url, "f-small", [1.0])
+        if not slow.called:  # on a very busy machine the slow load may be over already
+            self.assertEqual(reply.code, 503, reply.body)
+            self.assertIn("f-slow", reply.json()["error"])
+            self.assertEqual(reply.headers.getRawHeaders(b"x-tfscache-node-unavailable"), [b"0"])
+        reply = yield slow
+        self.assertPredicts(reply, [4.0])
+        yield until(lambda: not node.service.backend.loads_stuck, "the loads to go on")
+        reply = yield rest_predict(node.rest_url, "f-small", [1.0])
+        self.assertPredicts(reply, [4.0])
+        self.assertEqual(sample(node, "tfscache_loads_stuck"), 0)

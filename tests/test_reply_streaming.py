@@ -17,7 +17,7 @@ from tfscache.errors import ServingError
 from tfscache.frontend.rest import error_reply
 from tfscache.transport.grpc_client import as_deferred
 from tfscache.transport.http_client import STREAM_AT, HttpClientPool
-from tfscache.transport.http_server import HttpLimits, HttpServerFactory, HttpListener, listen
+from tfscache.transport.http_server import HttpLimits, HttpListener, HttpServerFactory, listen
 from tfscache.wire import HttpReply, HttpRequest
 
 SIZE = 4 * STREAM_AT  # streamed

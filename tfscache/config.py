@@ -105,6 +105,8 @@ SCHEMA: dict[str, Any] = {
         "listing_ttl_seconds": Field("float", 5.0, minimum=0,
                                      doc="How long a version listing is reused for 'latest'."),
         "fetch_timeout_seconds": Field("float", 600.0, minimum=0.001),
+        "check_interval_seconds": Field("float", 10.0, minimum=0.1,
+                                        doc="How often the source is checked for readability (/readyz)."),
         "copy_threads": Field("int", 4, minimum=1,
                               doc="Copies at once, in threads of their own (not the reactor's pool)."),
         "disk": {
@@ -167,6 +169,10 @@ SCHEMA: dict[str, Any] = {
         "memory_factor": Field("float", 1.0, minimum=0.01,
                                doc="Estimated memory = size on disk x this factor."),
         "load_timeout_seconds": Field("float", 300.0, minimum=0.001),
+        "config_write_timeout_seconds": Field(
+            "float", 30.0, minimum=0.001,
+            doc="Bound on one model-list write to TF Serving; past it the node's loads count as "
+                "stuck (cold models go to other owners) until TF Serving finishes them."),
         "request_timeout_seconds": Field("float", 60.0, minimum=0.001,
                                          doc="Deadline of a forwarded request without its own."),
         "failure_backoff_seconds": Field("float", 30.0, minimum=0,

@@ -47,8 +47,18 @@ class Metrics:
         self.models_loaded = Gauge("tfscache_models_loaded", "Model versions AVAILABLE in TF Serving", registry=r)
         self.bytes_loaded = Gauge("tfscache_loaded_bytes_estimate",
                                   "Estimated memory of the loaded models (size x memory factor)", registry=r)
+        # reason: the room that ran out, TF Serving's (serving.max_models / max_bytes) or the
+        # disk cache's (disk_cache.capacity_bytes)
         self.rejected = Counter("tfscache_capacity_rejections",
-                                "Loads refused with RESOURCE_EXHAUSTED for lack of room", registry=r)
+                                "Loads refused with RESOURCE_EXHAUSTED for lack of room", ("reason",),
+                                registry=r)
+        self.reloads_after_not_found = Counter(
+            "tfscache_reloads_after_not_found",
+            "Requests that TF Serving answered NOT_FOUND for a model loaded here, which it had lost "
+            "(it restarted empty): loaded again and sent once more", registry=r)
+        self.loads_stuck = Gauge("tfscache_loads_stuck",
+                                 "1 while a write of TF Serving's model list is held up by a load that has "
+                                 "not finished: cold models go to other owners", registry=r)
         self.forwards = Counter("tfscache_router_forwards", "Requests forwarded by the router",
                                 ("target", "outcome"), registry=r)
         self.retries = Counter("tfscache_router_retries", "Forwards retried on the next owner", registry=r)

@@ -28,6 +28,7 @@ from tfscache.node.health import BackendMonitor
 from tfscache.node.local import LocalNode
 from tfscache.node.manager import CacheLimits, CacheManager
 from tfscache.node.serving import ServingController
+from tfscache.node.source import SourceMonitor
 from tfscache.transport import http_server
 from tfscache.transport.grpc_client import as_deferred
 from tfscache.transport.http_server import HttpLimits
@@ -56,6 +57,9 @@ def make_provider(cfg: SimpleNamespace, own_shutdown: bool = True) -> IModelProv
     return S3ModelProvider.from_config(p, own_shutdown=own_shutdown)
 
 
+SOURCE_FIRST_CHECK = 5.0  # seconds the start-up line waits for the model source's first check
+
+
 class StartupError(Exception):
     """The node cannot start; the reason has been logged as one line."""
 
@@ -81,7 +85,8 @@ class NodeService(service.MultiService):
         s = cfg.serving
         self.provider = make_provider(cfg, own_shutdown=False)
         self.backend = ServingController(s.grpc_target, s.rest_url, s.model_platform)
-        self.backend.reload_timeout = s.load_timeout_seconds
+        # a write is never waited for longer than a load may take
+        self.backend.reload_timeout = min(s.config_write_timeout_seconds, s.load_timeout_seconds)
         self.disk = DiskCache(cfg.disk_cache.path, cfg.disk_cache.capacity_bytes,
                               policy=make_policy(cfg.disk_cache.eviction, cfg.disk_cache.capacity_bytes),
                               serving_root=s.model_path)
@@ -137,6 +142,9 @@ class NodeService(service.MultiService):
             credentials=grpc_credentials(cfg.listen.tls_cert, cfg.listen.tls_key),
         )
         self.monitor = BackendMonitor(self.cache, self.backend, interval=cfg.serving.health_interval_seconds)
+        self.source = SourceMonitor(self.provider, cfg.model_provider.check_interval_seconds, reactor,
+                                    kind=cfg.model_provider.type)
+        self.source.subscribe(self.cache.set_source_problem)
         self.monitor.subscribe(self._set_health)
         self.ready = False
 
@@ -232,12 +240,25 @@ class NodeService(service.MultiService):
             self._exit_failed()
             raise StartupError(str(e))
         self.monitor.setServiceParent(self)
+        self.source.setServiceParent(self)
         self._join_cluster()
         self.ready = True
+        # the source's first check logs its own line when the source cannot be read (a source
+        # that does not answer at all is not waited for long)
+        first = self.source.first_check()
+        timer = self.reactor.callLater(SOURCE_FIRST_CHECK, first.cancel)
+        try:
+            await first
+        except defer.CancelledError:
+            pass
+        else:
+            timer.cancel()
         self.log.info(
-            "tfscache node {node} ready: REST {rest}, gRPC {grpc}, TF Serving {backend}",
+            "tfscache node {node} {state}: REST {rest}, gRPC {grpc}, TF Serving {backend}",
             node=self.cfg.node.id, rest=self.rest_port, grpc=self.grpc.bound_port,
             backend=self.cfg.serving.grpc_target,
+            state="ready" if self.source.checked and self.source.problem is None else
+            "listening, NOT ready (model source)",
         )
         await self.discovery.publish()
 
@@ -308,6 +329,8 @@ class NodeService(service.MultiService):
         "serving.capacity_wait_seconds": lambda self, v: setattr(self.cache.limits, "capacity_wait", v),
         "serving.failure_backoff_seconds": lambda self, v: setattr(self.cache.limits, "failure_backoff", v),
         "serving.load_timeout_seconds": lambda self, v: self._set_load_timeout(v),
+        "serving.config_write_timeout_seconds": lambda self, v: setattr(
+            self.backend, "reload_timeout", min(v, self.cache.limits.load_timeout)),
         "serving.request_timeout_seconds": lambda self, v: setattr(self.local, "request_timeout", v),
         "model_provider.fetch_timeout_seconds": lambda self, v: self._set_fetch_timeout(v),
         "disk_cache.capacity_bytes": lambda self, v: setattr(self.disk, "capacity_bytes", v),
@@ -316,10 +339,10 @@ class NodeService(service.MultiService):
 
     def _set_load_timeout(self, seconds: float) -> None:
         # every holder of the value: the cache's limit, the request's wait for a load, and the
-        # bound on a model list change in TF Serving
+        # bound on a model list write (serving.config_write_timeout_seconds at most)
         self.cache.limits.load_timeout = seconds
         self.local.load_timeout = seconds
-        self.backend.reload_timeout = seconds
+        self.backend.reload_timeout = min(seconds, self.cfg.serving.config_write_timeout_seconds)
 
     def _set_fetch_timeout(self, seconds: float) -> None:
         self.cache.limits.fetch_timeout = seconds
@@ -408,6 +431,14 @@ class NodeService(service.MultiService):
 
         return d.addCallbacks(relayed, failed)
 
+    def _source_readable(self) -> defer.Deferred[None]:
+        """As the SourceMonitor last found it (checked on its own clock, not per probe)."""
+        if not self.source.checked:
+            return defer.fail(RuntimeError("model source not checked yet"))
+        if self.source.problem is not None:
+            return defer.fail(RuntimeError(self.source.problem))
+        return defer.succeed(None)
+
     def _published(self) -> defer.Deferred[None]:
         if self.discovery is not None and getattr(self.discovery, "published", False):
             return defer.succeed(None)
@@ -420,7 +451,7 @@ class NodeService(service.MultiService):
         return json_reply(b'{"status":"alive"}')
 
     def _readyz(self, request: HttpRequest) -> defer.Deferred[HttpReply]:
-        checks = {"tfserving": self.backend.check(), "provider": self.provider.check(),
+        checks = {"tfserving": self.backend.check(), "provider": self._source_readable(),
                   "discovery": self._published()}
 
         def report(results: list[tuple[bool, Any]]) -> HttpReply:
@@ -428,6 +459,8 @@ class NodeService(service.MultiService):
                    for name, (ok, val) in zip(checks, results, strict=True)}
             ok = self.ready and all(r[0] for r in results)
             out["node"] = "ok" if self.ready else "starting"
+            # not a reason to be unready: loaded models are served, cold ones go elsewhere
+            out["loads"] = self.backend.stuck_reason() or "ok"
             return json_reply(json.dumps(out).encode(), 200 if ok else 503)
 
         return defer.DeferredList(list(checks.values()), consumeErrors=True).addCallback(report)

@@ -128,21 +128,23 @@ class LocalNode:
         lease = None if ref.label is not None else self.cache.lease_now(ref.name, ref.version)
         if lease is not None:  # warm: no Deferred until the forward's own
             try:
-                return self._rest_forward(lease, call, request)
+                return self._rest_forward(lease, call, request, True)
             except Exception:
                 return defer.fail()
-        return self._lease(ref, self.load_timeout).addCallback(self._rest_forward, call, request)
+        return self._lease(ref, self.load_timeout).addCallback(self._rest_forward, call, request, True)
 
-    def _rest_forward(self, lease: Lease, call: RestCall, request: HttpRequest) -> defer.Deferred[HttpReply]:
+    def _rest_forward(self, lease: Lease, call: RestCall, request: HttpRequest,
+                      retry: bool) -> defer.Deferred[HttpReply]:
         path = pinned_rest_path(call, request.path, lease.model_id)
         d = self.http.request(self.rest_scheme, self.rest_host, self.rest_port, request.method,
                               self.rest_prefix + path, forwardable_headers(request.headers), request.parts,
                               request.length)
         # the deadline covers the answer and its body
         timer = self.timers.call_later(self.request_timeout, d.cancel)
-        return d.addBoth(self._rest_done, lease, timer)
+        return d.addBoth(self._rest_done, lease, timer, call, request, retry)
 
-    def _rest_done(self, result: HttpReply | Failure, lease: Lease, timer: Any) -> HttpReply:
+    def _rest_done(self, result: HttpReply | Failure, lease: Lease, timer: Any, call: RestCall,
+                   request: HttpRequest, retry: bool) -> HttpReply | defer.Deferred[HttpReply]:
         expired = not timer.active()
         if not expired:
             timer.cancel()
@@ -157,12 +159,27 @@ class LocalNode:
         stream = result.stream
         if stream is None:
             lease.release()
+            if result.code == 404 and retry:
+                return self._rest_again(lease.model_id, call, request, result)
         else:
             # the head is in, the body on its way: it gets a deadline of its own, and the model
             # stays leased until its last byte
             body_timer = self.timers.call_later(self.request_timeout, stream.abort)
             stream.done.addBoth(self._streamed, lease, body_timer)
         return result
+
+    def _rest_again(self, mid: ModelId, call: RestCall, request: HttpRequest,
+                    reply: HttpReply) -> defer.Deferred[HttpReply]:
+        """TF Serving said "not found" for a model leased AVAILABLE: verify, load it again if
+        TF Serving lost it, and send the request once more; else its 404 is the answer."""
+
+        def again(lost: bool) -> HttpReply | defer.Deferred[HttpReply]:
+            if not lost:
+                return reply
+            self.metrics.reloads_after_not_found.inc()
+            return self._lease(call.ref, self.load_timeout).addCallback(self._rest_forward, call, request, False)
+
+        return self.cache.reverify(mid).addCallbacks(again, lambda _f: reply)
 
     @staticmethod
     def _streamed(result: object, lease: Lease, timer: Any) -> object:
@@ -179,30 +196,48 @@ class LocalNode:
         lease = None if ref.label is not None else self.cache.lease_now(ref.name, ref.version)
         if lease is not None:  # warm
             try:
-                return self._grpc_forward(lease, method, ref, payload, timeout, metadata, started)
+                return self._grpc_forward(lease, method, ref, payload, timeout, metadata, started, True)
             except Exception:
                 return defer.fail()
         d = self._lease(ref, timeout if timeout is not None else self.load_timeout)
-        return d.addCallback(self._grpc_forward, method, ref, payload, timeout, metadata, started)
+        return d.addCallback(self._grpc_forward, method, ref, payload, timeout, metadata, started, True)
 
     def _grpc_forward(self, lease: Lease, method: str, ref: ModelRef, payload: bytes, timeout: float | None,
-                      metadata: Metadata, started: float) -> defer.Deferred[bytes]:
+                      metadata: Metadata, started: float, retry: bool) -> defer.Deferred[bytes]:
         remaining = self.request_timeout
         if timeout is not None:
             remaining = timeout - (self.clock.seconds() - started)
             if remaining <= 0:
                 lease.release()
                 raise deadline("Deadline Exceeded")
-        payload = pinned_grpc_payload(method, ref, payload, lease.model_id)
-        d = self.channel.call(method, payload, remaining, metadata)
-        return d.addBoth(self._grpc_done, lease)
+        pinned = pinned_grpc_payload(method, ref, payload, lease.model_id)
+        d = self.channel.call(method, pinned, remaining, metadata)
+        return d.addBoth(self._grpc_done, lease, method, ref, payload, timeout, metadata, started, retry)
 
-    @staticmethod
-    def _grpc_done(result: bytes | Failure, lease: Lease) -> bytes:
+    def _grpc_done(self, result: bytes | Failure, lease: Lease, method: str, ref: ModelRef, payload: bytes,
+                   timeout: float | None, metadata: Metadata, started: float,
+                   retry: bool) -> bytes | defer.Deferred[bytes]:
         lease.release()
         if isinstance(result, Failure):
             e = result.value
             if isinstance(e, ServingError) and e.code == Code.UNAVAILABLE:
                 raise unavailable(f"TF Serving gRPC API is unavailable: {e.message}", node_wide=True)
+            if retry and isinstance(e, ServingError) and e.code == Code.NOT_FOUND:
+                return self._grpc_again(lease.model_id, result, method, ref, payload, timeout, metadata, started)
             result.raiseException()
         return result  # type: ignore[return-value]
+
+    def _grpc_again(self, mid: ModelId, failure: Failure, method: str, ref: ModelRef, payload: bytes,
+                    timeout: float | None, metadata: Metadata, started: float) -> defer.Deferred[bytes]:
+        """As _rest_again: NOT_FOUND for a leased model is verified, and the call sent once
+        more (within the call's deadline) when TF Serving had lost the model."""
+
+        def again(lost: bool) -> Failure | defer.Deferred[bytes]:
+            if not lost:
+                return failure
+            self.metrics.reloads_after_not_found.inc()
+            wait = self.load_timeout if timeout is None else timeout - (self.clock.seconds() - started)
+            d = self._lease(ref, wait)
+            return d.addCallback(self._grpc_forward, method, ref, payload, timeout, metadata, started, False)
+
+        return self.cache.reverify(mid).addCallbacks(again, lambda _f: failure)

@@ -27,12 +27,13 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from tfscache.errors import Code, ModelLoadError, ServingError, deadline, invalid, no_room, not_found
+from tfscache.errors import Code, ModelLoadError, ServingError, deadline, invalid, no_room, not_found, unavailable
 from tfscache.interfaces import IModelCache, IModelProvider, IServingBackend, IVersionLabels
 from tfscache.metrics import Metrics
 from tfscache.modelspec import ModelId
 from tfscache.node.disk_cache import DiskCache
 from tfscache.node.eviction import IEvictionPolicy, LRUPolicy
+from tfscache.proto import model_service_pb2
 from tfscache.util.deferreds import SharedResult, cancel_when_done, with_timeout
 
 
@@ -134,10 +135,18 @@ class CacheManager:
         self.entries: dict[ModelId, ModelEntry] = {}
         self._room_waiters: list[defer.Deferred[None]] = []
         self._wake_call: Any = None
+        self._verifying: dict[ModelId, SharedResult] = {}
+        # why the model source cannot be read (SourceMonitor), None while it can: a model it
+        # does not list is then not known to be absent
+        self.source_problem: str | None = None
+        self._unlisted: set[str] = set()  # names whose listing said nothing while it could not
         self.fetches = 0
         self.loads = 0
         self.unloads = 0
         disk.on_evict = self._on_disk_evict
+        subscribe_stuck = getattr(backend, "subscribe_stuck", None)
+        if subscribe_stuck is not None:
+            subscribe_stuck(lambda stuck: self.metrics.loads_stuck.set(int(stuck)))
 
     # -- start-up ----------------------------------------------------------------------------
     def start(self, reset_backend: bool = True) -> defer.Deferred[None]:
@@ -163,6 +172,14 @@ class CacheManager:
                 return defer.succeed(mid)
 
         def pick(versions: list[int]) -> ModelId:
+            if self.source_problem is not None and (not versions or (version is not None and version not in versions)):
+                # not known to be absent: serve the newest copy here, if any, else say why
+                local = sorted(m.version for m, e in self.entries.items() if m.name == name and e.state != State.ABSENT)
+                if version is None and local:
+                    return ModelId(name, local[-1])
+                if len(self._unlisted) < 10_000:
+                    self._unlisted.add(name)
+                raise unavailable(f"Model {name}: the model source cannot be read: {self.source_problem}")
             if version is None:
                 if not versions:
                     raise not_found(f"Servable not found for request: Latest({name})")
@@ -205,7 +222,19 @@ class CacheManager:
         listing = self.provider.list_labels(name)  # type: ignore[attr-defined]
         return self._bounded(name, "version labels", listing).addCallback(tell_backend)
 
+    def set_source_problem(self, problem: str | None) -> None:
+        self.source_problem = problem
+        if problem is None:
+            # a listing taken while the source could not be read says nothing: list again
+            listings = getattr(self.provider, "listings", None)
+            for name in self._unlisted:
+                if listings is not None:
+                    listings.invalidate(name)
+            self._unlisted.clear()
+
     def _resolve_label(self, name: str, label: str, labels: dict[str, int]) -> defer.Deferred[ModelId]:
+        if label not in labels and self.source_problem is not None:
+            raise unavailable(f"Model {name}: the model source cannot be read: {self.source_problem}")
         if label not in labels:
             # TF Serving's words and code (ServerCore::GetModelVersionForLabel)
             raise invalid(f"Unrecognized servable version label: {label}")
@@ -226,6 +255,11 @@ class CacheManager:
         entry = self.entries.get(mid)
         if entry is not None and entry.state == State.AVAILABLE:
             return defer.succeed(self._hit(entry))
+        refuses_load = getattr(self.backend, "refuses_load", None)
+        if refuses_load is not None and refuses_load(mid.name):
+            # TF Serving has not finished a load (serving.py): a cold model goes to its next
+            # owner at once (UNAVAILABLE about this model only), not after the load timeout
+            return defer.fail(self.backend.stuck_error())  # type: ignore[attr-defined]
         if entry is None:
             entry = self.entries[mid] = ModelEntry(mid)
         if self._backing_off(entry):
@@ -335,7 +369,12 @@ class CacheManager:
                 lambda: deadline(f"Sizing model {mid.name} version {mid.version} in the model source "
                                  f"timed out after {self.limits.fetch_timeout:g}s"),
             )
-            await self.disk.make_room(mid, size, self._protected())
+            try:
+                await self.disk.make_room(mid, size, self._protected())
+            except ServingError as e:
+                if e.no_room:
+                    self.metrics.rejected.labels(reason="disk").inc()
+                raise
             copy = self.provider.fetch(mid.name, mid.version, self.disk.path(mid))
             copied = await with_timeout(
                 copy, self.limits.fetch_timeout, self.clock,
@@ -458,7 +497,7 @@ class CacheManager:
                 continue
             remaining = give_up - self.now()
             if remaining <= 0:
-                self.metrics.rejected.inc()
+                self.metrics.rejected.labels(reason="serving").inc()
                 raise no_room(
                     f"No room to load model {entry.mid.name} version {entry.mid.version}: all "
                     f"{self.limits.max_models} loaded models are in use",
@@ -523,6 +562,62 @@ class CacheManager:
         self._gauges()
         self._wake_room_waiters()
         await self.backend.resend()
+
+    def reverify(self, mid: ModelId) -> defer.Deferred[bool]:
+        """TF Serving answered NOT_FOUND for ``mid``, which a request held AVAILABLE: ask it
+        (GetModelStatus) whether it serves the version.  True when it does not (it restarted
+        empty, or dropped the model): the model is forgotten, so the caller's retry loads it
+        again; False when it does (the NOT_FOUND is TF Serving's answer to the request).
+        Concurrent callers for one model share one check."""
+        entry = self.entries.get(mid)
+        if entry is None or entry.state != State.AVAILABLE:
+            return defer.succeed(True)  # forgotten already (the monitor noticed): load again
+        shared = self._verifying.get(mid)
+        if shared is None or shared.done:
+            shared = self._verifying[mid] = SharedResult(defer.ensureDeferred(self._reverify(entry)))
+        return shared.observe()
+
+    async def _reverify(self, entry: ModelEntry) -> bool:
+        mid = entry.mid
+        try:
+            if await self._backend_serves(mid):
+                return False
+            if entry.state != State.AVAILABLE:
+                return True
+            # one model gone, or all of them (a restart): a second loaded model tells which
+            others = [m for m in self.loaded() if m != mid]
+            restarted = not others or not await self._backend_serves(others[0])
+        finally:
+            self._verifying.pop(mid, None)
+        if restarted:
+            self.log.warn(
+                "TF Serving at {target} answered NOT_FOUND for model={model} version={version}, "
+                "loaded here: it restarted empty; forgetting {count} loaded models",
+                target=self.backend.grpc_target, model=mid.name, version=mid.version, count=len(self.loaded()),
+            )
+            await self.backend_lost()
+        elif entry.state == State.AVAILABLE:
+            self.log.warn(
+                "TF Serving at {target} answered NOT_FOUND for model={model} version={version}, "
+                "loaded here: it no longer serves it; loading it again",
+                target=self.backend.grpc_target, model=mid.name, version=mid.version,
+            )
+            entry.state = State.ON_DISK if mid in self.disk else State.ABSENT
+            self.policy.removed(mid)
+            self.backend.forget(mid.name, mid.version)
+            self._gauges()
+            self._wake_room_waiters()
+        return True
+
+    async def _backend_serves(self, mid: ModelId) -> bool:
+        try:
+            resp = await self.backend.status(mid.name, timeout=2.0)
+        except ServingError as e:
+            if e.code != Code.NOT_FOUND:
+                raise
+            return False
+        available = model_service_pb2.ModelVersionStatus.AVAILABLE
+        return any(s.version == mid.version and s.state == available for s in resp.model_version_status)
 
     async def evict(self, mid: ModelId) -> None:
         """Admin: unload the model and delete it from disk (refused while it is in use)."""

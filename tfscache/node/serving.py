@@ -5,6 +5,17 @@ come: they change the desired list, and a single writer sends it, one call at a 
 that arrive while a call is in flight are batched into the next call.  A load then waits for
 its version to be AVAILABLE by polling GetModelStatus with a short, growing back-off (the
 reload call only waits for NEW names, not for a new version of a known name).
+
+A load that never finishes must not freeze the node: TF Serving's reload call waits for the
+new names' loads, holding its config lock, so a hung load would hold every later write (and
+with it every other load and unload) until ``load_timeout``.  Each write is bounded by
+``write_timeout``; one that runs out makes the loads STUCK: no further write is sent until the
+versions that write left loading have settled (AVAILABLE, failed, or gone with a TF Serving
+restart), checked with GetModelStatus every ``stuck_poll`` seconds.  Meanwhile what is loaded
+keeps being served, and new loads fail at once with UNAVAILABLE about the model only
+(``node_wide=False``), which routers answer by trying the model's next owner (a model that
+TF Serving is loading is waited for instead); unloads and label changes are kept and sent
+with the first write after.
 """
 
 from __future__ import annotations
@@ -17,6 +28,7 @@ import grpc
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tfscache.errors import Code, ModelLoadError, ServingError, deadline, unavailable
@@ -83,9 +95,18 @@ class ServingController:
         self._available: set[tuple[str, int]] = set()
         self._generation = 0        # bumped on every change of the desired list
         self._sending = False       # one reload call at a time
-        self._waiters: list[tuple[int, defer.Deferred[None]]] = []
+        # (generation, fired once sent, a load's)
+        self._waiters: list[tuple[int, defer.Deferred[None], bool]] = []
         self.reloads_sent = 0
-        self.reload_timeout = 300.0
+        self.reload_timeout = 30.0  # serving.config_write_timeout_seconds
+        self.stuck_poll = 1.0
+        # while a write ran out: since when, and the names whose loads it left unfinished
+        self.stuck_since: float | None = None
+        self._stuck_names: set[str] = set()
+        self._stuck_dirty = False   # changes made while stuck, for the first write after
+        self._stuck_listeners: list[Callable[[bool], None]] = []
+        self._stuck_call: Any = None
+        self._closed = False
         self.now: Callable[[], float] = time.monotonic
         self.stale_end_grace = 3.0
 
@@ -93,14 +114,107 @@ class ServingController:
     def served(self) -> dict[str, set[int]]:
         return {name: set(vs) for name, (_bp, vs) in self._desired.items()}
 
-    def _change(self) -> defer.Deferred[None]:
-        """Record a change; fire once a reload that includes it has been answered."""
+    def _change(self, load: bool = False) -> defer.Deferred[None]:
+        """Record a change; fire once a reload that includes it has been answered.  While the
+        loads are stuck a load fails at once, any other change fires at once (it is sent with
+        the first write after)."""
         self._generation += 1
+        if self.stuck_since is not None:
+            if load:
+                return defer.fail(self.stuck_error())
+            self._stuck_dirty = True
+            return defer.succeed(None)
         d: defer.Deferred[None] = defer.Deferred()
-        self._waiters.append((self._generation, d))
+        self._waiters.append((self._generation, d, load))
         if not self._sending:
             self._send()
         return d
+
+    # -- stuck loads -------------------------------------------------------------------------
+    @property
+    def loads_stuck(self) -> bool:
+        return self.stuck_since is not None
+
+    def refuses_load(self, name: str) -> bool:
+        """While stuck, a load fails at once, except of a model TF Serving is loading (that
+        load is waited for, as the request would on any other node)."""
+        return self.stuck_since is not None and name not in self._stuck_names
+
+    def subscribe_stuck(self, listener: Callable[[bool], None]) -> None:
+        """``listener(True)`` when the loads get stuck, ``listener(False)`` when they are not."""
+        self._stuck_listeners.append(listener)
+
+    def stuck_reason(self) -> str | None:
+        if self.stuck_since is None:
+            return None
+        names = ", ".join(sorted(self._stuck_names)) or "(none named)"
+        return (f"TF Serving at {self.grpc_target} has not finished loading {names} for "
+                f"{self.now() - self.stuck_since:.0f}s: cold loads go to other owners until it does")
+
+    def stuck_error(self) -> ServingError:
+        return unavailable(f"No load on this node now: {self.stuck_reason()}", node_wide=False)
+
+    def _get_stuck(self, request: pb.ReloadConfigRequest) -> None:
+        # the names of that write whose versions were not seen AVAILABLE: TF Serving's reload
+        # call waits for some of them
+        self._stuck_names = {mc.name for mc in request.config.model_config_list.config
+                             if any((mc.name, v) not in self._available
+                                    for v in mc.model_version_policy.specific.versions)}
+        self.stuck_since = self.now()
+        self.log.warn("TF Serving at {target} did not take the model list within {seconds:g}s "
+                      "(serving.config_write_timeout_seconds): loads of {names} have not finished; "
+                      "loaded models are served, cold loads go to other owners until they do",
+                      target=self.grpc_target, seconds=self.reload_timeout,
+                      names=", ".join(sorted(self._stuck_names)) or "(none named)")
+        for listener in self._stuck_listeners:
+            listener(True)
+        self._poll_stuck_later()
+
+    def _poll_stuck_later(self) -> None:
+        if not self._closed:
+            self._stuck_call = self.clock.callLater(self.stuck_poll, self._poll_stuck)
+
+    def _poll_stuck(self) -> None:
+        self._stuck_call = None
+        d = defer.ensureDeferred(self._still_loading(sorted(self._stuck_names)))
+
+        def judged(loading: set[str]) -> None:
+            self._stuck_names = loading
+            if loading:
+                self._poll_stuck_later()
+            elif not self._closed:
+                self._unstick()
+
+        def failed(_f: Failure) -> None:  # TF Serving unreachable: ask again (the monitor reports it)
+            self._poll_stuck_later()
+
+        d.addCallbacks(judged, failed)
+
+    async def _still_loading(self, names: list[str]) -> set[str]:
+        loading = set()
+        for name in names:
+            try:
+                resp = await self.status(name, timeout=min(self.rpc_timeout, 2.0))
+            except ServingError as e:
+                if e.code == Code.NOT_FOUND:  # gone (TF Serving restarted): nothing waits for it
+                    continue
+                raise
+            if any(st.state in (State.START, State.LOADING) for st in resp.model_version_status):
+                loading.add(name)
+        return loading
+
+    def _unstick(self) -> None:
+        assert self.stuck_since is not None
+        self.log.info("TF Serving at {target} finished the loads it was stuck on after {seconds:.1f}s: "
+                      "loads go on here", target=self.grpc_target, seconds=self.now() - self.stuck_since)
+        self.stuck_since = None
+        self._sending = False
+        for listener in self._stuck_listeners:
+            listener(False)
+        if self._stuck_dirty or self._waiters:
+            self._stuck_dirty = False
+            self._waiters.append((self._generation, defer.Deferred(), False))
+            self._send()
 
     def _config(self) -> pb.ReloadConfigRequest:
         req = pb.ReloadConfigRequest()
@@ -153,6 +267,9 @@ class ServingController:
         def answered(resp: pb.ReloadConfigResponse) -> None:
             # A non-OK status names a model that failed to load; each load learns its own
             # outcome from GetModelStatus, so the list itself counts as accepted.
+            if resp.status.error_code == Code.DEADLINE_EXCEEDED:  # a server that honours the deadline
+                self._timed_out(generation, request)
+                return
             if resp.status.error_code:
                 self.log.warn("reload config: {msg}", msg=resp.status.error_message)
             self._settle(generation, None)
@@ -160,13 +277,28 @@ class ServingController:
         def failed(f: defer.Failure) -> None:
             err = f.value if isinstance(f.value, ServingError) else unavailable(str(f.value))
             if err.code == Code.DEADLINE_EXCEEDED:
-                # TF Serving went on loading; statuses tell the rest
-                self._settle(generation, None)
+                self._timed_out(generation, request)
             else:
                 self.log.warn("reload config failed: {err}", err=err.message)
                 self._settle(generation, err)
 
         d.addCallbacks(answered, failed)
+
+    def _timed_out(self, generation: int, request: pb.ReloadConfigRequest) -> None:
+        """The write ran out: TF Serving took the list (its loads go on, each load's status
+        tells its waiter), but may hold its config lock until they end: stuck."""
+        done = [w for w in self._waiters if w[0] <= generation]
+        later = [w for w in self._waiters if w[0] > generation]
+        self._waiters = []
+        self._get_stuck(request)
+        for _gen, d, _load in done:
+            d.callback(None)
+        for _gen, d, load in later:
+            if load:
+                d.errback(self.stuck_error())
+            else:
+                self._stuck_dirty = True
+                d.callback(None)
 
     def _settle(self, generation: int, error: ServingError | None) -> None:
         done = [w for w in self._waiters if w[0] <= generation]
@@ -174,7 +306,7 @@ class ServingController:
         self._sending = False
         if self._waiters:
             self._send()
-        for _gen, d in done:
+        for _gen, d, _load in done:
             if error is None:
                 d.callback(None)
             else:
@@ -187,9 +319,17 @@ class ServingController:
         # TF Serving's reload call waits for NEW names: once it answers, their state is this
         # attempt's.  A new version of a known name may still show an older END for a while.
         new_name = name not in self._desired
+        if self.refuses_load(name):
+            return defer.fail(self.stuck_error())
         _bp, versions = self._desired.setdefault(name, (base_path, set()))
         versions.add(version)
-        d = self._change()
+        if self.stuck_since is not None:
+            # TF Serving is loading it (the write that ran out has it): wait for its status;
+            # the list goes out with the first write after
+            self._stuck_dirty = True
+            d: defer.Deferred[None] = defer.succeed(None)
+        else:
+            d = self._change(load=True)
         d.addCallback(lambda _: self._wait_available(name, version, started + timeout, new_name))
         d.addCallback(lambda _: self._mark_available(name, version))
         return d
@@ -277,4 +417,7 @@ class ServingController:
             delay = min(delay * 1.5, self.poll_max)
 
     def close(self) -> None:
+        self._closed = True
+        if self._stuck_call is not None and self._stuck_call.active():
+            self._stuck_call.cancel()
         self.channel.close()
