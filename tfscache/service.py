@@ -7,7 +7,7 @@ import os
 import signal
 import ssl
 import sys
-from types import SimpleNamespace
+from collections.abc import Callable
 from typing import Any, cast
 
 import grpc
@@ -17,6 +17,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorCore, IReactorTime
 from twisted.logger import Logger
 
+from tfscache.config import Config, required
 from tfscache.errors import Code, ServingError
 from tfscache.frontend.grpc_server import GrpcFrontend
 from tfscache.frontend.rest import RestFrontend, error_reply, json_reply
@@ -35,14 +36,15 @@ from tfscache.transport.http_server import HttpLimits
 from tfscache.wire import HttpReply, HttpRequest
 
 
-def make_provider(cfg: SimpleNamespace, own_shutdown: bool = True) -> IModelProvider:
+def make_provider(cfg: Config, own_shutdown: bool = True) -> IModelProvider:
     """The configured provider; ``own_shutdown=False`` when the caller closes it (a node closes
     it after its drain, so copies that in-flight requests wait for are not stopped early)."""
     p = cfg.model_provider
     if p.type == "disk":
         from tfscache.providers.disk import DiskModelProvider
 
-        return DiskModelProvider(p.disk.base_path, listing_ttl=p.listing_ttl_seconds, copy_threads=p.copy_threads)
+        return DiskModelProvider(required(p.disk.base_path, "model_provider.disk.base_path"),
+                                 listing_ttl=p.listing_ttl_seconds, copy_threads=p.copy_threads)
     # each SDK is imported only when its provider type is configured
     if p.type == "azure":
         from tfscache.providers.azure import AzureBlobModelProvider
@@ -72,7 +74,7 @@ class NodeService(service.MultiService):
 
     log = Logger()
 
-    def __init__(self, cfg: SimpleNamespace, config_path: str | None = None, daemon: bool = False,
+    def __init__(self, cfg: Config, config_path: str | None = None, daemon: bool = False,
                  reactor: Any = None) -> None:
         super().__init__()
         if reactor is None:
@@ -115,7 +117,8 @@ class NodeService(service.MultiService):
         if cfg.admin.enabled:
             from tfscache.frontend.admin import AdminApi
 
-            self.admin = AdminApi(self.cache, cfg.admin.token, members=self._members, owners=self._owners)
+            self.admin = AdminApi(self.cache, required(cfg.admin.token, "admin.token"), members=self._members,
+                                  owners=self._owners)
         # metrics.enabled: false answers the metrics paths 404 (counting goes on: it is cheap,
         # and the metrics change nothing else)
         metrics_page = self._metrics_page if cfg.metrics.enabled else self._metrics_disabled
@@ -227,7 +230,7 @@ class NodeService(service.MultiService):
 
     async def _listen(self) -> None:
         listen = self.cfg.listen
-        tls = tls_context(listen.tls_cert, listen.tls_key) if listen.tls_cert else None
+        tls = tls_context(listen.tls_cert, required(listen.tls_key, "listen.tls_key")) if listen.tls_cert else None
         try:
             self.rest_listener = await as_deferred(
                 http_server.listen(self.rest_factory, listen.host, listen.rest_port, tls))
@@ -321,28 +324,40 @@ class NodeService(service.MultiService):
         return self.discovery.withdraw()
 
     # -- SIGHUP ------------------------------------------------------------------------------
-    RELOADABLE = {
-        "serving.max_models": lambda self, v: setattr(self.cache.limits, "max_models", v),
-        "serving.max_bytes": lambda self, v: setattr(self.cache.limits, "max_bytes", v),
-        "serving.memory_factor": lambda self, v: setattr(self.cache.limits, "memory_factor", v),
-        "serving.churn_guard_seconds": lambda self, v: setattr(self.cache.limits, "churn_guard", v),
-        "serving.capacity_wait_seconds": lambda self, v: setattr(self.cache.limits, "capacity_wait", v),
-        "serving.failure_backoff_seconds": lambda self, v: setattr(self.cache.limits, "failure_backoff", v),
-        "serving.load_timeout_seconds": lambda self, v: self._set_load_timeout(v),
-        "serving.config_write_timeout_seconds": lambda self, v: setattr(
-            self.backend, "reload_timeout", min(v, self.cache.limits.load_timeout)),
-        "serving.request_timeout_seconds": lambda self, v: setattr(self.local, "request_timeout", v),
-        "model_provider.fetch_timeout_seconds": lambda self, v: self._set_fetch_timeout(v),
-        "disk_cache.capacity_bytes": lambda self, v: setattr(self.disk, "capacity_bytes", v),
-        "logging.level": lambda self, v: __import__("tfscache.logs").logs.set_level(v),
+    # each setter reads its key from the new configuration
+    RELOADABLE: dict[str, Callable[[NodeService, Config], None]] = {
+        "serving.max_models": lambda self, c: setattr(self.cache.limits, "max_models", c.serving.max_models),
+        "serving.max_bytes": lambda self, c: setattr(self.cache.limits, "max_bytes", c.serving.max_bytes),
+        "serving.memory_factor": lambda self, c: setattr(self.cache.limits, "memory_factor", c.serving.memory_factor),
+        "serving.churn_guard_seconds":
+            lambda self, c: setattr(self.cache.limits, "churn_guard", c.serving.churn_guard_seconds),
+        "serving.capacity_wait_seconds":
+            lambda self, c: setattr(self.cache.limits, "capacity_wait", c.serving.capacity_wait_seconds),
+        "serving.failure_backoff_seconds":
+            lambda self, c: setattr(self.cache.limits, "failure_backoff", c.serving.failure_backoff_seconds),
+        "serving.load_timeout_seconds": lambda self, c: self._set_load_timeout(
+            c.serving.load_timeout_seconds, c.serving.config_write_timeout_seconds),
+        "serving.config_write_timeout_seconds": lambda self, c: setattr(
+            self.backend, "reload_timeout", min(c.serving.config_write_timeout_seconds, c.serving.load_timeout_seconds)),
+        "serving.request_timeout_seconds":
+            lambda self, c: setattr(self.local, "request_timeout", c.serving.request_timeout_seconds),
+        "model_provider.fetch_timeout_seconds":
+            lambda self, c: self._set_fetch_timeout(c.model_provider.fetch_timeout_seconds),
+        "disk_cache.capacity_bytes": lambda self, c: setattr(self.disk, "capacity_bytes", c.disk_cache.capacity_bytes),
+        "logging.level": lambda self, c: self._set_log_level(c.logging.level),
     }
 
-    def _set_load_timeout(self, seconds: float) -> None:
+    def _set_log_level(self, level: str) -> None:
+        from tfscache import logs
+
+        logs.set_level(level)
+
+    def _set_load_timeout(self, seconds: float, config_write_timeout: float) -> None:
         # every holder of the value: the cache's limit, the request's wait for a load, and the
         # bound on a model list write (serving.config_write_timeout_seconds at most)
         self.cache.limits.load_timeout = seconds
         self.local.load_timeout = seconds
-        self.backend.reload_timeout = min(seconds, self.cfg.serving.config_write_timeout_seconds)
+        self.backend.reload_timeout = min(seconds, config_write_timeout)
 
     def _set_fetch_timeout(self, seconds: float) -> None:
         self.cache.limits.fetch_timeout = seconds
@@ -351,7 +366,7 @@ class NodeService(service.MultiService):
 
     def reload(self) -> tuple[list[str], list[str]]:
         """Apply the settings that can change safely; say which ones need a restart."""
-        from tfscache.config import ConfigError, flatten, load_config_file
+        from tfscache.config import ConfigError, flatten, load_config_file, replace
 
         if not self.config_path:
             return [], []
@@ -361,7 +376,8 @@ class NodeService(service.MultiService):
             self.log.error("SIGHUP: configuration not reloaded: {error}", error=str(e))
             return [], []
         old_flat, new_flat = flatten(self.cfg), flatten(new)
-        applied, refused = [], []
+        applied: list[str] = []
+        refused: list[str] = []
         for key, value in sorted(new_flat.items()):
             if old_flat.get(key) == value or key == "node.id":
                 continue
@@ -369,15 +385,11 @@ class NodeService(service.MultiService):
             if setter is None:
                 refused.append(key)
                 continue
-            setter(self, value)
+            setter(self, new)
             applied.append(key)
         # keep the applied values in self.cfg, the refused ones as they run now
         for key in applied:
-            section, _, name = key.rpartition(".")
-            obj = self.cfg
-            for part in section.split("."):
-                obj = getattr(obj, part)
-            setattr(obj, name, new_flat[key])
+            self.cfg = replace(self.cfg, key, new_flat[key])
         self.log.info("SIGHUP: applied {applied}; need a restart to change: {refused}",
                       applied=", ".join(applied) or "nothing", refused=", ".join(refused) or "nothing")
         return applied, refused

@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable
-from types import SimpleNamespace
 from typing import Any
-from urllib.parse import SplitResult, urlsplit
 
 from twisted.application import service
 from twisted.internet import defer, task
@@ -31,6 +29,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tfscache.cluster.members import Member
+from tfscache.config import Config, endpoint_url, tls_requested
 from tfscache.interfaces import IDiscovery
 from tfscache.util.deferreds import SharedResult, with_timeout
 
@@ -45,26 +44,6 @@ def _always_healthy() -> defer.Deferred[Any]:
 
 class _HealthTimeout(Exception):
     pass
-
-
-def tls_requested(ca_cert: str | None, client_cert: str | None, client_key: str | None) -> bool:
-    """Whether the discovery client must use TLS; a certificate without its key is an error."""
-    if bool(client_cert) != bool(client_key):
-        raise ValueError("cluster.discovery.client_key: client_cert and client_key go together")
-    return bool(ca_cert or client_cert)
-
-
-def endpoint_url(endpoint: str, backend: str, tls: bool) -> SplitResult:
-    """The parts of an endpoint URL (``host:port`` means https when ``tls``, else http).  An
-    ``http://`` endpoint with TLS options is refused: it would send everything in plaintext."""
-    url = endpoint if "://" in endpoint else ("https://" if tls else "http://") + endpoint
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"cluster.discovery.endpoints: not a {backend} URL: {endpoint!r}")
-    if tls and parts.scheme != "https":
-        raise ValueError(f"cluster.discovery.endpoints: {endpoint!r} is plain http, but ca_cert / client_cert "
-                         "ask for TLS: use https://")
-    return parts
 
 
 TLS_FAILURE = "TLS handshake failed"
@@ -397,27 +376,19 @@ class DiscoveryBase(service.Service):
         return None
 
 
-def _discovery_section(cfg: Any) -> SimpleNamespace:
-    if hasattr(cfg, "cluster"):
-        return cfg.cluster.discovery  # type: ignore[no-any-return]
-    if hasattr(cfg, "discovery"):
-        return cfg.discovery  # type: ignore[no-any-return]
-    return cfg  # type: ignore[no-any-return]
-
-
 def make_discovery(
-    cfg: Any,
+    cfg: Config,
     self_member: Member,
     health_check: HealthCheck | None = None,
     clock: IReactorTime | None = None,
-) -> DiscoveryBase | Any:
-    """The discovery of ``cfg`` (the whole config, its ``cluster`` section or its
-    ``cluster.discovery`` section)."""
-    d = _discovery_section(cfg)
+) -> service.Service:
+    """The discovery ``cfg.cluster.discovery`` asks for (an ``IDiscovery`` and a ``Service``)."""
+    d = cfg.cluster.discovery
     if d.type == "static":
         from tfscache.cluster.discovery.static import StaticDiscovery
 
-        return StaticDiscovery.from_config(d.members, self_member)
+        listed = [Member(m.id or f"{m.host}:{m.rest_port}", m.host, m.rest_port, m.grpc_port) for m in d.members]
+        return StaticDiscovery(listed, self_member)
     if d.type == "etcd":
         from tfscache.cluster.discovery.etcd import EtcdDiscovery
 
@@ -430,19 +401,17 @@ def make_discovery(
         from tfscache.cluster.discovery.consul import ConsulDiscovery
 
         return ConsulDiscovery(
-            d.endpoints, self_member, health_check, service=getattr(d, "service", None),
+            d.endpoints, self_member, health_check, service=d.service,
             prefix=d.prefix, ttl=d.ttl_seconds, token=d.token, ca_cert=d.ca_cert,
             client_cert=d.client_cert, client_key=d.client_key, clock=clock,
         )
-    if d.type == "kubernetes":
-        from tfscache.cluster.discovery.kubernetes import KubernetesDiscovery
+    from tfscache.cluster.discovery.kubernetes import KubernetesDiscovery
 
-        return KubernetesDiscovery(
-            self_member, health_check, service=getattr(d, "service", None) or "tfscache",
-            namespace=d.namespace, kubeconfig=d.kubeconfig, rest_port_name=d.rest_port_name,
-            grpc_port_name=d.grpc_port_name, ttl=d.ttl_seconds, clock=clock,
-        )
-    raise ValueError(f"cluster.discovery.type: unknown type {d.type!r}")
+    return KubernetesDiscovery(
+        self_member, health_check, service=d.service or "tfscache",
+        namespace=d.namespace, kubeconfig=d.kubeconfig, rest_port_name=d.rest_port_name,
+        grpc_port_name=d.grpc_port_name, ttl=d.ttl_seconds, clock=clock,
+    )
 
 
 __all__ = ["DiscoveryBase", "HealthCheck", "describe_error", "endpoint_url", "make_discovery", "tls_requested"]
