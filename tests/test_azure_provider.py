@@ -9,7 +9,7 @@ import os
 import uuid
 from typing import Any
 
-from twisted.internet import defer
+from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
 from tests.harness import shared
@@ -146,7 +146,7 @@ class AzureProviderTests(ObjectStoreCases, unittest.TestCase):
                           "max_concurrency": 3, "chunk_size_bytes": "6MiB"},
             },
         }, environ={})
-        p: Any = make_provider(cfg)
+        p: Any = make_provider(cfg, reactor)
         self.addCleanup(p.close)
         self.assertEqual((p.kind, p.container, p.prefix, p.max_concurrency, p.multipart_threshold),
                          ("azure", self.container, self.prefix + "/", 3, 6 * 1024 * 1024))

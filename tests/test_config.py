@@ -6,6 +6,7 @@ import sys
 import tempfile
 
 import yaml
+from twisted.internet import reactor
 from twisted.trial import unittest
 
 from tests.harness.process import REPO_ROOT
@@ -155,10 +156,10 @@ class ConfigTests(unittest.TestCase):
         cfg = load_config({"model_provider": {"type": "s3", "copy_threads": 2,
                                               "s3": {"bucket": "b", "verify_md5": False}},
                            "disk_cache": {"path": "/cache"}}, environ={})
-        provider = make_provider(cfg, own_shutdown=False)
+        provider = make_provider(cfg, reactor, own_shutdown=False)
         self.assertIs(provider.verify_md5, False)  # type: ignore[attr-defined]
         self.assertEqual(provider._copies.size, 2)  # type: ignore[attr-defined]
-        disk = make_provider(load_config(with_(MINIMAL, model_provider={"copy_threads": 3}), environ={}))
+        disk = make_provider(load_config(with_(MINIMAL, model_provider={"copy_threads": 3}), environ={}), reactor)
         self.assertEqual(disk._threads.size, 3)  # type: ignore[attr-defined]
 
     def test_files(self) -> None:

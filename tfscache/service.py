@@ -36,7 +36,7 @@ from tfscache.transport.http_server import HttpLimits
 from tfscache.wire import HttpReply, HttpRequest
 
 
-def make_provider(cfg: Config, own_shutdown: bool = True) -> IModelProvider:
+def make_provider(cfg: Config, reactor: Any, own_shutdown: bool = True) -> IModelProvider:
     """The configured provider; ``own_shutdown=False`` when the caller closes it (a node closes
     it after its drain, so copies that in-flight requests wait for are not stopped early)."""
     p = cfg.model_provider
@@ -44,19 +44,20 @@ def make_provider(cfg: Config, own_shutdown: bool = True) -> IModelProvider:
         from tfscache.providers.disk import DiskModelProvider
 
         return DiskModelProvider(required(p.disk.base_path, "model_provider.disk.base_path"),
-                                 listing_ttl=p.listing_ttl_seconds, copy_threads=p.copy_threads)
+                                 listing_ttl=p.listing_ttl_seconds, copy_threads=p.copy_threads,
+                                 reactor=reactor)
     # each SDK is imported only when its provider type is configured
     if p.type == "azure":
         from tfscache.providers.azure import AzureBlobModelProvider
 
-        return AzureBlobModelProvider.from_config(p, own_shutdown=own_shutdown)
+        return AzureBlobModelProvider.from_config(p, reactor, own_shutdown=own_shutdown)
     if p.type == "gcs":
         from tfscache.providers.gcs import GCSModelProvider
 
-        return GCSModelProvider.from_config(p, own_shutdown=own_shutdown)
+        return GCSModelProvider.from_config(p, reactor, own_shutdown=own_shutdown)
     from tfscache.providers.s3 import S3ModelProvider
 
-    return S3ModelProvider.from_config(p, own_shutdown=own_shutdown)
+    return S3ModelProvider.from_config(p, reactor, own_shutdown=own_shutdown)
 
 
 SOURCE_FIRST_CHECK = 5.0  # seconds the start-up line waits for the model source's first check
@@ -74,19 +75,16 @@ class NodeService(service.MultiService):
 
     log = Logger()
 
-    def __init__(self, cfg: Config, config_path: str | None = None, daemon: bool = False,
-                 reactor: Any = None) -> None:
+    def __init__(self, cfg: Config, reactor: Any, config_path: str | None = None, daemon: bool = False) -> None:
         super().__init__()
-        if reactor is None:
-            from twisted.internet import reactor
         self.reactor = reactor
         self.cfg = cfg
         self.config_path = config_path
         self.daemon = daemon  # under twistd: own the log observers and SIGHUP
         self.metrics = Metrics(per_model_labels=cfg.metrics.per_model_labels)
         s = cfg.serving
-        self.provider = make_provider(cfg, own_shutdown=False)
-        self.backend = ServingController(s.grpc_target, s.rest_url, s.model_platform)
+        self.provider = make_provider(cfg, reactor, own_shutdown=False)
+        self.backend = ServingController(s.grpc_target, s.rest_url, reactor, s.model_platform)
         # a write is never waited for longer than a load may take
         self.backend.reload_timeout = min(s.config_write_timeout_seconds, s.load_timeout_seconds)
         self.disk = DiskCache(cfg.disk_cache.path, cfg.disk_cache.capacity_bytes,
@@ -102,6 +100,7 @@ class NodeService(service.MultiService):
                 capacity_wait=s.capacity_wait_seconds,
             ),
             self.metrics,
+            clock=reactor,
             policy=make_policy(s.eviction, s.max_bytes or s.max_models),
         )
         self.local = LocalNode(
@@ -144,7 +143,7 @@ class NodeService(service.MultiService):
             max_message_bytes=cfg.listen.max_request_bytes, local=self.local,
             credentials=grpc_credentials(cfg.listen.tls_cert, cfg.listen.tls_key),
         )
-        self.monitor = BackendMonitor(self.cache, self.backend, interval=cfg.serving.health_interval_seconds)
+        self.monitor = BackendMonitor(self.cache, self.backend, reactor, interval=cfg.serving.health_interval_seconds)
         self.source = SourceMonitor(self.provider, cfg.model_provider.check_interval_seconds, reactor,
                                     kind=cfg.model_provider.type)
         self.source.subscribe(self.cache.set_source_problem)
@@ -223,7 +222,7 @@ class NodeService(service.MultiService):
             self.log.info("SIGTERM: draining, then exiting")
             core.stop()
 
-        loop = event_loop()
+        loop = event_loop(self.reactor)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         loop.add_signal_handler(signal.SIGTERM, terminate)
         loop.add_signal_handler(signal.SIGINT, terminate)
@@ -273,7 +272,7 @@ class NodeService(service.MultiService):
         c = self.cfg
         assert self.grpc.bound_port is not None
         self.self_member = Member(c.node.id, c.node.advertise_host, self.rest_port, self.grpc.bound_port)
-        self.discovery = make_discovery(c, self.self_member, health_check=self.backend.check)
+        self.discovery = make_discovery(c, self.self_member, self.reactor, health_check=self.backend.check)
         self.router = Router(
             self.local, self.discovery, c.node.id, c.cluster.replicas_per_model,
             c.cluster.forward_timeout_seconds, c.cluster.spread_inflight_threshold, self.metrics,

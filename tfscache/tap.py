@@ -33,6 +33,8 @@ def makeService(options: Options) -> IService:
     except RuntimeError as e:
         print(f"tfscache: {e}", file=sys.stderr)
         raise SystemExit(1)
+    from twisted.internet import reactor
+
     from tfscache.service import NodeService
 
-    return NodeService(cfg, config_path=options["config"], daemon=True)
+    return NodeService(cfg, reactor, config_path=options["config"], daemon=True)

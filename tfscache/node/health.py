@@ -25,12 +25,10 @@ from tfscache.util.deferreds import SharedResult
 class BackendMonitor(service.Service):
     log = Logger()
 
-    def __init__(self, cache: CacheManager, backend: ServingController, interval: float = 5.0,
-                 clock: IReactorTime | None = None) -> None:
-        from twisted.internet import reactor
-
+    def __init__(self, cache: CacheManager, backend: ServingController, clock: IReactorTime,
+                 interval: float = 5.0) -> None:
         self.cache, self.backend, self.interval = cache, backend, interval
-        self.clock: IReactorTime = clock or reactor  # type: ignore[assignment]
+        self.clock = clock
         self.healthy: bool | None = None
         self._listeners: list[Callable[[bool], None]] = []
         self._loop: task.LoopingCall | None = None

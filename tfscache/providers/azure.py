@@ -68,7 +68,7 @@ class AzureBlobModelProvider(ObjectStoreProvider):
         max_attempts: int = 3,
         download_attempts: int = 3,
         verify_md5: bool = True,
-        reactor: Any = None,
+        reactor: Any,
         own_shutdown: bool = True,
         copy_threads: int = 4,
     ) -> None:
@@ -102,7 +102,7 @@ class AzureBlobModelProvider(ObjectStoreProvider):
                         else "account key" if account_key else "DefaultAzureCredential")
 
     @classmethod
-    def from_config(cls, p: ProviderSettings, reactor: Any = None, own_shutdown: bool = True) -> AzureBlobModelProvider:
+    def from_config(cls, p: ProviderSettings, reactor: Any, own_shutdown: bool = True) -> AzureBlobModelProvider:
         """From the ``model_provider`` settings."""
         from tfscache.config import required
 

@@ -53,7 +53,7 @@ class GCSModelProvider(ObjectStoreProvider):
         retry_timeout: float = 30.0,
         download_attempts: int = 3,
         verify_checksums: bool = True,
-        reactor: Any = None,
+        reactor: Any,
         own_shutdown: bool = True,
         copy_threads: int = 4,
     ) -> None:
@@ -79,7 +79,7 @@ class GCSModelProvider(ObjectStoreProvider):
         self._retry: Any = None
 
     @classmethod
-    def from_config(cls, p: ProviderSettings, reactor: Any = None, own_shutdown: bool = True) -> GCSModelProvider:
+    def from_config(cls, p: ProviderSettings, reactor: Any, own_shutdown: bool = True) -> GCSModelProvider:
         """From the ``model_provider`` settings."""
         from tfscache.config import required
 

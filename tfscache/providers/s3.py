@@ -72,7 +72,7 @@ class S3ModelProvider(ObjectStoreProvider):
         max_attempts: int = 3,
         download_attempts: int = 3,
         verify_md5: bool = True,
-        reactor: Any = None,
+        reactor: Any,
         own_shutdown: bool = True,
         copy_threads: int = 4,
     ) -> None:
@@ -99,7 +99,7 @@ class S3ModelProvider(ObjectStoreProvider):
         self._s3: Any = None
 
     @classmethod
-    def from_config(cls, p: ProviderSettings, reactor: Any = None, own_shutdown: bool = True) -> S3ModelProvider:
+    def from_config(cls, p: ProviderSettings, reactor: Any, own_shutdown: bool = True) -> S3ModelProvider:
         """From the ``model_provider`` settings."""
         from tfscache.config import required
 

@@ -1,7 +1,7 @@
 """Cluster membership: static list, etcd (lease + watch), Consul (TTL check + blocking queries)
 or Kubernetes (a Service's ready endpoints, watched).
 
-``make_discovery(cfg, self_member, health_check, clock)`` builds the one the configuration
+``make_discovery(cfg, self_member, reactor, health_check, clock)`` builds the one the configuration
 asks for.  Every implementation is an ``IDiscovery`` and a Twisted ``Service``:
 
 - ``startService`` starts following the member list; ``members()`` never blocks and keeps the
@@ -96,19 +96,17 @@ class DiscoveryBase(service.Service):
     def __init__(
         self,
         self_member: Member,
+        clock: IReactorTime,
         health_check: HealthCheck | None = None,
         ttl: float = 10.0,
-        clock: IReactorTime | None = None,
         min_backoff: float = MIN_BACKOFF,
         max_backoff: float = MAX_BACKOFF,
     ) -> None:
-        from twisted.internet import reactor
-
         self.self_member = self_member
         self.health_check = health_check or _always_healthy
         self.ttl = float(ttl)
         self.refresh_interval = self.ttl / 3.0
-        self.clock: IReactorTime = clock or reactor  # type: ignore[assignment]
+        self.clock = clock
         self.min_backoff, self.max_backoff = min_backoff, max_backoff
         self._members: tuple[Member, ...] = ()
         self._subscribers: list[Callable[[list[Member]], None]] = []
@@ -379,10 +377,12 @@ class DiscoveryBase(service.Service):
 def make_discovery(
     cfg: Config,
     self_member: Member,
+    reactor: Any,
     health_check: HealthCheck | None = None,
     clock: IReactorTime | None = None,
 ) -> service.Service:
-    """The discovery ``cfg.cluster.discovery`` asks for (an ``IDiscovery`` and a ``Service``)."""
+    """The discovery ``cfg.cluster.discovery`` asks for (an ``IDiscovery`` and a ``Service``),
+    on ``reactor``; its timing on ``clock`` (default: the reactor)."""
     d = cfg.cluster.discovery
     if d.type == "static":
         from tfscache.cluster.discovery.static import StaticDiscovery
@@ -395,7 +395,7 @@ def make_discovery(
         return EtcdDiscovery(
             d.endpoints, self_member, health_check, prefix=d.prefix, ttl=d.ttl_seconds,
             username=d.username, password=d.password, ca_cert=d.ca_cert,
-            client_cert=d.client_cert, client_key=d.client_key, clock=clock,
+            client_cert=d.client_cert, client_key=d.client_key, clock=clock, reactor=reactor,
         )
     if d.type == "consul":
         from tfscache.cluster.discovery.consul import ConsulDiscovery
@@ -403,14 +403,14 @@ def make_discovery(
         return ConsulDiscovery(
             d.endpoints, self_member, health_check, service=d.service,
             prefix=d.prefix, ttl=d.ttl_seconds, token=d.token, ca_cert=d.ca_cert,
-            client_cert=d.client_cert, client_key=d.client_key, clock=clock,
+            client_cert=d.client_cert, client_key=d.client_key, clock=clock, reactor=reactor,
         )
     from tfscache.cluster.discovery.kubernetes import KubernetesDiscovery
 
     return KubernetesDiscovery(
         self_member, health_check, service=d.service or "tfscache",
         namespace=d.namespace, kubeconfig=d.kubeconfig, rest_port_name=d.rest_port_name,
-        grpc_port_name=d.grpc_port_name, ttl=d.ttl_seconds, clock=clock,
+        grpc_port_name=d.grpc_port_name, ttl=d.ttl_seconds, clock=clock, reactor=reactor,
     )
 
 

@@ -96,10 +96,10 @@ class ConsulDiscovery(DiscoveryBase):
         wait_seconds: float = 30.0,
         min_backoff: float = MIN_BACKOFF,
         max_backoff: float = MAX_BACKOFF,
+            *,
+        reactor: Any,
     ) -> None:
-        from twisted.internet import reactor
-
-        super().__init__(self_member, health_check, ttl, clock, min_backoff, max_backoff)
+        super().__init__(self_member, clock or reactor, health_check, ttl, min_backoff, max_backoff)
         if not endpoints:
             raise ValueError("cluster.discovery.endpoints: a value is required for type consul")
         tls = tls_requested(ca_cert, client_cert, client_key)

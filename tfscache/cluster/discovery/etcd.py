@@ -47,7 +47,7 @@ from etcd3gw.lease import Lease
 from etcd3gw.utils import _decode, _encode, _increment_last_byte
 from requests.adapters import HTTPAdapter
 from twisted.internet import defer
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.logger import Logger
 from urllib3.connection import HTTPConnection
 
@@ -276,11 +276,10 @@ class WatchStream:
     notification, or the stream opening."""
 
     def __init__(self, conn: EtcdConnection, prefix: str, start_revision: int,
-                 on_events: Callable[[list[dict[str, Any]]], None], clock: IReactorTime | None = None) -> None:
-        from twisted.internet import reactor
-
+                 on_events: Callable[[list[dict[str, Any]]], None], reactor: IReactorFromThreads,
+                 clock: IReactorTime) -> None:
         self._reactor = reactor
-        self.clock: IReactorTime = clock or reactor  # type: ignore[assignment]
+        self.clock = clock
         self.heard = self.clock.seconds()
         self.messages = 0
         self.conn, self.prefix, self.start_revision = conn, prefix, start_revision
@@ -315,7 +314,7 @@ class WatchStream:
             if stopped:
                 _shutdown(resp)
                 return
-            self._reactor.callFromThread(self._heard)  # type: ignore[attr-defined]
+            self._reactor.callFromThread(self._heard)
             buffer = b""
             for chunk in resp.iter_content(chunk_size=None):
                 buffer += chunk
@@ -329,7 +328,7 @@ class WatchStream:
             error = e
         finally:
             if not self._stopped:
-                self._reactor.callFromThread(self._finish, error)  # type: ignore[attr-defined]
+                self._reactor.callFromThread(self._finish, error)
 
     def _message(self, message: dict[str, Any]) -> bool:
         if "error" in message:
@@ -339,9 +338,9 @@ class WatchStream:
             return False
         events = result.get("events")
         if events:
-            self._reactor.callFromThread(self._deliver, events)  # type: ignore[attr-defined]
+            self._reactor.callFromThread(self._deliver, events)
         else:  # a progress notification (or the created message)
-            self._reactor.callFromThread(self._heard)  # type: ignore[attr-defined]
+            self._reactor.callFromThread(self._heard)
         return True
 
     def _heard(self) -> None:
@@ -398,8 +397,10 @@ class EtcdDiscovery(DiscoveryBase):
         connection: EtcdConnection | None = None,
         run_blocking: Callable[..., defer.Deferred[Any]] | None = None,
         watch_silence: float | None = None,
+            *,
+        reactor: Any,
     ) -> None:
-        super().__init__(self_member, health_check, ttl, clock, min_backoff, max_backoff)
+        super().__init__(self_member, clock or reactor, health_check, ttl, min_backoff, max_backoff)
         self.lease_ttl = max(1, math.ceil(self.ttl))
         self.prefix = prefix.rstrip("/") + "/members/"
         self.key = self.prefix + self_member.id
@@ -409,8 +410,7 @@ class EtcdDiscovery(DiscoveryBase):
             keepalive_idle=max(1, math.ceil(self.ttl)))
         self.watch_silence = watch_silence or WATCH_SILENCE_TTLS * self.ttl
         self._run = run_blocking or self._in_pool
-        from twisted.internet import reactor  # the real one: self.clock may be a test's Clock
-
+        self._reactor = reactor  # the real one: self.clock may be a test's Clock
         self._pool = OwnThreadPool(reactor, ETCD_THREADS, "tfscache-etcd")
         self.lease_id: int | None = None
         self._by_key: dict[str, Member] = {}
@@ -476,7 +476,8 @@ class EtcdDiscovery(DiscoveryBase):
                 by_key[key] = member
         self._by_key = by_key
         self._set_members(by_key.values())  # republishes this node if its record vanished
-        stream = self._watch = WatchStream(self.conn, self.prefix, revision + 1, self._on_events, self.clock)
+        stream = self._watch = WatchStream(self.conn, self.prefix, revision + 1, self._on_events,
+                                                 self._reactor, self.clock)
         self._watchdog_call = self.clock.callLater(self.watch_silence, self._watchdog)
         try:
             await stream.done

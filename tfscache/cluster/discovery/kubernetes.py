@@ -170,10 +170,10 @@ class KubernetesDiscovery(DiscoveryBase):
         watch_seconds: int = 300,
         min_backoff: float = MIN_BACKOFF,
         max_backoff: float = MAX_BACKOFF,
+            *,
+        reactor: Any,
     ) -> None:
-        from twisted.internet import reactor
-
-        super().__init__(self_member, health_check, ttl, clock, min_backoff, max_backoff)
+        super().__init__(self_member, clock or reactor, health_check, ttl, min_backoff, max_backoff)
         env = os.environ if environ is None else environ
         if access is None:
             access = from_kubeconfig(kubeconfig) if kubeconfig else in_cluster(env)
