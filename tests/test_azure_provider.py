@@ -55,7 +55,7 @@ class AzureProviderTests(ObjectStoreCases, unittest.TestCase):
         from tfscache.providers.azure import AzureBlobModelProvider
 
         args: dict[str, Any] = dict(account_url=self.azurite.account_url,
-                                    account_key=self.azurite.account_key, max_attempts=2)
+                                    account_key=self.azurite.account_key, max_attempts=2, reactor=reactor)
         args.update(kw)
         return AzureBlobModelProvider(args.pop("container", self.container), args.pop("prefix", self.prefix), **args)
 
@@ -127,8 +127,8 @@ class AzureProviderTests(ObjectStoreCases, unittest.TestCase):
         from tfscache.providers.azure import AzureBlobModelProvider, account_name
 
         self.assertRaises(ValueError, AzureBlobModelProvider, "c", account_url="https://a.blob.core.windows.net",
-                          sas_token="x", account_key="y")
-        self.assertRaises(ValueError, AzureBlobModelProvider, "c")  # no URL, no connection string
+                          sas_token="x", account_key="y", reactor=reactor)
+        self.assertRaises(ValueError, AzureBlobModelProvider, "c", reactor=reactor)  # no URL, no connection string
         self.assertEqual(account_name("https://acct.blob.core.windows.net"), "acct")
         self.assertEqual(account_name("http://127.0.0.1:10000/devstoreaccount1"), "devstoreaccount1")
 

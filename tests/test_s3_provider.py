@@ -84,7 +84,7 @@ class S3ProviderTests(unittest.TestCase):
             endpoint_url=self.server.endpoint_url, region="us-east-1",
             access_key_id=self.server.access_key, secret_access_key=self.server.secret_key,
             multipart_threshold=5 * MIB, progress_interval=0.2, connect_timeout=2.0,
-            read_timeout=10.0, max_attempts=2, download_attempts=2,
+            read_timeout=10.0, max_attempts=2, download_attempts=2, reactor=reactor,
         )
         args.update(kw)
         cls = args.pop("cls", S3ModelProvider)

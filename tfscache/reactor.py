@@ -46,7 +46,7 @@ def _install(loop: asyncio.AbstractEventLoop) -> None:
             # "shutdown", whose trigger crashes the reactor, after every test) must not leave
             # a stop pending on the loop: the next run would return at once
             if self._asyncioEventloop.is_running():
-                super().crash()
+                super().crash()  # type: ignore[no-untyped-call]
             else:
                 ReactorBase.crash(self)
 

@@ -8,7 +8,7 @@ import signal
 import ssl
 import sys
 from collections.abc import Callable
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -34,6 +34,12 @@ from tfscache.transport import http_server
 from tfscache.transport.grpc_client import as_deferred
 from tfscache.transport.http_server import HttpLimits
 from tfscache.wire import HttpReply, HttpRequest
+
+if TYPE_CHECKING:
+    from tfscache.cluster.discovery import DiscoveryBase
+    from tfscache.cluster.discovery.static import StaticDiscovery
+    from tfscache.cluster.members import Member
+    from tfscache.cluster.router import Router
 
 
 def make_provider(cfg: Config, reactor: Any, own_shutdown: bool = True) -> IModelProvider:
@@ -76,7 +82,7 @@ class NodeService(service.MultiService):
     log = Logger()
 
     def __init__(self, cfg: Config, reactor: Any, config_path: str | None = None, daemon: bool = False) -> None:
-        super().__init__()
+        service.MultiService.__init__(self)
         self.reactor = reactor
         self.cfg = cfg
         self.config_path = config_path
@@ -110,8 +116,8 @@ class NodeService(service.MultiService):
         # the router replaces the local node as the front ends' handler once the listening
         # ports (which the member record carries) are known
         self.handler: Any = self.local
-        self.discovery: Any = None
-        self.router: Any = None
+        self.discovery: DiscoveryBase | StaticDiscovery | None = None
+        self.router: Router | None = None
         self.admin = None
         if cfg.admin.enabled:
             from tfscache.frontend.admin import AdminApi
@@ -233,7 +239,7 @@ class NodeService(service.MultiService):
         try:
             self.rest_listener = await as_deferred(
                 http_server.listen(self.rest_factory, listen.host, listen.rest_port, tls))
-            self.grpc.setServiceParent(self)
+            service.MultiService.addService(self, self.grpc)
             await self.grpc.started
         except Exception as e:
             self.log.error("cannot listen on {host} (listen.rest_port {rest}, listen.grpc_port {grpc}): {error}; "
@@ -241,8 +247,8 @@ class NodeService(service.MultiService):
                            error=str(e) or repr(e))
             self._exit_failed()
             raise StartupError(str(e))
-        self.monitor.setServiceParent(self)
-        self.source.setServiceParent(self)
+        service.MultiService.addService(self, self.monitor)
+        service.MultiService.addService(self, self.source)
         self._join_cluster()
         self.ready = True
         # the source's first check logs its own line when the source cannot be read (a source
@@ -262,6 +268,7 @@ class NodeService(service.MultiService):
             state="ready" if self.source.checked and self.source.problem is None else
             "listening, NOT ready (model source)",
         )
+        assert self.discovery is not None  # _join_cluster made it
         await self.discovery.publish()
 
     def _join_cluster(self) -> None:
@@ -272,15 +279,16 @@ class NodeService(service.MultiService):
         c = self.cfg
         assert self.grpc.bound_port is not None
         self.self_member = Member(c.node.id, c.node.advertise_host, self.rest_port, self.grpc.bound_port)
-        self.discovery = make_discovery(c, self.self_member, self.reactor, health_check=self.backend.check)
+        self.discovery = discovery = make_discovery(c, self.self_member, self.reactor,
+                                                    health_check=self.backend.check)
         self.router = Router(
-            self.local, self.discovery, c.node.id, c.cluster.replicas_per_model,
+            self.local, discovery, c.node.id, c.cluster.replicas_per_model,
             c.cluster.forward_timeout_seconds, c.cluster.spread_inflight_threshold, self.metrics,
             clock=self.reactor, tls=bool(c.listen.tls_cert), tls_ca=read_file(c.cluster.tls_ca_cert),
             spill_over=c.cluster.spill_over,
         )
         self.handler = self.rest.handler = self.grpc.handler = self.router
-        self.discovery.setServiceParent(self)
+        service.MultiService.addService(self, discovery)
 
     @defer.inlineCallbacks
     def stopService(self):  # type: ignore[no-untyped-def]
@@ -404,10 +412,10 @@ class NodeService(service.MultiService):
         return bool(rest and rest.draining)
 
     # -- cluster views for the admin API ----------------------------------------------------
-    def _describe(self, member: Any) -> dict[str, Any]:
+    def _describe(self, member: Member) -> dict[str, Any]:
         return {"id": member.id, "host": member.host, "rest_port": member.rest_port,
                 "grpc_port": member.grpc_port, "self": member.id == self.cfg.node.id,
-                "down": self.router.is_down(member.id)}
+                "down": self.router is not None and self.router.is_down(member.id)}
 
     def _members(self) -> list[dict[str, Any]]:
         return [self._describe(m) for m in self.router.members()] if self.router else []

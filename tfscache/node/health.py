@@ -38,14 +38,14 @@ class BackendMonitor(service.Service):
         self._listeners.append(listener)
 
     def startService(self) -> None:
-        super().startService()
+        service.Service.startService(self)
         self._loop = task.LoopingCall(self.check)
         self._loop.clock = self.clock
         self._loop.start(self.interval, now=True).addErrback(
             lambda f: self.log.failure("backend monitor stopped", failure=f))
 
     def stopService(self) -> None:
-        super().stopService()
+        service.Service.stopService(self)
         if self._loop is not None and self._loop.running:
             self._loop.stop()
 

@@ -218,7 +218,7 @@ class CacheManager:
                                             "{error}", model=name, error=f.getErrorMessage()))
             return labels
 
-        listing = self.provider.list_labels(name)  # type: ignore[attr-defined]
+        listing = self.provider.list_labels(name)
         return self._bounded(name, "version labels", listing).addCallback(tell_backend)
 
     def set_source_problem(self, problem: str | None) -> None:

@@ -48,7 +48,7 @@ class _Method:
             response_deserializer=response.FromString,
         )
 
-    def __call__(self, request: object, timeout: float, target: str) -> defer.Deferred:
+    def __call__(self, request: object, timeout: float, target: str) -> defer.Deferred[Any]:
         return future_to_deferred(self._reactor, self._call.future(request, timeout=timeout), target)
 
 
@@ -273,7 +273,7 @@ class ServingController:
                 self.log.warn("reload config: {msg}", msg=resp.status.error_message)
             self._settle(generation, None)
 
-        def failed(f: defer.Failure) -> None:
+        def failed(f: Failure) -> None:
             err = f.value if isinstance(f.value, ServingError) else unavailable(str(f.value))
             if err.code == Code.DEADLINE_EXCEEDED:
                 self._timed_out(generation, request)
@@ -369,10 +369,10 @@ class ServingController:
     def check(self) -> defer.Deferred[None]:
         """Alive if GetModelStatus answers at all (NOT_FOUND for a name nobody serves is fine)."""
 
-        def judge(f: defer.Failure) -> None:
+        def judge(f: Failure) -> Failure | None:
             if isinstance(f.value, ServingError) and f.value.code in (Code.NOT_FOUND, Code.INVALID_ARGUMENT):
                 return None
-            return f  # type: ignore[return-value]
+            return f
 
         return self.status("__tfscache_health__", timeout=2.0).addCallbacks(lambda _: None, judge)
 

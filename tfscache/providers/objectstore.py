@@ -537,7 +537,7 @@ class ObjectStoreProvider:
             self._workers.discard(worker)
             if isinstance(result, Failure):
                 if not result.check(CopyStoppedError, ServingError):
-                    result = Failure(self._error(result.value, name, version, "copying"))
+                    result = Failure(self._error(result.value or Exception("copy failed"), name, version, "copying"))
                 if not outer.called:
                     outer.errback(result)
                 else:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.application import service
 from twisted.internet import defer, task
@@ -32,6 +32,9 @@ from tfscache.cluster.members import Member
 from tfscache.config import Config, endpoint_url, tls_requested
 from tfscache.interfaces import IDiscovery
 from tfscache.util.deferreds import SharedResult, with_timeout
+
+if TYPE_CHECKING:
+    from tfscache.cluster.discovery.static import StaticDiscovery
 
 HealthCheck = Callable[[], defer.Deferred[Any]]
 MIN_BACKOFF = 0.25
@@ -54,6 +57,8 @@ def describe_error(error: BaseException | Failure) -> str:
     """One line saying why a call to the backend failed, for the logs: the TLS reason of a
     handshake failure rather than the wrappers around it (requests', twisted.web's)."""
     if isinstance(error, Failure):
+        if error.value is None:  # pragma: no cover - a Failure always wraps an exception
+            return "unknown error"
         error = error.value
     reasons = getattr(error, "reasons", None)  # twisted.web's ResponseNeverReceived and co.
     if isinstance(reasons, list) and reasons:
@@ -143,14 +148,14 @@ class DiscoveryBase(service.Service):
 
     # -- Service --------------------------------------------------------------------------------
     def startService(self) -> None:
-        super().startService()
+        service.Service.startService(self)
         self._follow_loop = defer.ensureDeferred(self._follow_forever())
         self._follow_loop.addErrback(lambda f: None if f.check(defer.CancelledError) else f)
         self._follow_loop.addErrback(lambda f: self.log.failure(
             "{backend}: member list no longer followed", failure=f, backend=self.backend))
 
     def stopService(self) -> defer.Deferred[None]:
-        super().stopService()
+        service.Service.stopService(self)
         d = self.withdraw() if self._want_published else defer.succeed(None)
 
         def stop_following(_: Any) -> defer.Deferred[None] | None:
@@ -380,7 +385,7 @@ def make_discovery(
     reactor: Any,
     health_check: HealthCheck | None = None,
     clock: IReactorTime | None = None,
-) -> service.Service:
+) -> DiscoveryBase | StaticDiscovery:
     """The discovery ``cfg.cluster.discovery`` asks for (an ``IDiscovery`` and a ``Service``),
     on ``reactor``; its timing on ``clock`` (default: the reactor)."""
     d = cfg.cluster.discovery

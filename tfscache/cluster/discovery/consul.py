@@ -247,4 +247,5 @@ class ConsulDiscovery(DiscoveryBase):
     def _closed(self) -> defer.Deferred[None]:
         if self._watching is not None:
             self._watching.cancel()
-        return self.pool.closeCachedConnections()
+        closed: defer.Deferred[None] = self.pool.closeCachedConnections()
+        return closed

@@ -364,7 +364,7 @@ class WatchStream:
 def _shutdown(resp: requests.Response) -> None:
     """Wake the thread blocked reading ``resp``: shut its socket down."""
     with contextlib.suppress(Exception):
-        fd = resp.raw._fp.fileno()  # type: ignore[union-attr]
+        fd = resp.raw._fp.fileno()
         s = socket.fromfd(fd, socket.AF_INET, socket.SOCK_STREAM)
         try:
             s.shutdown(socket.SHUT_RDWR)

@@ -40,8 +40,8 @@ from treq.client import HTTPClient
 from twisted.internet import defer, protocol, ssl
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, PotentialDataLoss, ResponseDone
-from twisted.web.http import PotentialDataLoss as HTTPPotentialDataLoss
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.web.http import PotentialDataLoss  # twisted.web.client re-exports this one
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
@@ -143,7 +143,7 @@ class _EventStream(protocol.Protocol):
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         if self.done.called:
             return
-        if reason.check(ResponseDone, PotentialDataLoss, HTTPPotentialDataLoss):
+        if reason.check(ResponseDone, PotentialDataLoss):
             self.done.callback(None)  # the server ended the watch (its timeoutSeconds)
         else:
             self.done.errback(reason)
@@ -368,4 +368,5 @@ class KubernetesDiscovery(DiscoveryBase):
     def _closed(self) -> defer.Deferred[None]:
         if self._stream is not None:
             self._stream.abort()
-        return self.pool.closeCachedConnections()
+        closed: defer.Deferred[None] = self.pool.closeCachedConnections()
+        return closed
