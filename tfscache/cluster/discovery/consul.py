@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import quote
@@ -205,7 +204,7 @@ class ConsulDiscovery(DiscoveryBase):
             if index:
                 params.update(index=str(index), wait=f"{self.wait_seconds:g}s")
                 timeout += self.wait_seconds * (1 + 1 / 16)  # Consul adds up to wait/16 of jitter
-            started = time.monotonic()
+            started = self.clock.seconds()
             self._watching = defer.ensureDeferred(self._request("GET", path, params=params, timeout=timeout))
             try:
                 code, headers, content = await self._watching
@@ -223,7 +222,7 @@ class ConsulDiscovery(DiscoveryBase):
             if new_index < index:
                 index = 0  # the index went backwards (agent restarted): start over
             else:
-                if new_index == index and time.monotonic() - started < 0.05:
+                if new_index == index and self.clock.seconds() - started < 0.05:
                     await task.deferLater(self.clock, 0.1)  # an early return with no change: slow down
                 index = max(new_index, 1)
 
