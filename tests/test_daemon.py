@@ -278,11 +278,9 @@ class DaemonTests(unittest.TestCase):
         with open(node.config_path, "w") as f:
             yaml.safe_dump(cfg, f)
         node.process.signal(signal.SIGHUP)
-        for _ in range(200):
-            log = open(node.process.log_path).read()
-            if "SIGHUP" in log:
-                break
-            yield threads.deferToThread(lambda: None)
+        # polled with a pause (200 bare thread round trips took less time than a loaded
+        # machine needs to handle the signal)
+        log = yield wait_for_log(node, "SIGHUP")
         self.assertIn("applied serving.max_models; need a restart to change: listen.grpc_threads", log)
         for name in ("d0", "d1"):
             reply = yield rest_predict(node.rest_url, name, [1.0])
