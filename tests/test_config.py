@@ -150,6 +150,15 @@ class ConfigTests(unittest.TestCase):
             msg = self.assertConfigError(members(good, bad), key + where)
             self.assertNotIn("Traceback", msg)
 
+    def test_discovery_endpoints_are_checked_at_load(self) -> None:
+        """What the etcd and Consul clients would refuse is refused by the schema, as one line."""
+        for kind, backend in (("etcd", "etcd"), ("consul", "Consul")):
+            msg = self.assertConfigError(
+                with_(MINIMAL, cluster={"discovery": {"type": kind, "endpoints": ["ftp://h:1"]}}),
+                "cluster.discovery.endpoints")
+            self.assertEqual(msg, f"cluster.discovery.endpoints: not a {backend} URL: 'ftp://h:1'")
+            self.assertConfigError(with_(MINIMAL, cluster={"discovery": {"type": kind}}), "cluster.discovery.endpoints")
+
     def test_provider_settings_reach_the_provider(self) -> None:
         from tfscache.service import make_provider
 
