@@ -345,7 +345,8 @@ class NodeService(service.MultiService):
         "serving.load_timeout_seconds": lambda self, c: self._set_load_timeout(
             c.serving.load_timeout_seconds, c.serving.config_write_timeout_seconds),
         "serving.config_write_timeout_seconds": lambda self, c: setattr(
-            self.backend, "reload_timeout", min(c.serving.config_write_timeout_seconds, c.serving.load_timeout_seconds)),
+            self.backend, "reload_timeout",
+            min(c.serving.config_write_timeout_seconds, c.serving.load_timeout_seconds)),
         "serving.request_timeout_seconds":
             lambda self, c: setattr(self.local, "request_timeout", c.serving.request_timeout_seconds),
         "model_provider.fetch_timeout_seconds":

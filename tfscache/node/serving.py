@@ -20,6 +20,7 @@ with the first write after.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import grpc
