@@ -55,8 +55,11 @@ def set_level(level: str) -> None:
     _predicate.setLogLevelForNamespace("", LEVELS[level])  # "": the default level
 
 
-def install(level: str, fmt: str, stream: IO[str] | None = None) -> None:
-    """Filter the global observers by level; with ``json``, write JSON lines instead."""
+def install(level: str, fmt: str, stream: IO[str] | None = None, clock: Any = None,
+            repeat_interval: float = 0.0) -> None:
+    """Filter the global observers by level; with ``json``, write JSON lines instead; with a
+    ``clock`` and a ``repeat_interval``, one warning per kind and model per interval
+    (util/repeats.py)."""
     set_level(level)
     if _installed:
         return
@@ -68,6 +71,10 @@ def install(level: str, fmt: str, stream: IO[str] | None = None) -> None:
     out = stream or sys.__stdout__
     targets = [JsonLinesObserver(out)] if fmt == "json" and out is not None else current
     for obs in targets:
+        if clock is not None and repeat_interval > 0:
+            from tfscache.util.repeats import RepeatFilter
+
+            obs = RepeatFilter(obs, clock, repeat_interval)
         wrapped = FilteringLogObserver(obs, [_predicate])
         globalLogPublisher.addObserver(wrapped)
         _installed.append(wrapped)
