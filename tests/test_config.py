@@ -9,6 +9,7 @@ import yaml
 from twisted.internet import reactor
 from twisted.trial import unittest
 
+from tests.harness.node import CLUSTER_SECRET
 from tests.harness.process import REPO_ROOT
 from tfscache.config import (
     ConfigError,
@@ -131,11 +132,38 @@ class ConfigTests(unittest.TestCase):
         cfg = load_config(with_(MINIMAL, listen={"rest_port": 0, "grpc_port": 65535}), environ={})
         self.assertEqual((cfg.listen.rest_port, cfg.listen.grpc_port), (0, 65535))
 
+    def test_cluster_secret(self) -> None:
+        one = {"id": "n1", "host": "10.0.0.1", "rest_port": 8501, "grpc_port": 8500}
+        two = dict(one, id="n2", host="10.0.0.2")
+        # a single node needs no secret
+        load_config(MINIMAL, environ={})
+        load_config(with_(MINIMAL, cluster={"discovery": {"members": [one]}}), environ={})
+        # more than one member does, whatever the discovery
+        for discovery in ({"members": [one, two]}, {"type": "etcd", "endpoints": ["http://127.0.0.1:2379"]},
+                          {"type": "kubernetes"}):
+            msg = self.assertConfigError(with_(MINIMAL, cluster={"discovery": discovery}), "cluster.secret")
+            self.assertIn("required with more than one member", msg)
+        multi = {"discovery": {"members": [one, two]}}
+        cfg = load_config(with_(MINIMAL, cluster=multi), environ={"TFSCACHE_CLUSTER__SECRET": CLUSTER_SECRET})
+        self.assertEqual(cfg.cluster.secret, CLUSTER_SECRET)
+        msg = self.assertConfigError(with_(MINIMAL, cluster=dict(multi, secret="short")), "cluster.secret")
+        self.assertIn("16 bytes at least", msg)
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(CLUSTER_SECRET + "\n")
+        cfg = load_config(with_(MINIMAL, cluster=dict(multi, secret_file=path)), environ={})
+        self.assertEqual(cfg.cluster.secret_file, path)
+        self.assertConfigError(with_(MINIMAL, cluster=dict(multi, secret_file=path + ".missing")),
+                               "cluster.secret_file")
+        self.assertConfigError(with_(MINIMAL, cluster=dict(multi, secret_file=path, secret=CLUSTER_SECRET)),
+                               "cluster.secret_file")
+
     def test_static_members(self) -> None:
         good = {"id": "n1", "host": "10.0.0.1", "rest_port": 8501, "grpc_port": 8500}
 
         def members(*entries: object) -> dict:
-            return with_(MINIMAL, cluster={"discovery": {"type": "static", "members": list(entries)}})
+            return with_(MINIMAL, cluster={"secret": CLUSTER_SECRET,
+                                           "discovery": {"type": "static", "members": list(entries)}})
 
         cfg = load_config(members(good, {"host": "10.0.0.2", "rest_port": 1, "grpc_port": 65535}), environ={})
         self.assertEqual(len(cfg.cluster.discovery.members), 2)

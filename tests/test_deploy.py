@@ -3,6 +3,7 @@ code — ports, probe paths, TF Serving's flags, and configs that validate."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -56,6 +57,11 @@ def published(ports: list[str]) -> dict[int, int]:
     return out
 
 
+# what the manifests give the tfscache container beside its config file: the cluster's secret
+# (checked to come from a Secret in check_kubernetes and test_compose)
+POD_ENV = {"TFSCACHE_CLUSTER__SECRET": "a-secret-from-the-pods-environment"}
+
+
 def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
     return [d for d in docs if d and d.get("kind") == kind]
 
@@ -70,11 +76,14 @@ def check_kubernetes(test: unittest.TestCase, docs: list[dict[str, Any]]) -> Non
     reads, a PDB, resources, a drain shorter than the grace period, and no etcd."""
     (config_map,), (statefulset,) = by_kind(docs, "ConfigMap"), by_kind(docs, "StatefulSet")
     cfg_data = yaml.safe_load(config_map["data"]["tfscache.yaml"])
-    cfg = load_config(cfg_data, environ={})
+    cfg = load_config(cfg_data, environ=POD_ENV)
     pod = statefulset["spec"]["template"]["spec"]
     containers = containers_of(pod)
     check_pair(test, containers["tfserving"]["args"], cfg_data)
     cache = containers["tfscache"]
+    env = {e["name"]: e for e in cache["env"]}
+    test.assertEqual(env["TFSCACHE_CLUSTER__SECRET"]["valueFrom"]["secretKeyRef"]["key"], "secret")
+    test.assertEqual(load_config(cfg_data, environ={"TFSCACHE_CLUSTER__SECRET": "x" * 16}).cluster.secret, "x" * 16)
     test.assertEqual(cache["livenessProbe"]["httpGet"]["path"], "/healthz")
     test.assertEqual(cache["readinessProbe"]["httpGet"]["path"], "/readyz")
     ports = {p["name"]: p["containerPort"] for p in cache["ports"]}
@@ -142,7 +151,7 @@ def check_pair(test: unittest.TestCase, tfserving_args: list[str], cfg_data: dic
     """TF Serving's flags and ports agree with the tfscache config beside it."""
     test.assertTrue(REQUIRED_TFSERVING_FLAGS <= set(tfserving_args), tfserving_args)
     test.assertTrue(any(a.startswith("--model_config_file=") for a in tfserving_args))
-    cfg = load_config(cfg_data, environ={})
+    cfg = load_config(cfg_data, environ=POD_ENV)
     grpc_port, rest_port = tfserving_ports(tfserving_args)
     test.assertEqual(cfg.serving.grpc_target, f"127.0.0.1:{grpc_port}")
     test.assertEqual(cfg.serving.rest_url, f"http://127.0.0.1:{rest_port}")
@@ -177,14 +186,19 @@ class DeployFilesTests(unittest.TestCase):
             cache_mount = [v for v in cache["volumes"] if v.endswith(":/var/cache/tfscache")]
             tfs_mount = [v for v in tfs["volumes"] if ":/var/cache/tfscache" in v]
             self.assertEqual(cache_mount[0].split(":")[0], tfs_mount[0].split(":")[0])
-        self.assertEqual(load_config(cfg, environ={}).disk_cache.path, "/var/cache/tfscache")
+        self.assertEqual(load_config(cfg, environ=POD_ENV).disk_cache.path, "/var/cache/tfscache")
         self.assertIn("etcd", services)
         self.assertEqual(cfg["cluster"]["discovery"]["type"], "etcd")
+        for suffix in ("a", "b"):  # both nodes get the one secret from the environment
+            self.assertEqual(services[f"tfscache-{suffix}"]["environment"]["TFSCACHE_CLUSTER__SECRET"],
+                             services["tfscache-a"]["environment"]["TFSCACHE_CLUSTER__SECRET"])
+            self.assertIn("${TFSCACHE_CLUSTER_SECRET:?", services[f"tfscache-{suffix}"]["environment"]
+                          ["TFSCACHE_CLUSTER__SECRET"])
 
     def test_compose_publishes_the_cache_ports(self) -> None:
         services = yaml.safe_load(read("docker-compose.yml"))["services"]
         with open(os.path.join(DEPLOY, "tfscache-compose.yaml")) as f:
-            listen = load_config(yaml.safe_load(f), environ={}).listen
+            listen = load_config(yaml.safe_load(f), environ=POD_ENV).listen
         # the host ports the header promises, per sidecar pair
         header = {"a": {listen.grpc_port: 8500, listen.rest_port: 8501},
                   "b": {listen.grpc_port: 8510, listen.rest_port: 8511}}
@@ -284,13 +298,26 @@ class ChartTests(unittest.TestCase):
     def test_rendered_with_a_pvc(self) -> None:
         docs = render()
         check_kubernetes(self, docs)
+        # the chart makes the cluster's secret itself, random, and the pods read that one
+        (secret,) = by_kind(docs, "Secret")
+        (sts,) = by_kind(docs, "StatefulSet")
+        env = {e["name"]: e for e in containers_of(sts["spec"]["template"]["spec"])["tfscache"]["env"]}
+        self.assertEqual(env["TFSCACHE_CLUSTER__SECRET"]["valueFrom"]["secretKeyRef"]["name"],
+                         secret["metadata"]["name"])
+        self.assertGreaterEqual(len(base64.b64decode(secret["data"]["secret"])), 32)
+        self.assertNotEqual(secret["data"]["secret"], by_kind(render(), "Secret")[0]["data"]["secret"])
+        own = render("--set", "cluster.existingSecret=mine")
+        self.assertEqual(by_kind(own, "Secret"), [])
+        env = {e["name"]: e for e in containers_of(by_kind(own, "StatefulSet")[0]["spec"]["template"]["spec"])
+               ["tfscache"]["env"]}
+        self.assertEqual(env["TFSCACHE_CLUSTER__SECRET"]["valueFrom"]["secretKeyRef"]["name"], "mine")
         (statefulset,) = by_kind(docs, "StatefulSet")
         pod = statefulset["spec"]["template"]["spec"]
         volumes = {v["name"]: v for v in pod["volumes"]}
         self.assertEqual(volumes["model-source"]["persistentVolumeClaim"],
                          {"claimName": "tfscache-models", "readOnly": True})
         self.assertEqual(by_kind(docs, "RoleBinding")[0]["subjects"][0]["namespace"], "ml")
-        cfg = load_config(yaml.safe_load(by_kind(docs, "ConfigMap")[0]["data"]["tfscache.yaml"]), environ={})
+        cfg = load_config(yaml.safe_load(by_kind(docs, "ConfigMap")[0]["data"]["tfscache.yaml"]), environ=POD_ENV)
         self.assertEqual((cfg.disk_cache.capacity_bytes, cfg.serving.max_models, cfg.cluster.replicas_per_model),
                          (50 * 1024**3, 10, 2))
 
@@ -298,7 +325,7 @@ class ChartTests(unittest.TestCase):
         docs = render(*S3_VALUES, "--set", "cache.maxModels=25", "--set", "tfserving.extraArgs={--enable_batching}",
                       "--set", "tfscache.drainTimeoutSeconds=45")
         check_kubernetes(self, docs)
-        cfg = load_config(yaml.safe_load(by_kind(docs, "ConfigMap")[0]["data"]["tfscache.yaml"]), environ={})
+        cfg = load_config(yaml.safe_load(by_kind(docs, "ConfigMap")[0]["data"]["tfscache.yaml"]), environ=POD_ENV)
         self.assertEqual((cfg.model_provider.type, cfg.model_provider.s3.bucket, cfg.serving.max_models,
                           cfg.listen.drain_timeout_seconds), ("s3", "models", 25, 45.0))
         pod = by_kind(docs, "StatefulSet")[0]["spec"]["template"]["spec"]
@@ -309,7 +336,8 @@ class ChartTests(unittest.TestCase):
         secrets = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in containers["tfscache"]["env"]
                    if "secretKeyRef" in e.get("valueFrom", {})}
         self.assertEqual(secrets, {"AWS_ACCESS_KEY_ID": {"name": "models-s3", "key": "AWS_ACCESS_KEY_ID"},
-                                   "AWS_SECRET_ACCESS_KEY": {"name": "models-s3", "key": "AWS_SECRET_ACCESS_KEY"}})
+                                   "AWS_SECRET_ACCESS_KEY": {"name": "models-s3", "key": "AWS_SECRET_ACCESS_KEY"},
+                                   "TFSCACHE_CLUSTER__SECRET": {"name": "models-tfscache-cluster", "key": "secret"}})
         self.assertNotIn("model-source", {v["name"] for v in pod["volumes"]})
 
     def test_bad_values_are_refused_with_the_key(self) -> None:

@@ -15,6 +15,7 @@ from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
 from tests.harness import shared
+from tests.harness.node import CLUSTER_SECRET
 from tfscache.cluster.discovery import DiscoveryBase, make_discovery
 from tfscache.cluster.discovery.static import StaticDiscovery
 from tfscache.cluster.members import Member
@@ -90,21 +91,21 @@ class StaticTests(unittest.TestCase):
         base = {"disk_cache": {"path": "/tmp/x"}, "model_provider": {"disk": {"base_path": "/tmp/m"}}}
         me = member("me")
         self.assertIsInstance(make_discovery(load_config(base, environ={}), me, reactor), StaticDiscovery)
-        cfg = load_config(dict(base, cluster={"discovery": {
+        cfg = load_config(dict(base, cluster={"secret": CLUSTER_SECRET, "discovery": {
             "type": "etcd", "endpoints": ["http://127.0.0.1:1"], "ttl_seconds": 6}}), environ={})
         from tfscache.cluster.discovery.etcd import EtcdDiscovery
 
         d = make_discovery(cfg, me, reactor, Health())
         self.assertIsInstance(d, EtcdDiscovery)
         self.assertEqual((d.lease_ttl, d.refresh_interval, d.key), (6, 2.0, "/tfscache/members/me"))
-        cfg = load_config(dict(base, cluster={"discovery": {
+        cfg = load_config(dict(base, cluster={"secret": CLUSTER_SECRET, "discovery": {
             "type": "consul", "endpoints": ["http://127.0.0.1:1"], "prefix": "/tfs/prod"}}), environ={})
         from tfscache.cluster.discovery.consul import ConsulDiscovery
 
         d = make_discovery(cfg, me, reactor, Health())
         self.assertIsInstance(d, ConsulDiscovery)
         self.assertEqual(d.service, "tfs-prod")
-        cfg = load_config(dict(base, cluster={"discovery": {
+        cfg = load_config(dict(base, cluster={"secret": CLUSTER_SECRET, "discovery": {
             "type": "consul", "endpoints": ["127.0.0.1:8500"], "service": "models", "token": "t"}}), environ={})
         d = make_discovery(cfg, me, reactor, Health())
         self.assertEqual((d.service, d.endpoints, d.token), ("models", ["http://127.0.0.1:8500"], "t"))

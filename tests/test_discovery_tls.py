@@ -25,6 +25,7 @@ from twisted.trial import unittest
 
 from tests.harness import shared
 from tests.harness.certs import make_tls_files
+from tests.harness.node import CLUSTER_SECRET
 from tests.test_discovery import LogCapture, _consul_missing, ids, member, wait_until
 from tfscache.cluster.discovery import DiscoveryBase
 from tfscache.cluster.members import Member
@@ -471,7 +472,7 @@ class TlsOptionTests(unittest.TestCase):
 
     def load(self, **discovery: Any) -> Any:
         base = {"disk_cache": {"path": "/tmp/x"}, "model_provider": {"disk": {"base_path": "/tmp/m"}}}
-        return load_config(dict(base, cluster={"discovery": discovery}), environ={})
+        return load_config(dict(base, cluster={"secret": CLUSTER_SECRET, "discovery": discovery}), environ={})
 
     def test_config_checks(self) -> None:
         for kind in ("etcd", "consul"):

@@ -16,6 +16,7 @@ from twisted.protocols import portforward
 from twisted.trial import unittest
 
 from tests.harness import kube, shared
+from tests.harness.node import CLUSTER_SECRET
 from tests.test_discovery import Health, LogCapture, ids, member, wait_until
 from tfscache.cluster.discovery import make_discovery
 from tfscache.cluster.discovery.kubeconfig import ApiAccess, KubeConfigError, from_kubeconfig, in_cluster
@@ -310,7 +311,7 @@ class KubernetesTests(unittest.TestCase):
                                     {"kind": "User", "name": kube.CLIENT_CERT_USER,
                                      "apiGroup": "rbac.authorization.k8s.io"}, "client-cert-reader")
         path = self.api.kubeconfig(self.namespace, client_cert=True)
-        cfg = load_config(dict(BASE_CONFIG, cluster={"discovery": {
+        cfg = load_config(dict(BASE_CONFIG, cluster={"secret": CLUSTER_SECRET, "discovery": {
             "type": "kubernetes", "kubeconfig": path, "service": SERVICE}}), environ={})
         d = make_discovery(cfg, member("a"), reactor, Health())
         self.assertIsInstance(d, KubernetesDiscovery)
@@ -404,7 +405,7 @@ users: [{{name: u, user: {user}}}]
         self.assertIn("KUBERNETES_SERVICE_HOST", str(e.exception))
 
     def test_config(self) -> None:
-        cfg = load_config(dict(BASE_CONFIG, cluster={"discovery": {"type": "kubernetes"}}),
+        cfg = load_config(dict(BASE_CONFIG, cluster={"secret": CLUSTER_SECRET, "discovery": {"type": "kubernetes"}}),
                           environ={"POD_NAME": "tfscache-2", "POD_IP": "10.1.2.3"})
         self.assertEqual((cfg.node.id, cfg.node.advertise_host), ("tfscache-2", "10.1.2.3"))
         d = cfg.cluster.discovery
@@ -412,7 +413,8 @@ users: [{{name: u, user: {user}}}]
         cfg = load_config(BASE_CONFIG, environ={})
         self.assertEqual(cfg.node.advertise_host, "127.0.0.1")
         with self.assertRaises(ConfigError) as e:
-            load_config(dict(BASE_CONFIG, cluster={"discovery": {"type": "kubernetes", "kubeconfig": "/nonexistent"}}),
+            load_config(dict(BASE_CONFIG, cluster={"secret": CLUSTER_SECRET,
+                                                   "discovery": {"type": "kubernetes", "kubeconfig": "/nonexistent"}}),
                         environ={})
         self.assertEqual(str(e.exception), "cluster.discovery.kubeconfig: cannot read /nonexistent")
 

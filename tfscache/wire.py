@@ -14,10 +14,10 @@ from twisted.internet import defer
 from tfscache.errors import NODE_UNAVAILABLE_KEY
 
 # Set on every node-to-node forward (REST header, gRPC metadata): the receiving node serves
-# the request itself instead of routing it again.
+# the request itself instead of routing it again, once its value (the cluster's token,
+# cluster/forward_auth.py) verifies.
 FORWARDED_KEY = "x-tfscache-forwarded"
 FORWARDED_HEADER = FORWARDED_KEY.encode()
-FORWARDED_METADATA: tuple[tuple[str, str], ...] = ((FORWARDED_KEY, "1"),)
 NODE_UNAVAILABLE_HEADER = NODE_UNAVAILABLE_KEY.encode()
 
 # Hop-by-hop and framing headers are the transport's business, not the payload's (RFC 9110

@@ -31,8 +31,9 @@ marking the owner down (it serves its other models), and is counted in
 RESOURCE_EXHAUSTED.  A RESOURCE_EXHAUSTED without the marker (a message too large, TF
 Serving's own) goes back unchanged.
 
-Forwards carry the marker (REST header / gRPC metadata ``x-tfscache-forwarded: 1``), so the
-receiving node serves the request itself instead of routing it again.
+Forwards carry the marker (REST header / gRPC metadata ``x-tfscache-forwarded``), so the
+receiving node serves the request itself instead of routing it again; its value is the
+cluster's token (``forward_auth``), which the receiving front end verifies.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from tfscache.cluster.forward_auth import ForwardMarker, process_marker
 from tfscache.cluster.members import Member
 from tfscache.cluster.ring import Ring
 from tfscache.errors import NO_ROOM_KEY, Code, ServingError, deadline, unavailable
@@ -59,7 +61,7 @@ from tfscache.transport.http_client import ConnectFailed, ExchangeFailed, HttpCl
 from tfscache.util.timers import Timers
 from tfscache.wire import (
     FORWARDED_HEADER,
-    FORWARDED_METADATA,
+    FORWARDED_KEY,
     NODE_UNAVAILABLE_HEADER,
     HttpReply,
     HttpRequest,
@@ -106,6 +108,7 @@ class Router:
         tls_ca: bytes | None = None,
         tls: bool = False,
         spill_over: bool = True,
+        forward_marker: ForwardMarker | None = None,
     ) -> None:
         self.local, self.discovery, self.self_id = local, discovery, self_id
         self.replicas = max(1, replicas)
@@ -116,6 +119,9 @@ class Router:
         self.timers = Timers(clock)
         self.down_seconds = down_seconds
         self.spill_over = spill_over
+        marker = forward_marker or process_marker()
+        self._forwarded_header = (FORWARDED_HEADER, marker.header)
+        self._forwarded_metadata: tuple[tuple[str, str], ...] = ((FORWARDED_KEY, marker.value),)
         # TLS between nodes when the cluster serves TLS: peers are verified against tls_ca (or
         # the system's roots)
         self.scheme = b"https" if tls else b"http"
@@ -263,7 +269,7 @@ class Router:
 
     async def _rest_remote(self, member: Member, request: HttpRequest, remaining: float) -> HttpReply:
         headers = forwardable_headers(request.headers)
-        headers.append((FORWARDED_HEADER, b"1"))
+        headers.append(self._forwarded_header)
         try:
             reply: HttpReply = await self.http.request(self.scheme, member.host, member.rest_port, request.method,
                                                        request.path, headers, request.parts, request.length)
@@ -296,7 +302,8 @@ class Router:
                 channel.close(grace=self.forward_timeout)
             channel = self._channels[member.id] = self._channel_factory(member.grpc_target)
         try:
-            reply: bytes = await channel.call(method, payload, remaining, FORWARDED_METADATA + tuple(metadata))
+            reply: bytes = await channel.call(method, payload, remaining,
+                                               self._forwarded_metadata + tuple(metadata))
         except ServingError as e:
             if e.code == Code.UNAVAILABLE:
                 # node_wide unless the owner's trailing metadata said "this model only"; a failed

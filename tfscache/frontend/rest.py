@@ -3,7 +3,8 @@
 ``RestFrontend`` is the app behind the REST port's HTTP server (``transport.http_server``):
 the fixed paths (metrics, health) by exact match, ``/admin`` to the admin API, and everything
 else to TF Serving's own case-insensitive expressions (``tfscache.modelspec``).  A model call
-reads the method, the path and two headers (the forwarded marker, Content-Encoding); the
+reads the method, the path and two headers (the forwarded marker, which must verify, and
+Content-Encoding); the
 body's chunks go on to TF Serving as they came.  Every error is TF Serving's
 ``{"error": ...}`` with its HTTP code.
 """
@@ -18,6 +19,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
+from tfscache.cluster.forward_auth import ForwardMarker, process_marker, unverified_marker
 from tfscache.errors import Code, ServingError, invalid
 from tfscache.frontend.errors import as_serving_error, error_markers, rest_error_body
 from tfscache.interfaces import IRequestHandler
@@ -25,7 +27,7 @@ from tfscache.metrics import Metrics
 from tfscache.modelspec import parse_rest_path
 from tfscache.transport.http_server import HttpLimits, HttpServerFactory
 from tfscache.util.inflight import InFlight
-from tfscache.wire import FORWARDED_HEADER, HttpReply, HttpRequest, has_header, header_value
+from tfscache.wire import FORWARDED_HEADER, HttpReply, HttpRequest, header_value
 
 if TYPE_CHECKING:
     from tfscache.frontend.admin import AdminApi
@@ -60,10 +62,13 @@ class RestFrontend:
         extra_routes: dict[str, Route] | None = None,
         local: IRequestHandler | None = None,
         admin: AdminApi | None = None,
+        forward_marker: ForwardMarker | None = None,
     ) -> None:
         self.handler = handler
-        # a request another node's router forwarded here is served here, never routed again
+        # a request another node's router forwarded here (its marker verifies) is served here,
+        # never routed again; a client's marker does not verify and is routed as usual
         self.local = local or handler
+        self.forward_marker = forward_marker or process_marker()
         self.metrics = metrics
         self.max_request_bytes = max_request_bytes
         self.extra_routes = extra_routes or {}
@@ -113,7 +118,10 @@ class RestFrontend:
             # that they are gzip at all (a bomb must not be inflated here)
             if encoding is not None and encoding.lower() == b"gzip" and request.head(2) != b"\x1f\x8b":
                 raise invalid("Content-Encoding is gzip but the body is not gzip data")
-            forwarded = has_header(request.headers, FORWARDED_HEADER)
+            marker = header_value(request.headers, FORWARDED_HEADER)
+            forwarded = marker is not None and self.forward_marker.verify(marker)
+            if marker is not None and not forwarded:
+                unverified_marker(call.ref.name, "REST")
             d = (self.local if forwarded else self.handler).rest(call, request)
         except Exception as e:
             return self._failed(Failure(e), api, started)

@@ -81,3 +81,8 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 -}}
 {{- toYaml (mergeOverwrite $config .Values.tfscache.extraConfig) -}}
 {{- end -}}
+
+{{/* the Secret holding cluster.secret, the key "secret" */}}
+{{- define "tfscache.clusterSecret" -}}
+{{- .Values.cluster.existingSecret | default (printf "%s-cluster" (include "tfscache.fullname" .)) -}}
+{{- end -}}
