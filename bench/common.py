@@ -34,12 +34,12 @@ if ROOT not in sys.path:  # `python bench/x.py` as well as `python -m bench.x`
 
 from tests.harness.devserver import DevServer  # noqa: E402
 from tests.harness.node import NodeProcess, node_config  # noqa: E402
-from tests.harness.process import free_port  # noqa: E402
+from tests.harness.process import listen_port  # noqa: E402
 
 DEFAULT_OUT = os.path.join("bench", "results")
 
 __all__ = [
-    "DevServer", "NodeProcess", "Processes", "ROOT", "fetch_json", "free_port", "machine", "metric",
+    "DevServer", "NodeProcess", "Processes", "ROOT", "fetch_json", "listen_port", "machine", "metric",
     "node_config", "owner_index", "parse_args", "percentiles", "post_json", "print_table", "scrape", "wait_until",
     "write_models", "write_report",
 ]
@@ -276,7 +276,7 @@ class Processes(contextlib.AbstractContextManager["Processes"]):
         """``size`` nodes ``node-0``.. in one static cluster, each with its own DevServer
         (started here unless ``backends`` are given)."""
         backends = list(backends) if backends is not None else self.devservers(size)
-        ports = [(free_port(), free_port()) for _ in range(size)]
+        ports = [(listen_port(), listen_port()) for _ in range(size)]
         members = [{"id": f"node-{i}", "host": "127.0.0.1", "rest_port": r, "grpc_port": g}
                    for i, (r, g) in enumerate(ports)]
         extra_cluster = overrides.pop("cluster", {})

@@ -60,7 +60,7 @@ from typing import Any
 
 from bench.common import (
     Processes,
-    free_port,
+    listen_port,
     parse_args,
     post_json,
     print_table,
@@ -69,7 +69,7 @@ from bench.common import (
     write_report,
 )
 from bench.warm_overhead import INSTANCES, PREDICT_METHOD, WRK_LUA, choose_routed_name, cpu_seconds, wrk_cell
-from tests.harness.node import NodeProcess
+from tests.harness.node import CLUSTER_SECRET, NodeProcess
 from tests.harness.process import CACHE_DIR, ManagedProcess, ProcessFixture, tcp_ready
 from tests.harness.servers import EtcdServer
 
@@ -92,7 +92,7 @@ class Ports:
 
     def __call__(self) -> int:
         if not os.environ.get(NETNS_ENV):
-            return free_port()
+            return listen_port()
         self.next += 1
         return self.next
 
@@ -237,7 +237,7 @@ class OriginalNode(ProcessFixture):
 
 def tfscache_config(node_id: str, models: str, cache_dir: str, backend: Any, max_models: int,
                     members: list[dict[str, Any]] | None = None,
-                    port: Callable[[], int] = free_port) -> dict[str, Any]:
+                    port: Callable[[], int] = listen_port) -> dict[str, Any]:
     """A tfscache node's config: the configured defaults except the source, the cache, the
     backend, a model count that fits the cold cell, timeouts long enough for it, and warn-level
     logs. ``members``: a static cluster with replicas_per_model 1 (this node among them)."""
@@ -253,7 +253,8 @@ def tfscache_config(node_id: str, models: str, cache_dir: str, backend: Any, max
         "logging": {"level": "warn"},
     }
     if members:
-        cfg["cluster"] = {"replicas_per_model": 1, "discovery": {"type": "static", "members": members}}
+        cfg["cluster"] = {"replicas_per_model": 1, "secret": CLUSTER_SECRET,
+                          "discovery": {"type": "static", "members": members}}
     return cfg
 
 

@@ -38,7 +38,7 @@ from typing import Any
 from bench.common import (
     Processes,
     fetch_json,
-    free_port,
+    listen_port,
     metric,
     owner_index,
     parse_args,
@@ -308,7 +308,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def cluster_specs(size: int) -> list[dict[str, Any]]:
     """node_config overrides of ``size`` nodes in one static cluster, replicas_per_model 1 (all
     three nodes of this benchmark start in parallel, so not through ``Processes.cluster``)."""
-    ports = [(free_port(), free_port()) for _ in range(size)]
+    ports = [(listen_port(), listen_port()) for _ in range(size)]
     members = [{"id": f"node-{i}", "host": "127.0.0.1", "rest_port": r, "grpc_port": g}
                for i, (r, g) in enumerate(ports)]
     return [{"node_id": f"node-{i}", "listen": {"rest_port": r, "grpc_port": g, "grpc_threads": 32},

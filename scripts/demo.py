@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import random
+import secrets
 import statistics
 import sys
 import tempfile
@@ -27,7 +28,7 @@ from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc  # 
 
 from tests.harness.devserver import DevServer  # noqa: E402
 from tests.harness.node import NodeProcess, node_config  # noqa: E402
-from tests.harness.process import free_port  # noqa: E402
+from tests.harness.process import listen_port  # noqa: E402
 from tfscache.devserver.models import write_half_plus_two  # noqa: E402
 
 
@@ -116,10 +117,11 @@ def main(argv: list[str] | None = None) -> int:
 
     # Every node knows every other one from a static member list (the ports are chosen first).
     ids = [f"node-{n + 1}" for n in range(args.nodes)]
-    ports = [(free_port(), free_port()) for _ in ids]
+    ports = [(listen_port(), listen_port()) for _ in ids]
     members = [{"id": i, "host": "127.0.0.1", "rest_port": r, "grpc_port": g}
                for i, (r, g) in zip(ids, ports, strict=True)]
     backends = [DevServer() for _ in ids]
+    secret = secrets.token_hex(16)  # the nodes authenticate their forwards with it (cluster.secret)
     nodes: list[NodeProcess] = []
     print(f"demo: starting {args.nodes} TF Serving backend(s) (DevServer) ...")
     try:
@@ -129,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = node_config(models, backends[n], os.path.join(work, f"cache-{node_id}"), node_id=node_id,
                               listen={"rest_port": rest_port, "grpc_port": grpc_port},
                               serving={"max_models": args.max_models, "churn_guard_seconds": 0.2},
-                              cluster={"replicas_per_model": min(2, args.nodes),
+                              cluster={"replicas_per_model": min(2, args.nodes), "secret": secret,
                                        "discovery": {"type": "static", "members": members}})
             nodes.append(NodeProcess(cfg, name=node_id))
         print(f"demo: starting {args.nodes} tfscache node(s) (max_models={args.max_models} each) ...")

@@ -23,7 +23,7 @@ from twisted.trial import unittest
 from tests.clients import GrpcClient, http, rest_predict
 from tests.harness import shared
 from tests.harness.node import NodeProcess, node_config
-from tests.harness.process import REPO_ROOT, free_port
+from tests.harness.process import REPO_ROOT, listen_port, retry_on_collision, unused_port
 from tests.test_faults import until
 from tfscache.devserver.models import set_load_delay, write_corrupt_model, write_half_plus_two
 from tfscache.errors import Code, ServingError
@@ -368,7 +368,7 @@ class DaemonTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_readyz_waits_for_discovery(self):  # type: ignore[no-untyped-def]
         """Serving but not yet published (its etcd is not there): not ready."""
-        dead = f"http://127.0.0.1:{free_port()}"
+        dead = f"http://127.0.0.1:{unused_port()}"
         node = yield threads.deferToThread(
             self.start, cluster={"discovery": {"type": "etcd", "endpoints": [dead], "ttl_seconds": 3}})
         reply = yield http("GET", node.rest_url + "/readyz")
@@ -384,14 +384,19 @@ class DaemonTests(unittest.TestCase):
         from tfscache.cluster.members import Member
         from tfscache.cluster.ring import owners
 
-        rest, grpc_port = free_port(), free_port()
-        me = {"id": "node-test", "host": "127.0.0.1", "rest_port": rest, "grpc_port": grpc_port}
-        other = {"id": "node-other", "host": "127.0.0.1", "rest_port": free_port(), "grpc_port": free_port()}
-        members = [Member(**me), Member(**other)]
+        other = {"id": "node-other", "host": "127.0.0.1", "rest_port": unused_port(), "grpc_port": unused_port()}
+        # the owners depend on the member ids only
+        members = [Member("node-test", "127.0.0.1", 1, 1), Member(**other)]
         name = next(n for n in ("d0", "d1", "d2") if owners(n, members, 1)[0].id == "node-other")
-        node = yield threads.deferToThread(
-            self.start, listen={"rest_port": rest, "grpc_port": grpc_port},
-            cluster={"replicas_per_model": 1, "discovery": {"type": "static", "members": [me, other]}})
+
+        def start() -> NodeProcess:
+            # its own ports are in its member list, so chosen before it starts (retried if taken)
+            me = {"id": "node-test", "host": "127.0.0.1", "rest_port": listen_port(), "grpc_port": listen_port()}
+            return self.start(listen={"rest_port": me["rest_port"], "grpc_port": me["grpc_port"]},
+                              cluster={"replicas_per_model": 1, "discovery": {"type": "static",
+                                                                              "members": [me, other]}})
+
+        node = yield threads.deferToThread(retry_on_collision, start)
         reply = yield http("POST", node.rest_url + f"/admin/models/{name}:preload",
                            headers={b"authorization": [f"Bearer {TOKEN}".encode()]})
         self.assertEqual(reply.code, 200, reply.body)
@@ -462,9 +467,9 @@ class StartupErrorTests(unittest.TestCase):
             path = os.path.join(d, "tfscache.yaml")
             with open(path, "w") as f:
                 yaml.safe_dump({
-                    "listen": {"host": "127.0.0.1", "rest_port": free_port(), "grpc_port": free_port()},
+                    "listen": {"host": "127.0.0.1", "rest_port": 0, "grpc_port": 0},
                     "model_provider": {"disk": {"base_path": d}}, "disk_cache": {"path": not_a_dir},
-                    "serving": {"grpc_target": f"127.0.0.1:{free_port()}"},
+                    "serving": {"grpc_target": f"127.0.0.1:{unused_port()}"},
                 }, f)
             proc = subprocess.run(
                 [os.path.join(os.path.dirname(sys.executable), "twistd"), "-n", "--pidfile=", "tfscache",

@@ -377,11 +377,11 @@ class ErrorTests(NodeTestCase):
 
     @defer.inlineCallbacks
     def test_backend_down_is_unavailable(self):  # type: ignore[no-untyped-def]
-        from tests.harness.process import free_port
+        from tests.harness.process import unused_port
 
         class Gone:
-            grpc_target = f"127.0.0.1:{free_port()}"
-            rest_url = f"http://127.0.0.1:{free_port()}"
+            grpc_target = f"127.0.0.1:{unused_port()}"
+            rest_url = f"http://127.0.0.1:{unused_port()}"
 
         node = InProcessNode(node_config(self.models, Gone, serving={"load_timeout_seconds": 5}))
         yield node.start()

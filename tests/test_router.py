@@ -14,7 +14,7 @@ from twisted.internet import defer, reactor
 from twisted.trial import unittest
 from twisted.web.client import HTTPConnectionPool
 
-from tests.harness.process import free_port
+from tests.harness.process import unused_port
 from tfscache.cluster.discovery.static import StaticDiscovery
 from tfscache.cluster.members import Member
 from tfscache.cluster.ring import owners
@@ -193,7 +193,7 @@ class RouterTestCase(unittest.TestCase):
             nodes[i] = yield Node(i).start()
             self.addCleanup(nodes[i].stop)
         members = [n.member for n in nodes.values()]
-        members += [Member(d, "127.0.0.1", free_port(), free_port()) for d in dead]
+        members += [Member(d, "127.0.0.1", unused_port(), unused_port()) for d in dead]
         members += [Member(h, "127.0.0.1", black_hole(self), black_hole(self)) for h in holes]
         self.members = members
         for n in nodes.values():

@@ -21,7 +21,7 @@ from twisted.trial import unittest
 
 from tests.harness import shared
 from tests.harness.files import tree
-from tests.harness.process import free_port
+from tests.harness.process import unused_port
 from tests.harness.servers import S3Server
 from tests.objectstore_cases import ObjectStoreCases
 from tfscache.errors import Code, ServingError
@@ -378,7 +378,7 @@ class S3ProviderTests(unittest.TestCase):
             self.provider(bucket="no-such-bucket-here").check(), ServingError)
         self.assertEqual(err.code, Code.UNAVAILABLE)
         self.assertIn("does not exist", err.message)
-        dead = self.provider(endpoint_url=f"http://127.0.0.1:{free_port()}", max_attempts=1)
+        dead = self.provider(endpoint_url=f"http://127.0.0.1:{unused_port()}", max_attempts=1)
         err = yield self.assertFailure(dead.check(), ServingError)
         self.assertEqual(err.code, Code.UNAVAILABLE)
         self.assertIn("Could not reach", err.message)

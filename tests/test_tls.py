@@ -17,9 +17,10 @@ from tests.harness import shared
 from tests.harness.certs import make_tls_files
 from tests.harness.devserver import DevServer
 from tests.harness.node import InProcessNode, node_config
-from tests.harness.process import free_port
+from tests.harness.process import ADDRESS_IN_USE, listen_port
 from tests.test_node import write_models
 from tfscache.errors import Code, ServingError
+from tfscache.service import StartupError
 from tfscache.util.grpc_twisted import future_to_deferred
 
 log = Logger()
@@ -29,6 +30,36 @@ class TlsTests(unittest.TestCase):
     timeout = 120
 
     @defer.inlineCallbacks
+    def start_cluster(self, tls, models, backends):  # type: ignore[no-untyped-def]
+        """Two in-process nodes in one static cluster: their ports are in each other's member
+        list, so chosen first (below the ephemeral range) and chosen again if one was taken."""
+        for attempt in range(5):
+            ports = [(listen_port(), listen_port()) for _ in range(2)]
+            members = [{"id": f"t{i}", "host": "127.0.0.1", "rest_port": r, "grpc_port": g}
+                       for i, (r, g) in enumerate(ports)]
+            nodes = []
+            try:
+                for i, (rest_port, grpc_port) in enumerate(ports):
+                    cfg = node_config(models, backends[i], node_id=f"t{i}",
+                                      listen={"rest_port": rest_port, "grpc_port": grpc_port,
+                                              "tls_cert": tls["cert"], "tls_key": tls["key"]},
+                                      cluster={"replicas_per_model": 1, "tls_ca_cert": tls["ca"],
+                                               "discovery": {"type": "static", "members": members}})
+                    node = InProcessNode(cfg)
+                    nodes.append(node)
+                    yield node.start()
+            except StartupError as e:
+                for node in nodes:
+                    yield node.stop()
+                if attempt == 4 or not ADDRESS_IN_USE.search(str(e)):
+                    raise
+                continue
+            for node in nodes:
+                self.addCleanup(node.stop)
+            return nodes
+        raise AssertionError("unreachable")
+
+    @defer.inlineCallbacks
     def test_rest_and_grpc_over_tls_and_between_nodes(self):  # type: ignore[no-untyped-def]
         tls = make_tls_files()
         # one TF Serving per node: each node owns its backend's whole model list
@@ -36,20 +67,8 @@ class TlsTests(unittest.TestCase):
         self.addCleanup(second.stop)
         backends = [shared.backend(), second]
         models = shared.model_dir("m", write_models)
-        ports = [(free_port(), free_port()) for _ in range(2)]
-        members = [{"id": f"t{i}", "host": "127.0.0.1", "rest_port": r, "grpc_port": g}
-                   for i, (r, g) in enumerate(ports)]
-        nodes = []
-        for i, (rest_port, grpc_port) in enumerate(ports):
-            cfg = node_config(models, backends[i], node_id=f"t{i}",
-                              listen={"rest_port": rest_port, "grpc_port": grpc_port,
-                                      "tls_cert": tls["cert"], "tls_key": tls["key"]},
-                              cluster={"replicas_per_model": 1, "tls_ca_cert": tls["ca"],
-                                       "discovery": {"type": "static", "members": members}})
-            node = InProcessNode(cfg)
-            yield node.start()
-            self.addCleanup(node.stop)
-            nodes.append(node)
+        nodes = yield self.start_cluster(tls, models, backends)
+        ports = [(n.service.rest_port, n.service.grpc.bound_port) for n in nodes]
 
         with open(tls["ca"], "rb") as f:
             ca = f.read()

@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from tests.harness.certs import make_tls_files
-from tests.harness.process import CACHE_DIR, ManagedProcess, ProcessFixture, free_port
+from tests.harness.process import CACHE_DIR, ManagedProcess, ProcessFixture, listen_port
 from tests.harness.servers import EtcdServer, binary_path
 
 ADMIN_TOKEN = "tfscache-test-admin-token"
@@ -75,8 +75,7 @@ class KubeAPIServer(ProcessFixture):
         with open(self.tokens, "w") as f:
             f.write(f'{ADMIN_TOKEN},tfscache-test-admin,admin-uid,"system:masters"\n')
         self.extra_args = list(extra_args or [])
-        self.port = free_port()
-        self._started_once = False
+        self.port = listen_port()  # it cannot report a port 0 it bound: retried on a collision
         self.process = self._process()
 
     def _process(self) -> ManagedProcess:
@@ -107,19 +106,13 @@ class KubeAPIServer(ProcessFixture):
     def start(self, timeout: float = 120.0) -> KubeAPIServer:
         if not self.etcd.process.running:
             self.etcd.start()
-        for attempt in range(3):
-            try:
-                self.process.start(timeout)
-                break
-            except RuntimeError as e:
-                # the free port was taken before the server bound it: another one (first start only;
-                # a restart keeps its port, the clients know it)
-                if self._started_once or "address already in use" not in str(e) or attempt == 2:
-                    raise
-                self.port = free_port()
-                self.process = self._process()
-        self._started_once = True
+        super().start(timeout)
         return self
+
+    def choose_ports(self) -> bool:
+        self.port = listen_port()
+        self.process = self._process()
+        return True
 
     def stop(self) -> int | None:
         code = self.process.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import tempfile
@@ -11,7 +12,15 @@ from typing import Any
 import yaml
 from twisted.internet import defer, reactor
 
-from tests.harness.process import REPO_ROOT, ManagedProcess, ProcessFixture, free_port, http_ready, tcp_ready
+from tests.harness.process import (
+    REPO_ROOT,
+    ManagedProcess,
+    ProcessFixture,
+    http_ready,
+    listen_port,
+    retry_on_collision,
+    tcp_ready,
+)
 from tfscache.config import load_config
 from tfscache.service import NodeService
 
@@ -21,6 +30,10 @@ def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     for k, v in extra.items():
         out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+# every test node shares it: the nodes of one test authenticate each other's forwards
+CLUSTER_SECRET = "test-cluster-secret-0123456789abcdef"
 
 
 def node_config(
@@ -40,6 +53,7 @@ def node_config(
             "churn_guard_seconds": 0,
             "capacity_wait_seconds": 10,
         },
+        "cluster": {"secret": CLUSTER_SECRET},
     }
     return merge(cfg, overrides)
 
@@ -78,10 +92,14 @@ class NodeProcess(ProcessFixture):
 
     def __init__(self, config: dict[str, Any], name: str = "tfscache",
                  preexec_fn: Callable[[], None] | None = None) -> None:
-        self.rest_port = config["listen"]["rest_port"] = config["listen"].get("rest_port") or free_port()
-        self.grpc_port = config["listen"]["grpc_port"] = config["listen"].get("grpc_port") or free_port()
-        self.config = config
+        # port 0 unless the test gave ports (a static cluster's members): the node writes the
+        # ports it bound to listen.ports_file, read back at start; a restart binds the same again
         self.dir = tempfile.mkdtemp(prefix="tfscache-node-")
+        listen = config.setdefault("listen", {})
+        self.rest_port = listen["rest_port"] = listen.get("rest_port") or 0
+        self.grpc_port = listen["grpc_port"] = listen.get("grpc_port") or 0
+        self.ports_file = listen.setdefault("ports_file", os.path.join(self.dir, "ports.json"))
+        self.config = config
         self.config_path = os.path.join(self.dir, "tfscache.yaml")
         with open(self.config_path, "w") as f:
             yaml.safe_dump(config, f)
@@ -89,12 +107,37 @@ class NodeProcess(ProcessFixture):
         self.process = ManagedProcess(
             name,
             [twistd, "-n", "--pidfile=", "tfscache", "--config", self.config_path],
-            ready=lambda: http_ready(self.rest_url + "/healthz")() and tcp_ready(self.grpc_port)(),
+            ready=self._ready,
             env={"PYTHONPATH": REPO_ROOT},
             cwd=self.dir,
             log_dir=self.dir,
             preexec_fn=preexec_fn,
         )
+
+    def start(self, timeout: float = 60.0) -> NodeProcess:
+        if os.path.exists(self.ports_file):
+            os.unlink(self.ports_file)
+        return super().start(timeout)  # type: ignore[no-any-return]
+
+    def _ready(self) -> bool:
+        if not (self.rest_port and self.grpc_port):
+            try:
+                with open(self.ports_file) as f:
+                    ports = json.load(f)
+            except (OSError, ValueError):
+                return False
+            self.rest_port, self.grpc_port = ports["rest_port"], ports["grpc_port"]
+        return http_ready(self.rest_url + "/healthz")() and tcp_ready(self.grpc_port)()
+
+    def restart(self, timeout: float = 60.0) -> NodeProcess:
+        """Stop, then start again on the ports it had (they are written into its config file)."""
+        self.process.stop()
+        with open(self.config_path) as f:
+            cfg = yaml.safe_load(f)
+        cfg.setdefault("listen", {}).update(rest_port=self.rest_port, grpc_port=self.grpc_port)
+        with open(self.config_path, "w") as f:
+            yaml.safe_dump(cfg, f)
+        return self.start(timeout)
 
     @property
     def rest_url(self) -> str:
@@ -104,3 +147,30 @@ class NodeProcess(ProcessFixture):
     def grpc_target(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
 
+
+
+def static_cluster(make: Callable[[int, list[dict[str, Any]]], NodeProcess], size: int,
+                   start: Callable[[list[NodeProcess]], None] | None = None) -> list[NodeProcess]:
+    """``size`` nodes in one static cluster, started: every member's ports must be in every
+    config before any node starts, so they are chosen (``listen_port``) rather than read back,
+    and the whole cluster starts again on new ports if one was taken meanwhile.
+    ``make(i, members)`` builds node i (its listen ports are ``members[i]``'s); ``start``
+    starts them all (default: one after the other)."""
+
+    def attempt() -> list[NodeProcess]:
+        members = [{"id": f"node-{i}", "host": "127.0.0.1", "rest_port": listen_port(), "grpc_port": listen_port()}
+                   for i in range(size)]
+        nodes = [make(i, members) for i in range(size)]
+        try:
+            if start is None:
+                for n in nodes:
+                    n.start()
+            else:
+                start(nodes)
+        except BaseException:
+            for n in nodes:
+                n.stop()
+            raise
+        return nodes
+
+    return retry_on_collision(attempt)

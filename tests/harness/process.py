@@ -1,14 +1,24 @@
-"""Real processes for the tests: start on free loopback ports, wait until ready, stop.
+"""Real processes for the tests: start on loopback ports, wait until ready, stop.
 
 These run in test set-up, outside the reactor's event handling, so they may block: readiness
 is a probe (a TCP connect or an HTTP GET) that is retried until it answers or a deadline
 passes, never a fixed sleep.
+
+Ports: a server of our own binds port 0 and says in its log which port it got
+(``ports_from_log``); a port is never picked free here and bound later by another process
+(something else may take it in between).  Where a port must be known before its server starts
+(an external server that cannot report one, the members of a static cluster),
+``listen_port()`` picks one below the ephemeral range, which no port-0 bind or outgoing
+connection is ever given, and the start is retried on another one if it was taken anyway
+(``AddressInUse``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import random
+import re
 import signal
 import socket
 import subprocess
@@ -17,17 +27,60 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CACHE_DIR = os.environ.get("TFSCACHE_CACHE", os.path.expanduser("~/.cache/tfscache"))
 PYTHON = sys.executable
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def listen_port() -> int:
+    """A TCP port on 127.0.0.1, below the ephemeral range, that nothing listens on right now:
+    for a server that must be told its port.  Its start must retry on ``AddressInUse``."""
+    high = _ephemeral_low()
+    while True:
+        port = random.randrange(10000, high)
+        with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+
+
+def unused_port() -> int:
+    """A port that nothing listens on, for a client to be refused (a dead endpoint): never
+    bound by a test server."""
+    return listen_port()
+
+
+class AddressInUse(RuntimeError):
+    """The process could not bind the port it was given: start it again on another."""
+
+
+ADDRESS_IN_USE = re.compile(r"address already in use|couldn.t listen|cannot listen on|errno 98|EADDRINUSE", re.I)
+
+
+T = TypeVar("T")
+
+
+def retry_on_collision(start: Callable[[], T], attempts: int = 5) -> T:
+    """``start()`` again while it raises ``AddressInUse`` (it picks new ports each time)."""
+    for attempt in range(attempts):
+        try:
+            return start()
+        except AddressInUse:
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 def tcp_ready(port: int, host: str = "127.0.0.1") -> Callable[[], bool]:
@@ -66,8 +119,12 @@ class ManagedProcess:
         cwd: str | None = None,
         log_dir: str | None = None,
         preexec_fn: Callable[[], None] | None = None,
+        ports_from_log: str | None = None,
     ) -> None:
         self.name = name
+        # a regular expression whose groups are the ports the process bound (it was given 0)
+        self.ports_from_log = re.compile(ports_from_log) if ports_from_log else None
+        self.ports: tuple[int, ...] = ()
         self.preexec_fn = preexec_fn  # runs in the child before exec (resource limits)
         self.argv = list(argv)
         self.ready = ready
@@ -78,6 +135,8 @@ class ManagedProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 60.0) -> ManagedProcess:
+        self.ports = ()
+        self._log_offset = os.path.getsize(self.log_path) if os.path.exists(self.log_path) else 0
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             self.argv,
@@ -101,17 +160,30 @@ class ManagedProcess:
         delay = 0.02
         while True:
             if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"{self.name} exited with {self.proc.returncode} before it was ready:\n"
-                    + self.log_tail()
-                )
-            if self.ready():
+                tail = self.log_tail()
+                error = AddressInUse if ADDRESS_IN_USE.search(tail) else RuntimeError
+                raise error(f"{self.name} exited with {self.proc.returncode} before it was ready:\n" + tail)
+            if self.ports_from_log is not None and not self.ports:
+                self.ports = self._read_ports()
+            if (self.ports or self.ports_from_log is None) and self.ready():
                 return
             if time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"{self.name} not ready after {timeout}s:\n" + self.log_tail())
             time.sleep(delay)  # back-off between readiness probes, not synchronisation
             delay = min(delay * 1.5, 0.5)
+
+    def _read_ports(self) -> tuple[int, ...]:
+        """The ports in this start's log line, once it is written."""
+        assert self.ports_from_log is not None
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(getattr(self, "_log_offset", 0))
+                text = f.read().decode("utf-8", "replace")
+        except OSError:
+            return ()
+        m = self.ports_from_log.search(text)
+        return tuple(int(g) for g in m.groups()) if m else ()
 
     @property
     def running(self) -> bool:
@@ -160,9 +232,23 @@ class ProcessFixture:
     """A server process a test starts and stops: subclasses set ``self.process``."""
 
     process: ManagedProcess
+    _started_once = False
+
+    def choose_ports(self) -> bool:
+        """New ports (``listen_port()``) and the argv that uses them, after a first start whose
+        port was taken; False where the fixture has no ports of its own to choose."""
+        return False
 
     def start(self, timeout: float = 60.0):  # type: ignore[no-untyped-def]
-        self.process.start(timeout)
+        for attempt in range(5):
+            try:
+                self.process.start(timeout)
+                break
+            except AddressInUse:
+                # a restart keeps its ports (its clients know them): the first start only
+                if self._started_once or attempt == 4 or not self.choose_ports():
+                    raise
+        self._started_once = True
         return self
 
     def stop(self) -> int | None:

@@ -30,7 +30,7 @@ import urllib.request
 from collections.abc import Callable
 from typing import Any
 
-from tests.harness.process import CACHE_DIR, ManagedProcess, ProcessFixture, free_port, http_ready, tcp_ready
+from tests.harness.process import CACHE_DIR, ManagedProcess, ProcessFixture, http_ready, listen_port, tcp_ready
 
 
 def binary_path(name: str) -> str:
@@ -68,23 +68,41 @@ class EtcdServer(ProcessFixture):
     def __init__(self, tls: dict[str, str] | None = None, verify_clients: bool = False,
                  extra_args: list[str] | None = None, binary: str | None = None) -> None:
         self.host = "127.0.0.1"
-        self.port, self.peer_port = free_port(), free_port()
-        self.tls = tls
+        self.tls, self.verify_clients, self.extra_args = tls, verify_clients, list(extra_args or [])
         self.data_dir = tempfile.mkdtemp(prefix="tfscache-etcd-")
-        etcd = binary or shutil.which("etcd") or "/usr/bin/etcd"
-        argv = [etcd, "--name", "test", "--data-dir", os.path.join(self.data_dir, "data"),
+        self.binary = binary or shutil.which("etcd") or "/usr/bin/etcd"
+        # etcd cannot report a port 0 it bound: ports below the ephemeral range, retried on a collision
+        self.port, self.peer_port = listen_port(), listen_port()
+        ready = http_ready(self.endpoint + "/health")
+        if tls:
+            ready = _https_ready(self.endpoint + "/health", tls, lambda resp: resp.status == 200)
+        self.process = ManagedProcess("etcd", self._argv(), ready=self._ready, log_dir=self.data_dir)
+        self._probe = ready
+
+    def _ready(self) -> bool:
+        return self._probe()
+
+    def _argv(self) -> list[str]:
+        argv = [self.binary, "--name", "test", "--data-dir", os.path.join(self.data_dir, "data"),
                 "--listen-client-urls", self.endpoint, "--advertise-client-urls", self.endpoint,
                 "--listen-peer-urls", f"http://127.0.0.1:{self.peer_port}",
                 "--initial-advertise-peer-urls", f"http://127.0.0.1:{self.peer_port}",
                 "--initial-cluster", f"test=http://127.0.0.1:{self.peer_port}",
-                "--log-level", "warn", *(extra_args or [])]
-        ready = http_ready(self.endpoint + "/health")
-        if tls:
-            argv += ["--cert-file", tls["cert"], "--key-file", tls["key"]]
-            if verify_clients:
-                argv += ["--client-cert-auth", "--trusted-ca-file", tls["ca"]]
-            ready = _https_ready(self.endpoint + "/health", tls, lambda resp: resp.status == 200)
-        self.process = ManagedProcess("etcd", argv, ready=ready, log_dir=self.data_dir)
+                "--log-level", "warn", *self.extra_args]
+        if self.tls:
+            argv += ["--cert-file", self.tls["cert"], "--key-file", self.tls["key"]]
+            if self.verify_clients:
+                argv += ["--client-cert-auth", "--trusted-ca-file", self.tls["ca"]]
+        return argv
+
+    def choose_ports(self) -> bool:
+        self.port, self.peer_port = listen_port(), listen_port()
+        if self.tls:
+            self._probe = _https_ready(self.endpoint + "/health", self.tls, lambda resp: resp.status == 200)
+        else:
+            self._probe = http_ready(self.endpoint + "/health")
+        self.process.argv = self._argv()
+        return True
 
     @property
     def endpoint(self) -> str:
@@ -95,11 +113,29 @@ class ConsulAgent(ProcessFixture):
     def __init__(self, tls: dict[str, str] | None = None, verify_clients: bool = False,
                  extra_config: dict[str, Any] | None = None) -> None:
         self.host = "127.0.0.1"
-        self.port = free_port()
-        self.tls = tls
+        self.tls, self.verify_clients, self.extra_config = tls, verify_clients, extra_config
         self.dir = tempfile.mkdtemp(prefix="tfscache-consul-")
+        self.config = os.path.join(self.dir, "consul.json")
+        self._write_config()
+        ready = _https_ready(self.http_addr + "/v1/status/leader", tls, _has_leader) if tls else self._has_leader
+        self.process = ManagedProcess(
+            "consul", [binary_path("consul"), "agent", "-dev", "-config-file", self.config],
+            ready=ready, log_dir=self.dir,
+        )
+
+    def choose_ports(self) -> bool:
+        self._write_config()  # the argv names the file: new ports in it, same argv
+        if self.tls:
+            self.process.ready = _https_ready(self.http_addr + "/v1/status/leader", self.tls, _has_leader)
+        return True
+
+    def _write_config(self) -> None:
+        """Consul cannot report a port 0 it bound: ports below the ephemeral range, retried on a
+        collision (``choose_ports``)."""
+        tls, verify_clients, extra_config = self.tls, self.verify_clients, self.extra_config
+        self.port = listen_port()
         ports = {"http": self.port, "dns": -1, "grpc": -1, "grpc_tls": -1,
-                 "serf_lan": free_port(), "serf_wan": free_port(), "server": free_port()}
+                 "serf_lan": listen_port(), "serf_wan": listen_port(), "server": listen_port()}
         settings: dict[str, Any] = {
             "ports": ports, "bind_addr": "127.0.0.1", "client_addr": "127.0.0.1",
             "data_dir": os.path.join(self.dir, "data"), "log_level": "WARN", "disable_update_check": True}
@@ -109,14 +145,8 @@ class ConsulAgent(ProcessFixture):
             settings["tls"] = {"https": {"ca_file": tls["ca"], "cert_file": tls["cert"], "key_file": tls["key"],
                                          "verify_incoming": verify_clients}}
         settings.update(extra_config or {})
-        config = os.path.join(self.dir, "consul.json")
-        with open(config, "w") as f:
+        with open(self.config, "w") as f:
             json.dump(settings, f)
-        ready = _https_ready(self.http_addr + "/v1/status/leader", tls, _has_leader) if tls else self._has_leader
-        self.process = ManagedProcess(
-            "consul", [binary_path("consul"), "agent", "-dev", "-config-file", config],
-            ready=ready, log_dir=self.dir,
-        )
 
     @property
     def http_addr(self) -> str:
@@ -139,27 +169,35 @@ class S3Server(ProcessFixture):
     secret_key = "tfscache-test-secret-key"
 
     def __init__(self) -> None:
-        self.port = free_port()
+        # MinIO and moto cannot report a port 0 they bound: below the ephemeral range, retried
+        self.port = listen_port()
         self.dir = tempfile.mkdtemp(prefix="tfscache-s3-")
         try:
-            minio = binary_path("minio")
+            self.minio: str | None = binary_path("minio")
         except RuntimeError:
-            minio = None
-        if minio:
-            self.kind = "minio"
-            argv = [minio, "server", os.path.join(self.dir, "data"), "--address", f"127.0.0.1:{self.port}",
-                    "--console-address", f"127.0.0.1:{free_port()}", "--quiet"]
-            ready = http_ready(self.endpoint_url + "/minio/health/live")
-        else:
-            self.kind = "moto"
-            argv = [os.path.join(os.path.dirname(sys.executable), "moto_server"),
-                    "-H", "127.0.0.1", "-p", str(self.port)]
-            ready = http_ready(self.endpoint_url + "/", accept=(200, 403, 404))
+            self.minio = None
+        self.kind = "minio" if self.minio else "moto"
         self.process = ManagedProcess(
-            "s3", argv, ready=ready, log_dir=self.dir,
+            "s3", self._argv(), ready=self._ready, log_dir=self.dir,
             env={"MINIO_ROOT_USER": self.access_key, "MINIO_ROOT_PASSWORD": self.secret_key,
                  "MINIO_BROWSER": "off", "MINIO_UPDATE": "off"},
         )
+
+    def _argv(self) -> list[str]:
+        if self.minio:
+            return [self.minio, "server", os.path.join(self.dir, "data"), "--address", f"127.0.0.1:{self.port}",
+                    "--console-address", f"127.0.0.1:{listen_port()}", "--quiet"]
+        return [os.path.join(os.path.dirname(sys.executable), "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)]
+
+    def _ready(self) -> bool:
+        if self.minio:
+            return http_ready(self.endpoint_url + "/minio/health/live")()
+        return http_ready(self.endpoint_url + "/", accept=(200, 403, 404))()
+
+    def choose_ports(self) -> bool:
+        self.port = listen_port()
+        self.process.argv = self._argv()
+        return True
 
     @property
     def endpoint_url(self) -> str:
@@ -256,7 +294,7 @@ class FakeGCSServer(ProcessFixture):
     in a directory so a restart keeps it.  It checks no credentials."""
 
     def __init__(self) -> None:
-        self.port = free_port()  # it cannot report a port 0 it bound: ProcessFixture retries
+        self.port = listen_port()  # it cannot report a port 0 it bound: retried on a collision
         self.dir = tempfile.mkdtemp(prefix="tfscache-fake-gcs-")
         self.kind = "fake-gcs-server"
         self.binary = binary_path("fake-gcs-server")
@@ -271,17 +309,10 @@ class FakeGCSServer(ProcessFixture):
     def _ready(self) -> bool:
         return http_ready(self.endpoint_url + "/storage/v1/b")()
 
-    def start(self, timeout: float = 60.0):  # type: ignore[no-untyped-def]
-        for attempt in range(5):
-            try:
-                return super().start(timeout)
-            except RuntimeError:
-                # the port was taken between free_port() and the bind: another one
-                if attempt == 4 or "address already in use" not in self.process.log_tail().lower():
-                    raise
-                self.port = free_port()
-                self.process.argv = self._argv()
-        raise AssertionError("unreachable")
+    def choose_ports(self) -> bool:
+        self.port = listen_port()
+        self.process.argv = self._argv()
+        return True
 
     @property
     def endpoint_url(self) -> str:
