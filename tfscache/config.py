@@ -225,14 +225,22 @@ class ListenSettings(Section):
                                            "(with `tls_key`).")
     tls_key: OptionalText = setting(None, "PEM private key of `tls_cert`.")
     drain_timeout_seconds: float = setting(30.0, "On SIGTERM, how long in-flight requests may finish.", ge=0)
-    max_connections: int = setting(10_000, "Open REST connections at most; a new one past it is closed at "
-                                           "once.", ge=1)
+    max_connections: int = setting(10_000, "Open connections per listener (REST, gRPC) at most; a new one "
+                                           "past it is closed at once. Never more than half of the open-files "
+                                           "limit minus 256 (the daemon raises its soft limit to the hard one "
+                                           "at start and logs both).", ge=1)
+    grpc_max_concurrent_streams: int = setting(1024, "gRPC calls in flight on one connection; a client queues "
+                                                     "more.", ge=1)
+    ports_file: OptionalText = setting(None, "A file the node writes (JSON `rest_port`, `grpc_port`) once both "
+                                             "ports listen: the ports it bound when they are 0.")
     max_buffered_bytes: Size = setting(1024**3, "Request bodies held by all REST connections together; the "
                                                 "request past it gets 429 `RESOURCE_EXHAUSTED`.", ge=1)
     idle_timeout_seconds: float = setting(120.0, "A REST connection idle this long between requests is "
-                                                 "closed.", ge=0.1)
+                                                 "closed; a gRPC connection without a call this long too.",
+                                          ge=0.1)
     header_timeout_seconds: float = setting(30.0, "A REST request whose line and headers take longer is "
-                                                  "closed (slowloris).", ge=0.1)
+                                                  "closed (slowloris); a gRPC connection whose TLS and HTTP/2 "
+                                                  "handshake take longer too.", ge=0.1)
     body_timeout_seconds: float = setting(60.0, "A REST body that sends no byte for this long is closed.",
                                           ge=0.1)
 
@@ -469,7 +477,40 @@ class ClusterSettings(Section):
                                      "`RESOURCE_EXHAUSTED`, HTTP 429) passes the request on to the next owner "
                                      "within the deadline, without being marked down; the client sees the 429 "
                                      "only when every owner answers it.")
+    secret: OptionalText = setting(None, "Shared by every node, 16 bytes at least (`openssl rand -hex 32`; or "
+                                         "`$TFSCACHE_CLUSTER__SECRET`): forwards between nodes carry a token "
+                                         "derived from it, and a node serves a request as forwarded only when "
+                                         "its token verifies (see Authenticated forwards).",
+                                   shown="required with more than one member")
+    secret_file: OptionalText = setting(None, "A file holding `cluster.secret` (a mounted Kubernetes Secret).")
     discovery: DiscoverySettings = _section(DiscoverySettings)
+
+    @model_validator(mode="after")
+    def _secret(self) -> ClusterSettings:
+        """A cluster of more than one node authenticates its forwards (a client's forwarded
+        marker must not bypass routing): no secret, no multi-node start.  One node needs none."""
+        if self.secret and self.secret_file:
+            raise _at("secret_file", "give cluster.secret or cluster.secret_file, not both")
+        secret = self.secret.encode() if self.secret else None
+        if self.secret_file:
+            try:
+                with open(self.secret_file, "rb") as f:
+                    secret = f.read().strip()
+            except OSError as e:
+                raise _at("secret_file", f"cannot read {self.secret_file}: {e.strerror or e}")
+        if secret is not None and len(secret) < MIN_SECRET_BYTES:
+            raise _at("secret_file" if self.secret_file else "secret",
+                      f"the secret must have {MIN_SECRET_BYTES} bytes at least, got {len(secret)}")
+        d = self.discovery
+        if secret is None and (d.type != "static" or len(d.members) > 1):
+            where = f"{len(d.members)} static members" if d.type == "static" else f"discovery type {d.type}"
+            raise _at("secret", f"a value is required with more than one member ({where}): the nodes "
+                                "authenticate their forwards with it (or set cluster.secret_file, or "
+                                "$TFSCACHE_CLUSTER__SECRET; the same on every node, e.g. openssl rand -hex 32)")
+        return self
+
+
+MIN_SECRET_BYTES = 16
 
 
 class MetricsSettings(Section):
@@ -494,6 +535,10 @@ class AdminSettings(Section):
 class LoggingSettings(Section):
     level: Literal["debug", "info", "warn", "error"] = setting("info", "Lowest level logged.")
     format: Literal["text", "json"] = setting("text", "Text lines, or one JSON object a line.")
+    repeat_interval_seconds: float = setting(30.0, "A warning repeated for the same model (the same kind of "
+                                                   "line, e.g. every request while TF Serving is down) is "
+                                                   "written once per interval, then one line with the count "
+                                                   "of the others; 0: every line.", ge=0)
 
 
 class Config(Section):

@@ -17,9 +17,10 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorCore, IReactorTime
 from twisted.logger import Logger
 
+from tfscache.cluster.forward_auth import ForwardMarker, read_secret
 from tfscache.config import Config, required
 from tfscache.errors import Code, ServingError
-from tfscache.frontend.grpc_server import GrpcFrontend
+from tfscache.frontend.grpc_server import GrpcFrontend, GrpcLimits
 from tfscache.frontend.rest import RestFrontend, error_reply, json_reply
 from tfscache.interfaces import IModelProvider
 from tfscache.metrics import Metrics
@@ -33,6 +34,7 @@ from tfscache.node.source import SourceMonitor
 from tfscache.transport import http_server
 from tfscache.transport.grpc_client import as_deferred
 from tfscache.transport.http_server import HttpLimits
+from tfscache.util import fdlimit
 from tfscache.wire import HttpReply, HttpRequest
 
 if TYPE_CHECKING:
@@ -127,6 +129,7 @@ class NodeService(service.MultiService):
         # metrics.enabled: false answers the metrics paths 404 (counting goes on: it is cheap,
         # and the metrics change nothing else)
         metrics_page = self._metrics_page if cfg.metrics.enabled else self._metrics_disabled
+        self.forward_marker = forward_marker(cfg)
         self.rest = RestFrontend(
             self.handler, self.metrics, cfg.listen.max_request_bytes,
             extra_routes={
@@ -137,10 +140,15 @@ class NodeService(service.MultiService):
             },
             local=self.local,
             admin=self.admin,
+            forward_marker=self.forward_marker,
         )
         lc = cfg.listen
+        # a daemon raises its soft open-files limit to the hard one; no listener may hold more
+        # connections than the limit leaves (util/fdlimit.py)
+        self.open_files = fdlimit.raise_open_files_limit() if daemon else fdlimit.open_files_limit()
+        self.max_connections = min(lc.max_connections, self.open_files.connection_cap())
         self.rest_factory = self.rest.factory(reactor, HttpLimits(
-            max_buffered=lc.max_buffered_bytes, max_connections=lc.max_connections,
+            max_buffered=lc.max_buffered_bytes, max_connections=self.max_connections,
             idle_timeout=lc.idle_timeout_seconds, header_timeout=lc.header_timeout_seconds,
             body_timeout=lc.body_timeout_seconds))
         self.rest_listener: http_server.HttpListener | None = None
@@ -148,6 +156,10 @@ class NodeService(service.MultiService):
             self.handler, self.metrics, cfg.listen.host, cfg.listen.grpc_port,
             max_message_bytes=cfg.listen.max_request_bytes, local=self.local,
             credentials=grpc_credentials(cfg.listen.tls_cert, cfg.listen.tls_key),
+            forward_marker=self.forward_marker,
+            limits=GrpcLimits(
+                max_connections=self.max_connections, max_concurrent_streams=lc.grpc_max_concurrent_streams,
+                idle_timeout=lc.idle_timeout_seconds, handshake_timeout=lc.header_timeout_seconds),
         )
         self.monitor = BackendMonitor(self.cache, self.backend, reactor, interval=cfg.serving.health_interval_seconds)
         self.source = SourceMonitor(self.provider, cfg.model_provider.check_interval_seconds, reactor,
@@ -167,7 +179,9 @@ class NodeService(service.MultiService):
         if self.daemon:
             from tfscache import logs
 
-            logs.install(self.cfg.logging.level, self.cfg.logging.format)
+            logs.install(self.cfg.logging.level, self.cfg.logging.format, clock=self.reactor,
+                         repeat_interval=self.cfg.logging.repeat_interval_seconds)
+            self._log_open_files()
             self.reactor.callWhenRunning(self._install_signals)
         d = defer.ensureDeferred(self._start())
 
@@ -179,6 +193,18 @@ class NodeService(service.MultiService):
             return None
 
         self.started = d.addErrback(failed)
+
+    def _log_open_files(self) -> None:
+        f = self.open_files
+        fields = dict(open_files_soft=f.soft, open_files_hard=f.hard, open_files_before=f.before,
+                      max_connections=self.max_connections, configured_max_connections=self.cfg.listen.max_connections)
+        if f.error:
+            self.log.warn("open files limit {open_files_soft} (hard {open_files_hard}) could not be raised: {error}; "
+                          "at most {max_connections} connections per listener", error=f.error, **fields)
+        else:
+            self.log.info("open files limit {open_files_soft} (was {open_files_before}, hard {open_files_hard}): "
+                          "at most {max_connections} connections per listener "
+                          "(listen.max_connections {configured_max_connections})", **fields)
 
     async def _start(self) -> None:
         try:
@@ -249,6 +275,14 @@ class NodeService(service.MultiService):
             raise StartupError(str(e))
         service.MultiService.addService(self, self.monitor)
         service.MultiService.addService(self, self.source)
+        if listen.ports_file:
+            try:
+                write_ports_file(listen.ports_file, self.rest_port, self.grpc.bound_port)
+            except OSError as e:
+                self.log.error("cannot write listen.ports_file {path}: {error}; stopping",
+                               path=listen.ports_file, error=e.strerror or str(e))
+                self._exit_failed()
+                raise StartupError(str(e))
         self._join_cluster()
         self.ready = True
         # the source's first check logs its own line when the source cannot be read (a source
@@ -285,7 +319,7 @@ class NodeService(service.MultiService):
             self.local, discovery, c.node.id, c.cluster.replicas_per_model,
             c.cluster.forward_timeout_seconds, c.cluster.spread_inflight_threshold, self.metrics,
             clock=self.reactor, tls=bool(c.listen.tls_cert), tls_ca=read_file(c.cluster.tls_ca_cert),
-            spill_over=c.cluster.spill_over,
+            spill_over=c.cluster.spill_over, forward_marker=self.forward_marker,
         )
         self.handler = self.rest.handler = self.grpc.handler = self.router
         service.MultiService.addService(self, discovery)
@@ -484,6 +518,21 @@ class NodeService(service.MultiService):
             return json_reply(json.dumps(out).encode(), 200 if ok else 503)
 
         return defer.DeferredList(list(checks.values()), consumeErrors=True).addCallback(report)
+
+
+def forward_marker(cfg: Config) -> ForwardMarker:
+    """The cluster's forward token; a node without a secret (config.py allows that for a single
+    node only) gets one nobody else can produce, so no marker from outside is ever trusted."""
+    secret = read_secret(cfg.cluster.secret, cfg.cluster.secret_file)
+    return ForwardMarker(secret) if secret else ForwardMarker.node_local()
+
+
+def write_ports_file(path: str, rest_port: int, grpc_port: int | None) -> None:
+    """The bound ports, for whoever started the node on port 0; whole or not at all."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"rest_port": rest_port, "grpc_port": grpc_port}, f)
+    os.replace(tmp, path)
 
 
 def read_file(path: str | None) -> bytes | None:

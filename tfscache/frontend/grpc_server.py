@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -23,6 +24,7 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from tfscache.cluster.forward_auth import ForwardMarker, process_marker, unverified_marker
 from tfscache.errors import Code, ServingError, invalid
 from tfscache.frontend.errors import as_serving_error, error_markers, grpc_status
 from tfscache.interfaces import IRequestHandler
@@ -41,6 +43,29 @@ DEADLINE_SLACK = 0.25  # seconds: see the cancel in GrpcFrontend.method_handler
 # full method path -> short name used for parsing and metrics
 FORWARDED_METHODS = {f"/{PREDICTION_SERVICE}/{m}": m for m in PREDICTION_METHODS}
 FORWARDED_METHODS[f"/{MODEL_SERVICE}/GetModelStatus"] = "GetModelStatus"
+
+
+@dataclass
+class GrpcLimits:
+    """The gRPC listener's limits (``listen.*``): what a flood of idle or slow connections
+    could otherwise hold forever."""
+
+    max_connections: int = 10_000          # past it, a new connection is closed at once
+    max_concurrent_streams: int = 1024     # calls in flight on one connection (a client queues more)
+    idle_timeout: float = 120.0            # a connection without a call this long gets GOAWAY
+    handshake_timeout: float = 30.0        # TLS + HTTP/2 preface must be done within this
+    keepalive_time: float = 60.0           # ping a connection this often; close it when
+    keepalive_timeout: float = 20.0        # its peer (gone, half-open) does not answer within this
+
+    def options(self) -> list[tuple[str, int]]:
+        return [
+            ("grpc.max_allowed_incoming_connections", self.max_connections),
+            ("grpc.max_concurrent_streams", self.max_concurrent_streams),
+            ("grpc.max_connection_idle_ms", round(self.idle_timeout * 1000)),
+            ("grpc.server_handshake_timeout_ms", round(self.handshake_timeout * 1000)),
+            ("grpc.keepalive_time_ms", round(self.keepalive_time * 1000)),
+            ("grpc.keepalive_timeout_ms", round(self.keepalive_timeout * 1000)),
+        ]
 
 
 class _GenericHandler(grpc.GenericRpcHandler):
@@ -73,10 +98,15 @@ class GrpcFrontend(service.Service):
         credentials: grpc.ServerCredentials | None = None,
         local: IRequestHandler | None = None,
         health: bool = True,
+        forward_marker: ForwardMarker | None = None,
+        limits: GrpcLimits | None = None,
     ) -> None:
         self.handler, self.metrics = handler, metrics
-        # a call another node's router forwarded here is served here, never routed again
+        self.limits = limits or GrpcLimits()
+        # a call another node's router forwarded here (its marker verifies) is served here,
+        # never routed again; a client's marker does not verify and is routed as usual
         self.local = local or handler
+        self.forward_marker = forward_marker or process_marker()
         self.host, self.port = host, port
         self.max_message_bytes = max_message_bytes
         self.credentials = credentials
@@ -98,6 +128,7 @@ class GrpcFrontend(service.Service):
                 ("grpc.max_receive_message_length", self.max_message_bytes),
                 ("grpc.max_send_message_length", 2**31 - 1),
                 ("grpc.so_reuseport", 0),
+                *self.limits.options(),
             ],
         )
         if self.health is not None:
@@ -151,7 +182,11 @@ class GrpcFrontend(service.Service):
                 remaining = context.time_remaining()
                 timeout = None if remaining is None or remaining > 1e9 else remaining
                 received = context.invocation_metadata() or ()
-                forwarded = any(k == FORWARDED_KEY for k, _v in received)
+                verify = self.forward_marker.verify
+                markers = [v for k, v in received if k == FORWARDED_KEY]
+                forwarded = any(verify(v) for v in markers)
+                if markers and not forwarded:
+                    unverified_marker(ref.name, "gRPC")
                 handler = self.local if forwarded else self.handler
                 d = handler.grpc(method, ref, payload, timeout, forwardable_metadata(received))
                 reply: bytes = await d.asFuture(loop)
