@@ -115,8 +115,18 @@ class NodeProcess(ProcessFixture):
         )
 
     def start(self, timeout: float = 60.0) -> NodeProcess:
+        """Start; a later start (after stop, kill or restart) binds the ports the first one got,
+        which its cluster and the test know (they are written into its config file)."""
         if os.path.exists(self.ports_file):
             os.unlink(self.ports_file)
+        if self.rest_port and self.grpc_port:
+            with open(self.config_path) as f:
+                cfg = yaml.safe_load(f)
+            listen = cfg.setdefault("listen", {})
+            if (listen.get("rest_port"), listen.get("grpc_port")) != (self.rest_port, self.grpc_port):
+                listen.update(rest_port=self.rest_port, grpc_port=self.grpc_port)
+                with open(self.config_path, "w") as f:
+                    yaml.safe_dump(cfg, f)
         return super().start(timeout)  # type: ignore[no-any-return]
 
     def _ready(self) -> bool:
@@ -128,16 +138,6 @@ class NodeProcess(ProcessFixture):
                 return False
             self.rest_port, self.grpc_port = ports["rest_port"], ports["grpc_port"]
         return http_ready(self.rest_url + "/healthz")() and tcp_ready(self.grpc_port)()
-
-    def restart(self, timeout: float = 60.0) -> NodeProcess:
-        """Stop, then start again on the ports it had (they are written into its config file)."""
-        self.process.stop()
-        with open(self.config_path) as f:
-            cfg = yaml.safe_load(f)
-        cfg.setdefault("listen", {}).update(rest_port=self.rest_port, grpc_port=self.grpc_port)
-        with open(self.config_path, "w") as f:
-            yaml.safe_dump(cfg, f)
-        return self.start(timeout)
 
     @property
     def rest_url(self) -> str:
