@@ -220,6 +220,7 @@ class ConfigTests(unittest.TestCase):
             "model_provider.azure.connection_string", "model_provider.azure.sas_token",
             "model_provider.azure.account_key", "cluster.discovery.username", "cluster.discovery.password",
             "cluster.discovery.token", "admin.token",
+            "cluster.secret", "cluster.secret_file",  # the file would have to exist for the example to load
         }
         with open(os.path.join(REPO_ROOT, "etc", "tfscache.yaml")) as f:
             text = f.read()
