@@ -107,7 +107,7 @@ class DaemonTests(unittest.TestCase):
         self.assertEqual(m["tfscache_load_failures_total"], 1)
         self.assertEqual(m["tfscache_models_loaded"], 1)
         self.assertEqual(m["tfscache_models_on_disk"], 3)  # the broken copy is deleted
-        self.assertEqual(m['tfscache_requests_total{api="predict",code="OK",protocol="rest"}'], 4)
+        self.assertEqual(m['tfscache_requests_total{api="Predict",code="OK",protocol="rest"}'], 4)
         self.assertEqual(m['tfscache_requests_total{api="Predict",code="OK",protocol="grpc"}'], 1)
         self.assertEqual(m['tfscache_load_seconds_count'], 3)
         with urllib.request.urlopen(node.rest_url + "/metrics", timeout=10) as resp:
