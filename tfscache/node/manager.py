@@ -319,7 +319,12 @@ class CacheManager:
                 if e.state != State.ABSENT or e.failure or e.pinned]
 
     def pin(self, mid: ModelId, pinned: bool = True) -> None:
-        self.entries.setdefault(mid, ModelEntry(mid)).pinned = pinned
+        entry = self.entries.get(mid)
+        if entry is None:
+            if not pinned:
+                return  # nothing to unpin: no entry is made for it
+            entry = self.entries[mid] = ModelEntry(mid)
+        entry.pinned = pinned
 
     # -- leases ------------------------------------------------------------------------------
     def _lease(self, entry: ModelEntry) -> Lease:
