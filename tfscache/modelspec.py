@@ -154,10 +154,6 @@ class RestCall:
     api: str  # "predict" | "classify" | "regress" | "status" | "metadata"
 
     @property
-    def is_inference(self) -> bool:
-        return self.api in ("predict", "classify", "regress")
-
-    @property
     def method(self) -> str:
         """The gRPC method of the same API (``Predict``, ``GetModelStatus``...)."""
         return REST_API_METHODS[self.api]
