@@ -12,12 +12,13 @@ import time
 import uuid
 from typing import Any
 
-from twisted.internet import defer, threads
+from twisted.internet import defer, task, threads
 from twisted.logger import formatEvent, globalLogPublisher
 
 from tests.harness.files import tree
 from tfscache.errors import Code, ServingError
-from tfscache.providers.objectstore import ObjectStoreProvider
+from tfscache.providers.base import ListingCache
+from tfscache.providers.objectstore import MAX_LABELS_BYTES, ObjectStoreProvider
 
 MIB = 1024 * 1024
 
@@ -137,6 +138,35 @@ class ObjectStoreCases:
         self.assertEqual(tree(dest7), {"saved_model.pb": b"version 7"})  # type: ignore[attr-defined]
 
     @defer.inlineCallbacks
+    def test_version_labels_and_their_listing_ttl(self):  # type: ignore[no-untyped-def]
+        for v in (1, 2):
+            self.upload(f"m/{v}/saved_model.pb", f"version {v}".encode())
+        self.upload("m/labels.json", b'{"stable": 1, "canary": "00000002"}')
+        self.upload("m/labels.json.bak", b"{not json")  # only the exact key is the labels file
+        self.upload("bare/1/saved_model.pb", b"no labels")
+        self.upload("bad/labels.json", b"{not json")
+        self.upload("huge/labels.json", b" " * (MAX_LABELS_BYTES + 1))
+        p = self.provider(listing_ttl=5.0)
+        clock = task.Clock()
+        p.label_listings = ListingCache(5.0, clock=clock.seconds, normalise=dict)
+        self.assertEqual((yield p.list_labels("m")), {"stable": 1, "canary": 2})  # type: ignore[attr-defined]
+        self.assertEqual((yield p.list_versions("m")), [1, 2])  # type: ignore[attr-defined]
+        self.assertEqual((yield p.list_labels("bare")), {})  # type: ignore[attr-defined]
+        self.assertEqual((yield p.list_labels("absent")), {})  # type: ignore[attr-defined]
+        # a label change in the source: the cached labels answer until the TTL is over
+        self.upload("m/labels.json", b'{"stable": 2}')
+        clock.advance(4.9)
+        self.assertEqual((yield p.list_labels("m")), {"stable": 1, "canary": 2})  # type: ignore[attr-defined]
+        clock.advance(0.1)
+        self.assertEqual((yield p.list_labels("m")), {"stable": 2})  # type: ignore[attr-defined]
+        for name in ("bad", "huge"):
+            err = yield self.assertFailure(p.list_labels(name), ServingError)  # type: ignore[attr-defined]
+            self.assertEqual(err.code, Code.FAILED_PRECONDITION, err.message)  # type: ignore[attr-defined]
+            self.assertIn(f"model {name} (labels.json)", err.message)  # type: ignore[attr-defined]
+        err = yield self.assertFailure(p.list_labels("../x"), ServingError)  # type: ignore[attr-defined]
+        self.assertEqual(err.code, Code.INVALID_ARGUMENT)  # type: ignore[attr-defined]
+
+    @defer.inlineCallbacks
     def test_nested_model_copied_byte_identical(self):  # type: ignore[no-untyped-def]
         local = half_plus_two_dir()
         expected = tree(local)
@@ -231,7 +261,7 @@ class ObjectStoreCases:
         self.upload("sec/1/saved_model.pb", b"x")
         p = self.bad_credentials()
         self.addCleanup(p.close)  # type: ignore[attr-defined]
-        for d in (p.list_versions("sec"), p.version_size("sec", 1),
+        for d in (p.list_versions("sec"), p.version_size("sec", 1), p.list_labels("sec"),
                   p.fetch("sec", 1, os.path.join(self.cache, "sec", "1")), p.check()):
             err = yield self.assertFailure(d, ServingError)  # type: ignore[attr-defined]
             self.assertIn(err.code, (Code.PERMISSION_DENIED, Code.UNAUTHENTICATED), err.message)  # type: ignore[attr-defined]
@@ -246,6 +276,7 @@ class ObjectStoreCases:
     def test_permission_denied_names_the_model_and_container(self):  # type: ignore[no-untyped-def]
         self.upload("pol/1/saved_model.pb", b"x" * 100)
         self.upload("pol/1/variables/variables.index", b"y" * 100)
+        self.upload("pol/labels.json", b'{"stable": 1}')
         p = self.denied_provider()
         self.addCleanup(p.close)  # type: ignore[attr-defined]
         self.assertEqual((yield p.list_versions("pol")), [1])  # type: ignore[attr-defined]
@@ -257,6 +288,10 @@ class ObjectStoreCases:
         self.assertIn(self.where, err.message)  # type: ignore[attr-defined]
         self.assertIn("denied", err.message)  # type: ignore[attr-defined]
         self.assertNoSecrets(err.message)
+        # listed but not readable: an error, never "no labels"
+        err = yield self.assertFailure(p.list_labels("pol"), ServingError)  # type: ignore[attr-defined]
+        self.assertEqual(err.code, Code.PERMISSION_DENIED, err.message)  # type: ignore[attr-defined]
+        self.assertIn("version labels of model pol", err.message)  # type: ignore[attr-defined]
         yield p.wait_idle()
         self.assertNothingLeft("pol")
 

@@ -117,7 +117,7 @@ class AzureProviderTests(ObjectStoreCases, unittest.TestCase):
     def test_check_and_a_missing_container(self):  # type: ignore[no-untyped-def]
         yield self.provider().check()
         p = self.provider(container="no-such-container")
-        for d in (p.check(), p.list_versions("m")):
+        for d in (p.check(), p.list_versions("m"), p.list_labels("m")):
             err = yield self.assertFailure(d, ServingError)
             self.assertEqual(err.code, Code.UNAVAILABLE, err.message)
             self.assertIn("does not exist", err.message)

@@ -107,7 +107,7 @@ class DaemonTests(unittest.TestCase):
         self.assertEqual(m["tfscache_load_failures_total"], 1)
         self.assertEqual(m["tfscache_models_loaded"], 1)
         self.assertEqual(m["tfscache_models_on_disk"], 3)  # the broken copy is deleted
-        self.assertEqual(m['tfscache_requests_total{api="predict",code="OK",protocol="rest"}'], 4)
+        self.assertEqual(m['tfscache_requests_total{api="Predict",code="OK",protocol="rest"}'], 4)
         self.assertEqual(m['tfscache_requests_total{api="Predict",code="OK",protocol="grpc"}'], 1)
         self.assertEqual(m['tfscache_load_seconds_count'], 3)
         with urllib.request.urlopen(node.rest_url + "/metrics", timeout=10) as resp:
@@ -153,8 +153,20 @@ class DaemonTests(unittest.TestCase):
         out = yield threads.deferToThread(cli, "models")
         self.assertIn("d1", out.stdout)
         self.assertIn("available", out.stdout)
+        header, *rows = out.stdout.splitlines()
+        [d1] = [r.split() for r in rows if r.startswith("d1 ")]
+        self.assertEqual(d1[header.split().index("ERROR")], "-")  # no error: "-", never "None"
+        self.assertNotIn("None", out.stdout)
         out = yield threads.deferToThread(cli, "pin", "d1", "1")
         self.assertTrue(json.loads(out.stdout)["model"]["pinned"])
+        # a model or version the source does not have: a clear failure, and no phantom entry
+        for args in (("pin", "nope", "5"), ("pin", "d1", "7"), ("unpin", "nope", "5")):
+            out = yield threads.deferToThread(cli, *args)
+            self.assertNotEqual(out.returncode, 0, args)
+            self.assertIn("404", out.stderr)
+            self.assertIn(args[1], out.stderr)
+        out = yield threads.deferToThread(cli, "--json", "models")
+        self.assertEqual({(m["name"], m["version"]) for m in json.loads(out.stdout)["models"]}, {("d1", 1)})
         for name in ("d0", "d2"):  # room for 2: d1 is pinned, so d0 is the one unloaded
             reply = yield rest_predict(node.rest_url, name, [1.0])
             self.assertEqual(reply.code, 200)

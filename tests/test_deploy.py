@@ -14,9 +14,12 @@ import uuid
 from typing import Any
 
 import yaml
-from twisted.internet import threads
+from twisted.internet import defer, threads
 from twisted.trial import unittest
 
+from tests.clients import http
+from tests.harness import shared
+from tests.harness.node import InProcessNode, node_config
 from tests.harness.process import REPO_ROOT
 from tfscache.config import ListenSettings, load_config
 
@@ -248,11 +251,32 @@ class DeployFilesTests(unittest.TestCase):
         env = {e["name"]: e for e in containers_of(pod)["tfscache"]["env"]}
         self.assertEqual(env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["key"], "AWS_ACCESS_KEY_ID")
 
-    def test_probe_paths_exist_in_the_node(self) -> None:
-        with open(os.path.join(REPO_ROOT, "tfscache", "service.py")) as f:
-            service = f.read()
-        for path in ("/healthz", "/readyz", "/monitoring/prometheus/metrics", "/metrics"):
-            self.assertIn(f'"{path}"', service)
+
+
+class ProbesOnARunningNodeTests(unittest.TestCase):
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def test_the_probed_paths_answer(self):  # type: ignore[no-untyped-def]
+        """What the manifests' probes and the image's HEALTHCHECK ask for, and the metrics
+        pages, asked of a running node (its REST port, as the probes do)."""
+        docs = list(yaml.safe_load_all(read("k8s", "tfscache.yaml")))
+        cache = containers_of(by_kind(docs, "StatefulSet")[0]["spec"]["template"]["spec"])["tfscache"]
+        probed = {cache[p]["httpGet"]["path"] for p in ("livenessProbe", "readinessProbe")}
+        probed |= set(re.findall(r"^HEALTHCHECK .*https?://[^/'\"]+(/[^'\"\s]*)", read("Dockerfile"), re.M))
+        self.assertEqual(probed, {"/healthz", "/readyz"})
+        node = InProcessNode(node_config(tempfile.mkdtemp(prefix="tfscache-deploy-models-"), shared.backend()))
+        yield node.start()
+        self.addCleanup(node.stop)
+        for path in sorted(probed):
+            reply = yield http("GET", node.rest_url + path)
+            self.assertEqual(reply.code, 200, (path, reply.body))
+        for path in ("/monitoring/prometheus/metrics", "/metrics"):
+            reply = yield http("GET", node.rest_url + path)
+            self.assertEqual(reply.code, 200, path)
+            self.assertIn(b"tfscache_requests_in_flight", reply.body, path)
+        reply = yield http("GET", node.rest_url + "/healthz/nope")  # a probe path is not a prefix
+        self.assertNotEqual(reply.code, 200)
 
 
 # -- the Helm chart ---------------------------------------------------------------------------------

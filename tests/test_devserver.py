@@ -228,3 +228,52 @@ class StartUpConfigTests(unittest.TestCase):
         self.assertEqual(list(got.outputs["y"].float_val), [3.0])
         status = yield client.status("bad")
         self.assertEqual(status.model_version_status[0].state, END)
+
+
+class PackagingTests(unittest.TestCase):
+    def test_the_devserver_extra_brings_what_the_devserver_imports(self) -> None:
+        """``pip install 'tfscache[devserver]'`` then ``tfscache-devserver``: every distribution
+        the DevServer imports from is a requirement of tfscache, of its ``devserver`` extra, or
+        a dependency of one of those (TensorFlow comes with ``tensorflow-serving-api``)."""
+        import ast
+        import sys
+        from importlib import metadata
+
+        from packaging.requirements import Requirement
+        from packaging.utils import canonicalize_name
+
+        def requirements(dist: str, extra: str | None = None) -> set[str]:
+            out = set()
+            for line in metadata.requires(dist) or ():
+                req = Requirement(line)
+                env = {"extra": extra or ""}
+                if req.marker is None or req.marker.evaluate(env):
+                    out.add(canonicalize_name(req.name))
+            return out
+
+        closure = requirements("tfscache", "devserver")
+        self.assertIn("tensorflow-serving-api", closure)
+        todo = list(closure)
+        while todo:
+            try:
+                more = requirements(todo.pop()) - closure
+            except metadata.PackageNotFoundError:
+                continue
+            closure |= more
+            todo.extend(more)
+        providers = metadata.packages_distributions()
+        here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tfscache", "devserver")
+        imported = set()
+        for f in os.listdir(here):
+            if f.endswith(".py"):
+                with open(os.path.join(here, f)) as fh:
+                    for node in ast.walk(ast.parse(fh.read())):
+                        if isinstance(node, ast.Import):
+                            imported |= {a.name.split(".")[0] for a in node.names}
+                        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                            imported.add(node.module.split(".")[0])
+        third_party = imported - set(sys.stdlib_module_names) - {"__future__", "tfscache"}
+        self.assertIn("tensorflow_serving", third_party)
+        for module in sorted(third_party):
+            names = {canonicalize_name(module)} | {canonicalize_name(d) for d in providers.get(module, ())}
+            self.assertTrue(names & closure, f"{module} ({names}) is not brought by tfscache[devserver]")

@@ -374,10 +374,11 @@ class S3ProviderTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_check(self):  # type: ignore[no-untyped-def]
         yield self.provider().check()
-        err = yield self.assertFailure(
-            self.provider(bucket="no-such-bucket-here").check(), ServingError)
-        self.assertEqual(err.code, Code.UNAVAILABLE)
-        self.assertIn("does not exist", err.message)
+        absent = self.provider(bucket="no-such-bucket-here")
+        for d in (absent.check(), absent.list_labels("m")):  # not "no labels": no bucket
+            err = yield self.assertFailure(d, ServingError)
+            self.assertEqual(err.code, Code.UNAVAILABLE)
+            self.assertIn("does not exist", err.message)
         dead = self.provider(endpoint_url=f"http://127.0.0.1:{unused_port()}", max_attempts=1)
         err = yield self.assertFailure(dead.check(), ServingError)
         self.assertEqual(err.code, Code.UNAVAILABLE)

@@ -41,8 +41,13 @@ def _q(name: str) -> str:
     return urllib.parse.quote(name, safe="")
 
 
+def _cell(value: Any) -> str:
+    return "-" if value is None or value == "" else str(value)
+
+
 def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    cells = [[str(r.get(c, "")) for c in columns] for r in rows]
+    """Columns padded to their widest cell; "-" for an empty one (a model without an error)."""
+    cells = [[_cell(r.get(c)) for c in columns] for r in rows]
     widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
     lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]

@@ -18,6 +18,8 @@ class Metrics:
         self.per_model_labels = per_model_labels
         m = ("model",) if per_model_labels else ()
         r = self.registry
+        # api: TF Serving's gRPC method name for both protocols (REST's /...:predict is
+        # "Predict", its status call "GetModelStatus"); "unknown" for a REST path naming none
         self.requests = Counter("tfscache_requests", "Client requests by protocol, API and outcome",
                                 ("protocol", "api", "code"), registry=r)
         self.request_seconds = Histogram("tfscache_request_seconds", "Client request latency",

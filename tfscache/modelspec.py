@@ -137,6 +137,15 @@ _STATUS_RE = re.compile(
 )
 
 
+# A REST API as the gRPC method that does the same: the one vocabulary of the ``api`` metric
+# label for both protocols (TF Serving's own ``:tensorflow:serving:request_latency`` names
+# its API label so too).
+REST_API_METHODS = {
+    "predict": "Predict", "classify": "Classify", "regress": "Regress",
+    "metadata": "GetModelMetadata", "status": "GetModelStatus",
+}
+
+
 @dataclass(frozen=True)
 class RestCall:
     """A parsed TF Serving REST path: which model and which API (predict, status, ...)."""
@@ -145,8 +154,9 @@ class RestCall:
     api: str  # "predict" | "classify" | "regress" | "status" | "metadata"
 
     @property
-    def is_inference(self) -> bool:
-        return self.api in ("predict", "classify", "regress")
+    def method(self) -> str:
+        """The gRPC method of the same API (``Predict``, ``GetModelStatus``...)."""
+        return REST_API_METHODS[self.api]
 
 
 def parse_rest_path(method: str, path: str) -> RestCall:

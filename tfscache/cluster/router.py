@@ -164,16 +164,6 @@ class Router:
         """The owners of a model name, most preferred first (the rendezvous order)."""
         return list(self._ring.owners(name))
 
-    def describe(self, members: Sequence[Member]) -> list[dict[str, Any]]:
-        """Members as the admin API shows them: the record plus ``self`` and ``down``."""
-        return [dict(m.to_dict(), self=m.id == self.self_id, down=self.is_down(m.id)) for m in members]
-
-    def members_view(self) -> list[dict[str, Any]]:
-        return self.describe(self.members())
-
-    def owners_view(self, name: str) -> list[dict[str, Any]]:
-        return self.describe(self.owners_for(name))
-
     def is_down(self, member_id: str) -> bool:
         return self._down_until.get(member_id, 0.0) > self.clock.seconds()
 

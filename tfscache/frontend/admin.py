@@ -137,14 +137,22 @@ class AdminApi:
         mid = self._model_id(name, version)
         return defer.ensureDeferred(self._preload(mid.name, mid.version))
 
-    def _pin(self, name: str, version: str) -> dict[str, Any]:
+    def _pin(self, name: str, version: str) -> defer.Deferred[dict[str, Any]]:
         mid = self._model_id(name, version)
+        return defer.ensureDeferred(self._pin_known(mid))
+
+    async def _pin_known(self, mid: ModelId) -> dict[str, Any]:
+        if mid not in self.cache.entries:
+            # a pin ahead of the first load is fine, of a version the source lacks is not: it
+            # fails as a request for it would (NOT_FOUND), leaving no entry behind
+            await self.cache.resolve(mid.name, mid.version)
         self.cache.pin(mid, True)
         self.log.info("admin pin model={model} version={version}", model=mid.name, version=mid.version)
         return {"model": self._describe(mid)}
 
     def _unpin(self, name: str, version: str) -> dict[str, Any]:
         mid = self._model_id(name, version)
+        self._describe(mid)  # NOT_FOUND for a version this node does not hold
         self.cache.pin(mid, False)
         self.log.info("admin unpin model={model} version={version}", model=mid.name, version=mid.version)
         return {"model": self._describe(mid)}

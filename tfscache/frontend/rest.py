@@ -110,7 +110,7 @@ class RestFrontend:
             if self.draining:
                 raise ServingError(Code.UNAVAILABLE, "tfscache is shutting down", node_wide=True)
             call = parse_rest_path(request.method.decode("latin-1"), path)
-            api = call.api
+            api = call.method  # the metrics' vocabulary is gRPC's, for both protocols
             if error is not None:
                 raise error
             encoding = header_value(request.headers, b"content-encoding")

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet import defer
@@ -64,7 +64,6 @@ class ModelEntry:
     pending: SharedResult | None = None
     failure: ServingError | None = None
     retry_after: float = 0.0
-    load_seconds: list[float] = field(default_factory=list)
     fetch_seconds: float = 0.0  # the last copy's
 
     def describe(self) -> dict[str, Any]:
@@ -133,7 +132,6 @@ class CacheManager:
         self.now: Callable[[], float] = now or (lambda: self.clock.seconds())
         self.entries: dict[ModelId, ModelEntry] = {}
         self._room_waiters: list[defer.Deferred[None]] = []
-        self._wake_call: Any = None
         self._verifying: dict[ModelId, SharedResult] = {}
         # why the model source cannot be read (SourceMonitor), None while it can: a model it
         # does not list is then not known to be absent
@@ -319,7 +317,12 @@ class CacheManager:
                 if e.state != State.ABSENT or e.failure or e.pinned]
 
     def pin(self, mid: ModelId, pinned: bool = True) -> None:
-        self.entries.setdefault(mid, ModelEntry(mid)).pinned = pinned
+        entry = self.entries.get(mid)
+        if entry is None:
+            if not pinned:
+                return  # nothing to unpin: no entry is made for it
+            entry = self.entries[mid] = ModelEntry(mid)
+        entry.pinned = pinned
 
     # -- leases ------------------------------------------------------------------------------
     def _lease(self, entry: ModelEntry) -> Lease:
@@ -410,15 +413,12 @@ class CacheManager:
         except Exception:
             self.metrics.load_done(mid.name, "error")
             # take it out of the served list again; the next list change sends that
-            forget = getattr(self.backend, "forget", None)
-            if forget is not None:
-                forget(mid.name, mid.version)
+            self.backend.forget(mid.name, mid.version)
             raise
         elapsed = self.now() - started
         entry.state = State.AVAILABLE
         entry.loads += 1
         entry.failure = None
-        entry.load_seconds = (entry.load_seconds + [elapsed])[-20:]
         entry.last_used = self.now()
         self.loads += 1
         # what evicting it would cost: this load again, and the copy if the disk lets it go too

@@ -49,8 +49,8 @@ class _Method:
             response_deserializer=response.FromString,
         )
 
-    def __call__(self, request: object, timeout: float, target: str) -> defer.Deferred[Any]:
-        return future_to_deferred(self._reactor, self._call.future(request, timeout=timeout), target)
+    def __call__(self, request: object, timeout: float) -> defer.Deferred[Any]:
+        return future_to_deferred(self._reactor, self._call.future(request, timeout=timeout))
 
 
 @implementer(IServingBackend)
@@ -262,7 +262,7 @@ class ServingController:
         generation = self._generation
         request = self._config()
         self.reloads_sent += 1
-        d = self._reload(request, self.reload_timeout, self.grpc_target)
+        d = self._reload(request, self.reload_timeout)
 
         def answered(resp: pb.ReloadConfigResponse) -> None:
             # A non-OK status names a model that failed to load; each load learns its own
@@ -365,7 +365,7 @@ class ServingController:
     def status(self, name: str, timeout: float | None = None) -> defer.Deferred[pb.GetModelStatusResponse]:
         req = pb.GetModelStatusRequest()
         req.model_spec.name = name
-        return self._status(req, timeout or self.rpc_timeout, self.grpc_target)
+        return self._status(req, timeout or self.rpc_timeout)
 
     def check(self) -> defer.Deferred[None]:
         """Alive if GetModelStatus answers at all (NOT_FOUND for a name nobody serves is fine)."""

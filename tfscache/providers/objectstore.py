@@ -8,6 +8,8 @@ Everything else is here, once:
 - versions: the numeric children of ``<name>/``, zero-padded ones included (``00000123/`` is
   version 123 and is read from its own prefix), listed at most once per ``listing_ttl``;
 - size: the sum of the version's objects;
+- version labels: ``<name>/labels.json`` beside the version directories, as the disk provider
+  reads it, cached for ``listing_ttl`` like the versions (a label change takes effect within it);
 - the copy, in the provider's own pool of ``copy_threads`` threads (never the reactor's or its
   shared pool): the objects are planned into byte ranges (objects above ``multipart_threshold``
   in ranges of that size), read by ``max_concurrency`` download threads straight into their
@@ -32,7 +34,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.internet import defer, threads
 from twisted.internet.task import LoopingCall
@@ -41,12 +43,13 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tfscache.errors import Code, ServingError, not_found
-from tfscache.interfaces import IModelProvider
-from tfscache.modelspec import validate_name
+from tfscache.interfaces import IModelProvider, IVersionLabels
+from tfscache.modelspec import LABELS_FILE, parse_labels, validate_name
 from tfscache.providers.base import ListingCache, copy_error, staged_copy, stale_copy_warning
 from tfscache.util.threads import OwnThreadPool
 
 MIB = 1024 * 1024
+MAX_LABELS_BYTES = 1 * MIB  # a labels file is a few labels; a larger object is a mistake, not read
 MAX_VERSION = 2**63 - 1
 _VERSION_RE = re.compile(r"[0-9]{1,64}")
 
@@ -284,7 +287,32 @@ class _Sink:
         return self.end - self.position
 
 
-@implementer(IModelProvider)
+class ByteSink(Protocol):
+    """What ``_read`` writes an object's bytes into."""
+
+    def write(self, data: bytes | bytearray | memoryview) -> int: ...
+
+
+class _BufferSink:
+    """Where a whole small object (the labels file) is read: in memory, at most its listed size."""
+
+    def __init__(self, what: str, size: int) -> None:
+        self.what, self.size = what, size
+        self.parts: list[bytes] = []
+        self.received = 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        self.received += len(data)
+        if self.received > self.size:
+            raise ServingError(Code.DATA_LOSS, f"{self.what} sent more bytes than its listed size of {self.size}")
+        self.parts.append(bytes(data))
+        return len(data)
+
+    def value(self) -> bytes:
+        return b"".join(self.parts)
+
+
+@implementer(IModelProvider, IVersionLabels)
 class ObjectStoreProvider:
     """The shared core; subclasses set ``kind``/``label`` and implement the client hooks below."""
 
@@ -316,6 +344,7 @@ class ObjectStoreProvider:
         self.download_attempts = download_attempts
         self.verify_checksums = verify_checksums
         self.listings = ListingCache(listing_ttl)
+        self.label_listings = ListingCache(listing_ttl, normalise=dict)
         self._container = container
         self._reactor = reactor
         self._secrets: set[str] = set()
@@ -356,7 +385,7 @@ class ObjectStoreProvider:
         """A listing entry as a StoredObject; None for what is not a file (directory markers)."""
         raise NotImplementedError
 
-    def _read(self, client: Any, obj: StoredObject, start: int, length: int, sink: _Sink,
+    def _read(self, client: Any, obj: StoredObject, start: int, length: int, sink: ByteSink,
               whole: bool) -> None:
         """Read ``length`` bytes of ``obj`` from ``start`` into ``sink.write`` (``whole``: the
         range is the entire object)."""
@@ -475,6 +504,35 @@ class ObjectStoreProvider:
             return sorted(self._versions(key_prefix))
         except Exception as e:
             raise self._error(e, name, None, "listing the versions of") from None
+
+    def list_labels(self, name: str) -> defer.Deferred[dict[str, int]]:
+        """The model's version labels (``<name>/labels.json``; none without the object), cached
+        like the version listing: a change in the source takes effect within the TTL."""
+        try:
+            key = self._key_prefix(name) + LABELS_FILE
+        except ServingError as e:
+            return defer.fail(e)
+        return self.label_listings.get(name, lambda _n: self._in_thread(self._read_labels, name, key))
+
+    def _read_labels(self, name: str, key: str) -> dict[str, int]:
+        # listed first, then read: an absent file is an empty listing, never confused with an
+        # absent container (which fails as the version listing does)
+        try:
+            found = [o for o in self._objects(key) if o.key == key]
+            if not found:
+                return {}
+            obj = found[0]
+            if obj.size > MAX_LABELS_BYTES:
+                raise ServingError(
+                    Code.FAILED_PRECONDITION,
+                    f"The version labels of model {name} ({LABELS_FILE}) are invalid: {obj.size} bytes, "
+                    f"over the {MAX_LABELS_BYTES} a labels file may have")
+            sink = _BufferSink(f"{self.label} object {key!r}", obj.size)
+            if obj.size:
+                self._read(self._client(), obj, 0, obj.size, sink, whole=True)
+        except Exception as e:
+            raise self._error(e, name, None, "reading the version labels of") from None
+        return parse_labels(name, sink.value())
 
     def version_size(self, name: str, version: int) -> defer.Deferred[int]:
         try:

@@ -14,20 +14,20 @@ from tfscache.errors import Code, ServingError
 from tfscache.transport.grpc_client import rpc_error_to_serving_error
 
 
-def future_to_deferred(reactor: IReactorFromThreads, call: Any, target: str = "") -> defer.Deferred[Any]:
+def future_to_deferred(reactor: IReactorFromThreads, call: Any) -> defer.Deferred[Any]:
     """Bridge a grpcio future (done-callbacks run in grpc's threads) to ``reactor``'s thread.
 
     Cancelling the Deferred cancels the RPC."""
     d: defer.Deferred[Any] = defer.Deferred(lambda _d: call.cancel())
 
     def done(fut: Any) -> None:
-        reactor.callFromThread(_deliver, d, fut, target)
+        reactor.callFromThread(_deliver, d, fut)
 
     call.add_done_callback(done)
     return d
 
 
-def _deliver(d: defer.Deferred[Any], fut: Any, target: str) -> None:
+def _deliver(d: defer.Deferred[Any], fut: Any) -> None:
     if d.called:
         return  # cancelled already
     try:
@@ -35,7 +35,7 @@ def _deliver(d: defer.Deferred[Any], fut: Any, target: str) -> None:
     except grpc.FutureCancelledError:
         return
     except grpc.RpcError as e:
-        d.errback(rpc_error_to_serving_error(e, target))
+        d.errback(rpc_error_to_serving_error(e))
         return
     except Exception as e:  # pragma: no cover - grpc raises RpcError for call failures
         d.errback(ServingError(Code.INTERNAL, f"gRPC call failed: {e}"))
