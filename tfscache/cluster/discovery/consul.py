@@ -38,7 +38,7 @@ from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 
 from tfscache.cluster.discovery import MAX_BACKOFF, MIN_BACKOFF, DiscoveryBase, HealthCheck, endpoint_url, tls_requested
-from tfscache.cluster.discovery.http import TLSPolicy, http_client
+from tfscache.cluster.discovery.http import JsonBody, TLSPolicy, http_client
 from tfscache.cluster.members import Member, MemberError
 
 DEREGISTER_CRITICAL_AFTER = "10m"   # the agent drops an instance left critical (a crashed node)
@@ -110,7 +110,7 @@ class ConsulDiscovery(DiscoveryBase):
     async def _request(self, method: str, path: str, body: Any = None, params: Any = None,
                        timeout: float | None = None) -> tuple[int, Any, bytes]:
         base = self.endpoints[self.current]
-        data = json.dumps(body).encode() if body is not None else None
+        data = JsonBody(body) if body is not None else None
         try:
             resp = await self.http.request(method, base + path, data=data, params=params,
                                            headers=self._headers(), timeout=timeout or self.request_timeout)

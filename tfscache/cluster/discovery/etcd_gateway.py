@@ -28,7 +28,7 @@ from twisted.web.http import PotentialDataLoss as HTTPPotentialDataLoss
 from twisted.web.iweb import IResponse
 
 from tfscache.cluster.discovery import endpoint_url, tls_requested
-from tfscache.cluster.discovery.http import TLSPolicy, http_client
+from tfscache.cluster.discovery.http import JsonBody, TLSPolicy, http_client
 
 # a failure to reach this endpoint: the next one is tried
 _UNREACHABLE = (ConnectError, ConnectingCancelledError, DNSLookupError, ResponseNeverReceived, ResponseFailed,
@@ -115,7 +115,7 @@ class EtcdGateway:
     async def _post(self, index: int, path: str, body: dict[str, Any], stream: bool = False) -> Any:
         """POST ``body`` to ``path`` of endpoint ``index``: its JSON answer (or, with ``stream``,
         the response, its body not read)."""
-        resp: IResponse = await self.http.post(self.endpoints[index] + "/v3" + path, data=json.dumps(body).encode(),
+        resp: IResponse = await self.http.post(self.endpoints[index] + "/v3" + path, data=JsonBody(body),
                                                headers=self._headers(index), timeout=self.timeout,
                                                unbuffered=stream)
         if stream and resp.code == 200:

@@ -16,17 +16,18 @@ TLS: the CA of ``ca_cert`` (default: the system's roots) and the client certific
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 from typing import Any
 
 from treq.client import HTTPClient
-from twisted.internet import ssl
+from twisted.internet import defer, ssl
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
+from twisted.internet.interfaces import IConsumer, IProtocol, IProtocolFactory, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.web.client import URI, Agent, HTTPConnectionPool
-from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS
+from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IPolicyForHTTPS
 from zope.interface import implementer
 
 
@@ -105,6 +106,30 @@ class EndpointFactory:
         if uri.scheme == b"https":
             endpoint = wrapClientTLS(self.policy.creatorForNetloc(uri.host, uri.port), endpoint)
         return endpoint
+
+
+@implementer(IBodyProducer)
+class JsonBody:
+    """A request body written at once.  Not treq's default for bytes (a FileBodyProducer, a
+    cooperative task): a TLS connection lost while it writes pauses that stopped task, and
+    Twisted logs the TaskStopped it raises as an unhandled error."""
+
+    def __init__(self, body: Any) -> None:
+        self.data = json.dumps(body).encode()
+        self.length = len(self.data)
+
+    def startProducing(self, consumer: IConsumer) -> defer.Deferred[None]:
+        consumer.write(self.data)
+        return defer.succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
 
 
 def http_client(reactor: Any, policy: IPolicyForHTTPS, connect_timeout: float, keepalive_idle: int = 10,

@@ -234,7 +234,7 @@ class KubernetesDiscovery(DiscoveryBase):
                         "{said}); keeping the last {count} members and retrying", node=self.self_member.id,
                         source=self.access.source, said=error.message or "Unauthorized",
                         count=len(self._members))
-            self.reachable = False
+            self._reachability.denied()
             return
         super()._unreachable(doing, error)
 
