@@ -238,6 +238,8 @@ SCHEMA: dict[str, Any] = {
     "logging": {
         "level": Field("choice", "info", choices=("debug", "info", "warn", "error")),
         "format": Field("choice", "text", choices=("text", "json")),
+        "access_log": Field("bool", False, doc="One line per model API request (method, model, version, code, "
+                            "duration)."),
     },
 }
 

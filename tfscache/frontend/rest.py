@@ -18,6 +18,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
+from tfscache.access_log import AccessLog
 from tfscache.errors import Code, ServingError, invalid
 from tfscache.frontend.errors import as_serving_error, error_markers, rest_error_body
 from tfscache.interfaces import IRequestHandler
@@ -67,6 +68,7 @@ class RestFrontend:
         self.admin = admin
         self.inflight = InFlight()
         self.draining = False
+        self.access_log: AccessLog | None = None  # logging.access_log
 
     def factory(self, clock: IReactorTime, limits: HttpLimits | None = None) -> HttpServerFactory:
         """The REST port's protocol factory."""
@@ -90,6 +92,8 @@ class RestFrontend:
                 return error_reply(error)
             result: defer.Deferred[HttpReply] | HttpReply = self.admin.handle(request, path)
             return result
+        if self.access_log is not None:
+            return self.access_log.rest(request, path, lambda: self._model_call(request, path, error))
         return self._model_call(request, path, error)
 
     # -- the model API ---------------------------------------------------------------------
