@@ -351,25 +351,28 @@ class DaemonTests(unittest.TestCase):
         for name in ("d0", "d1", "d2"):  # max_models 2: d2's load unloads d0 (LRU)
             reply = yield rest_predict(node.rest_url, name, [1.0])
             self.assertEqual(reply.code, 200, reply.body)
-        yield wait_for_log(node, "rest POST d2 ")
+        client = GrpcClient(node.grpc_target)
+        self.addCleanup(client.close)
+        yield client.predict("d2", [1.0], version=1)
+        yield wait_for_log(node, "grpc Predict d2 1 OK")
         with open(node.process.log_path) as f:
             records = [json.loads(line) for line in f if line.startswith("{")]
 
         def about(model: str, fragment: str) -> list[dict[str, object]]:
             return [r for r in records if str(r["message"]).startswith(fragment) and r.get("model") == model]
 
-        for fragment, version in (("route model=", "latest"), ("fetching model=", 1), ("loading model=", 1),
-                                  ("loaded model=", 1)):
-            got = about("d2", fragment)
-            self.assertEqual(len(got), 1, (fragment, records))
-            self.assertEqual(got[0]["version"], version, got)
+        for fragment, versions in (("route model=", ["latest", 1]), ("fetching model=", [1]),
+                                   ("loading model=", [1]), ("loaded model=", [1])):
+            got = about("d2", fragment)  # the REST request, then the gRPC one (a hit)
+            self.assertEqual([r["version"] for r in got], versions, (fragment, records))
         self.assertEqual(about("d2", "fetching model=")[0]["level"], "debug")
         [evict] = about("d2", "no room for model=d2")  # the eviction decision, then its result
         self.assertEqual((evict["victim"], evict["victim_version"]), ("d0", 1))
         self.assertEqual(len(about("d0", "unloaded model=d0")), 1)
         access = [r for r in records if r["namespace"] == "tfscache.access"]
-        self.assertEqual([(r["method"], r["model"], r["version"], r["code"]) for r in access],
-                         [("POST", name, "-", 200) for name in ("d0", "d1", "d2")])
+        self.assertEqual([(r["protocol"], r["method"], r["model"], r["version"], r["code"]) for r in access],
+                         [*(("rest", "POST", name, "-", 200) for name in ("d0", "d1", "d2")),
+                          ("grpc", "Predict", "d2", 1, "OK")])
         self.assertTrue(all(isinstance(r["seconds"], float) for r in access))
 
     @defer.inlineCallbacks

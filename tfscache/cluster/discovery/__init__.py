@@ -76,7 +76,7 @@ _SSL_REASON = re.compile(r"\[SSL(?:: [A-Z0-9_]+)?\] ([^'\"()]+)")
 
 def describe_error(error: BaseException | Failure) -> str:
     """One line saying why a call to the backend failed, for the logs: the TLS reason of a
-    handshake failure rather than the wrappers around it (requests', twisted.web's)."""
+    handshake failure rather than the wrappers around it (twisted.web's)."""
     if isinstance(error, Failure):
         error = error.value
     reasons = getattr(error, "reasons", None)  # twisted.web's ResponseNeverReceived and co.
@@ -89,7 +89,7 @@ def describe_error(error: BaseException | Failure) -> str:
     if SSL is not None and isinstance(error, SSL.Error) and error.args and isinstance(error.args[0], list):
         why = [str(r[-1]) for r in error.args[0] if isinstance(r, tuple) and r and r[-1]]
         return f"{TLS_FAILURE}: " + (", ".join(why) or str(error))
-    text = str(getattr(error, "detail_text", None) or error)  # etcd3gw keeps its text in detail_text
+    text = str(error)
     match = _SSL_REASON.search(text)
     if match:
         return f"{TLS_FAILURE}: " + match.group(1).strip()
