@@ -83,13 +83,15 @@ class S3Store(Store):
             self.client.put_object(Bucket=CONTAINER, Key=KEY_PREFIX + rel, Body=body)
 
     def provider(self, args: argparse.Namespace, verify: bool) -> Any:
+        from twisted.internet import reactor
+
         from tfscache.providers.s3 import S3ModelProvider
 
         s = self.server
         return S3ModelProvider(CONTAINER, PREFIX, endpoint_url=s.endpoint_url, region="us-east-1",
                                access_key_id=s.access_key, secret_access_key=s.secret_key,
                                max_concurrency=args.concurrency, multipart_threshold=args.chunk_mib * MIB,
-                               progress_interval=3600, fetch_timeout=600, verify_md5=verify)
+                               progress_interval=3600, fetch_timeout=600, verify_md5=verify, reactor=reactor)
 
     def plain_copy(self, dest: str) -> int:
         return _s3_cli_like(self.client, dest)
@@ -129,12 +131,14 @@ class AzureStore(Store):
             self.container.upload_blob(KEY_PREFIX + rel, body)  # one Put Blob up to 64 MiB: Content-MD5 set
 
     def provider(self, args: argparse.Namespace, verify: bool) -> Any:
+        from twisted.internet import reactor
+
         from tfscache.providers.azure import AzureBlobModelProvider
 
         return AzureBlobModelProvider(CONTAINER, PREFIX, account_url=self.server.account_url,
                                       account_key=self.server.account_key, max_concurrency=args.concurrency,
                                       chunk_size=args.chunk_mib * MIB, progress_interval=3600,
-                                      fetch_timeout=600, verify_md5=verify)
+                                      fetch_timeout=600, verify_md5=verify, reactor=reactor)
 
     def plain_copy(self, dest: str) -> int:
         total = 0
@@ -162,11 +166,14 @@ class GCSStore(Store):
             bucket.blob(KEY_PREFIX + rel).upload_from_string(body)
 
     def provider(self, args: argparse.Namespace, verify: bool) -> Any:
+        from twisted.internet import reactor
+
         from tfscache.providers.gcs import GCSModelProvider
 
         return GCSModelProvider(CONTAINER, PREFIX, endpoint_url=self.server.endpoint_url, anonymous=True,
                                 max_concurrency=args.concurrency, chunk_size=args.chunk_mib * MIB,
-                                progress_interval=3600, fetch_timeout=600, verify_checksums=verify)
+                                progress_interval=3600, fetch_timeout=600, verify_checksums=verify,
+                                reactor=reactor)
 
     def plain_copy(self, dest: str) -> int:
         from google.cloud.storage import transfer_manager

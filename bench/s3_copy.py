@@ -116,12 +116,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         await threads.deferToThread(upload, client, files)
         print(f"server={server.kind} uploaded {len(files)} objects, {total / MB:.0f} MB in "
               f"{time.monotonic() - started:.1f}s", flush=True)
+        from twisted.internet import reactor
+
         providers = {
             verify: S3ModelProvider(
                 BUCKET, PREFIX, endpoint_url=server.endpoint_url, region="us-east-1",
                 access_key_id=server.access_key, secret_access_key=server.secret_key,
                 max_concurrency=args.concurrency, multipart_threshold=args.threshold_mib * MIB,
-                progress_interval=3600, fetch_timeout=600, verify_md5=verify,
+                progress_interval=3600, fetch_timeout=600, verify_md5=verify, reactor=reactor,
             )
             for verify in (True, False)
         }

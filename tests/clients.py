@@ -16,7 +16,7 @@ from tensorflow_serving.apis import (
     predict_pb2,
     prediction_service_pb2_grpc,
 )
-from twisted.internet import defer
+from twisted.internet import defer, reactor
 
 from tfscache.util.grpc_twisted import future_to_deferred
 
@@ -52,7 +52,7 @@ class GrpcClient:
         self.models = model_service_pb2_grpc.ModelServiceStub(self.channel)
 
     def call(self, method: Any, request: Any, timeout: float = 120, **kw: Any) -> defer.Deferred[Any]:
-        return future_to_deferred(method.future(request, timeout=timeout, **kw))
+        return future_to_deferred(reactor, method.future(request, timeout=timeout, **kw))
 
     def predict(self, name: str, xs: list[float], version: int | None = None,
                 timeout: float = 120) -> defer.Deferred[Any]:

@@ -9,7 +9,7 @@ import os
 import uuid
 from typing import Any
 
-from twisted.internet import defer
+from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
 from tests.harness import shared
@@ -55,7 +55,7 @@ class AzureProviderTests(ObjectStoreCases, unittest.TestCase):
         from tfscache.providers.azure import AzureBlobModelProvider
 
         args: dict[str, Any] = dict(account_url=self.azurite.account_url,
-                                    account_key=self.azurite.account_key, max_attempts=2)
+                                    account_key=self.azurite.account_key, max_attempts=2, reactor=reactor)
         args.update(kw)
         return AzureBlobModelProvider(args.pop("container", self.container), args.pop("prefix", self.prefix), **args)
 
@@ -127,8 +127,8 @@ class AzureProviderTests(ObjectStoreCases, unittest.TestCase):
         from tfscache.providers.azure import AzureBlobModelProvider, account_name
 
         self.assertRaises(ValueError, AzureBlobModelProvider, "c", account_url="https://a.blob.core.windows.net",
-                          sas_token="x", account_key="y")
-        self.assertRaises(ValueError, AzureBlobModelProvider, "c")  # no URL, no connection string
+                          sas_token="x", account_key="y", reactor=reactor)
+        self.assertRaises(ValueError, AzureBlobModelProvider, "c", reactor=reactor)  # no URL, no connection string
         self.assertEqual(account_name("https://acct.blob.core.windows.net"), "acct")
         self.assertEqual(account_name("http://127.0.0.1:10000/devstoreaccount1"), "devstoreaccount1")
 
@@ -146,7 +146,7 @@ class AzureProviderTests(ObjectStoreCases, unittest.TestCase):
                           "max_concurrency": 3, "chunk_size_bytes": "6MiB"},
             },
         }, environ={})
-        p: Any = make_provider(cfg)
+        p: Any = make_provider(cfg, reactor)
         self.addCleanup(p.close)
         self.assertEqual((p.kind, p.container, p.prefix, p.max_concurrency, p.multipart_threshold),
                          ("azure", self.container, self.prefix + "/", 3, 6 * 1024 * 1024))

@@ -5,10 +5,23 @@ import subprocess
 import sys
 import tempfile
 
+import yaml
+from twisted.internet import reactor
 from twisted.trial import unittest
 
 from tests.harness.process import REPO_ROOT
-from tfscache.config import ConfigError, load_config, load_config_file, parse_size, walk_schema
+from tfscache.config import (
+    ConfigError,
+    EvictionPolicy,
+    load_config,
+    load_config_file,
+    parse_size,
+    reference,
+    settings,
+    walk_schema,
+    with_reference,
+)
+from tfscache.node.eviction import POLICIES
 
 MINIMAL = {"model_provider": {"disk": {"base_path": "/models"}}, "disk_cache": {"path": "/cache"}}
 
@@ -137,16 +150,25 @@ class ConfigTests(unittest.TestCase):
             msg = self.assertConfigError(members(good, bad), key + where)
             self.assertNotIn("Traceback", msg)
 
+    def test_discovery_endpoints_are_checked_at_load(self) -> None:
+        """What the etcd and Consul clients would refuse is refused by the schema, as one line."""
+        for kind, backend in (("etcd", "etcd"), ("consul", "Consul")):
+            msg = self.assertConfigError(
+                with_(MINIMAL, cluster={"discovery": {"type": kind, "endpoints": ["ftp://h:1"]}}),
+                "cluster.discovery.endpoints")
+            self.assertEqual(msg, f"cluster.discovery.endpoints: not a {backend} URL: 'ftp://h:1'")
+            self.assertConfigError(with_(MINIMAL, cluster={"discovery": {"type": kind}}), "cluster.discovery.endpoints")
+
     def test_provider_settings_reach_the_provider(self) -> None:
         from tfscache.service import make_provider
 
         cfg = load_config({"model_provider": {"type": "s3", "copy_threads": 2,
                                               "s3": {"bucket": "b", "verify_md5": False}},
                            "disk_cache": {"path": "/cache"}}, environ={})
-        provider = make_provider(cfg, own_shutdown=False)
+        provider = make_provider(cfg, reactor, own_shutdown=False)
         self.assertIs(provider.verify_md5, False)  # type: ignore[attr-defined]
         self.assertEqual(provider._copies.size, 2)  # type: ignore[attr-defined]
-        disk = make_provider(load_config(with_(MINIMAL, model_provider={"copy_threads": 3}), environ={}))
+        disk = make_provider(load_config(with_(MINIMAL, model_provider={"copy_threads": 3}), environ={}), reactor)
         self.assertEqual(disk._threads.size, 3)  # type: ignore[attr-defined]
 
     def test_files(self) -> None:
@@ -161,6 +183,50 @@ class ConfigTests(unittest.TestCase):
     def test_example_config_is_valid(self) -> None:
         cfg = load_config_file(os.path.join(REPO_ROOT, "etc", "tfscache.yaml"), environ={})
         self.assertEqual(cfg.model_provider.type, "disk")
+
+    def test_example_config_covers_every_key(self) -> None:
+        """etc/tfscache.yaml has every key of the schema, except the secrets, which it shows
+        commented out (a secret in an example gets copied into real files)."""
+        deliberately_commented = {
+            "model_provider.s3.access_key_id", "model_provider.s3.secret_access_key",
+            "model_provider.azure.connection_string", "model_provider.azure.sas_token",
+            "model_provider.azure.account_key", "cluster.discovery.username", "cluster.discovery.password",
+            "cluster.discovery.token", "admin.token",
+        }
+        with open(os.path.join(REPO_ROOT, "etc", "tfscache.yaml")) as f:
+            text = f.read()
+        keys = {s.key for s in settings()}
+
+        def present(data: object, prefix: str = "") -> set[str]:
+            out = set()
+            for k, v in (data.items() if isinstance(data, dict) else ()):
+                key = prefix + k
+                out |= present(v, key + ".") if key not in keys and isinstance(v, dict) else {key}
+            return out
+
+        written = present(yaml.safe_load(text))
+        self.assertEqual(sorted(written - keys), [])  # loading it checks that too
+        self.assertEqual(sorted(keys - written - deliberately_commented), [])
+        self.assertEqual(sorted(written & deliberately_commented), [])
+        for key in deliberately_commented:
+            self.assertIn(f"# {key.rsplit('.', 1)[-1]}:", text)
+
+    def test_readme_reference_is_generated_from_the_schema(self) -> None:
+        """README.md's configuration reference is what ``python -m tfscache.config --reference``
+        writes: regenerate it after changing the schema."""
+        with open(os.path.join(REPO_ROOT, "README.md")) as f:
+            readme = f.read()
+        self.assertEqual(with_reference(readme), readme)
+        for s in settings():
+            self.assertIn(f"| `{s.key}` |", reference())
+        proc = subprocess.run([sys.executable, "-m", "tfscache.config", "--check"], cwd=REPO_ROOT,
+                              capture_output=True, text=True, timeout=60, env=dict(os.environ, PYTHONPATH=REPO_ROOT))
+        self.assertEqual((proc.returncode, proc.stderr), (0, ""))
+
+    def test_eviction_choices_are_the_policies(self) -> None:
+        from typing import get_args
+
+        self.assertEqual(set(get_args(EvictionPolicy)), set(POLICIES))
 
     def test_readme_documents_every_key(self) -> None:
         with open(os.path.join(REPO_ROOT, "README.md")) as f:

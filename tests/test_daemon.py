@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from twisted.internet import defer, threads
+from twisted.internet import defer, reactor, threads
 from twisted.trial import unittest
 
 from tests.clients import GrpcClient, http, rest_predict
@@ -254,14 +254,14 @@ class DaemonTests(unittest.TestCase):
         health = health_pb2_grpc.HealthStub(grpc.insecure_channel(node.grpc_target))
         check = health_pb2.HealthCheckRequest(service="tensorflow.serving.PredictionService")
         SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
-        resp = yield future_to_deferred(health.Check.future(check, timeout=10))
+        resp = yield future_to_deferred(reactor, health.Check.future(check, timeout=10))
         self.assertEqual(resp.status, SERVING)
         yield threads.deferToThread(own.kill)
         reply = yield http("GET", node.rest_url + "/readyz")
         self.assertEqual(reply.code, 503)
         self.assertIn("tfserving", reply.json())
         for _ in range(200):  # the monitor probes every 0.2 s: no event reaches this process
-            resp = yield future_to_deferred(health.Check.future(check, timeout=10))
+            resp = yield future_to_deferred(reactor, health.Check.future(check, timeout=10))
             if resp.status == NOT_SERVING:
                 break
             yield threads.deferToThread(time.sleep, 0.05)
@@ -278,11 +278,9 @@ class DaemonTests(unittest.TestCase):
         with open(node.config_path, "w") as f:
             yaml.safe_dump(cfg, f)
         node.process.signal(signal.SIGHUP)
-        for _ in range(200):
-            log = open(node.process.log_path).read()
-            if "SIGHUP" in log:
-                break
-            yield threads.deferToThread(lambda: None)
+        # polled with a pause (200 bare thread round trips took less time than a loaded
+        # machine needs to handle the signal)
+        log = yield wait_for_log(node, "SIGHUP")
         self.assertIn("applied serving.max_models; need a restart to change: listen.grpc_threads", log)
         for name in ("d0", "d1"):
             reply = yield rest_predict(node.rest_url, name, [1.0])
@@ -494,7 +492,7 @@ class ProviderLifecycleTests(unittest.TestCase):
                                                     "access_key_id": "k", "secret_access_key": "s"}},
             "disk_cache": {"path": self.mktemp()},
         }, environ={})
-        node = NodeService(cfg)
+        node = NodeService(cfg, reactor)
         provider = node.provider
         self.assertIsNone(provider._trigger)
         self.assertFalse(provider._closed)

@@ -17,7 +17,9 @@ from twisted.internet import threads
 from twisted.trial import unittest
 
 from tests.harness.process import REPO_ROOT
-from tfscache.config import SCHEMA, load_config
+from tfscache.config import ListenSettings, load_config
+
+DEFAULT_PORTS = (ListenSettings.model_fields["grpc_port"].default, ListenSettings.model_fields["rest_port"].default)
 
 DEPLOY = os.path.join(REPO_ROOT, "deploy")
 REQUIRED_TFSERVING_FLAGS = {
@@ -145,7 +147,7 @@ def check_pair(test: unittest.TestCase, tfserving_args: list[str], cfg_data: dic
     test.assertEqual(cfg.serving.grpc_target, f"127.0.0.1:{grpc_port}")
     test.assertEqual(cfg.serving.rest_url, f"http://127.0.0.1:{rest_port}")
     test.assertEqual((cfg.listen.grpc_port, cfg.listen.rest_port),
-                     (SCHEMA["listen"]["grpc_port"].default, SCHEMA["listen"]["rest_port"].default))
+                     DEFAULT_PORTS)
 
 
 class DeployFilesTests(unittest.TestCase):
@@ -155,7 +157,7 @@ class DeployFilesTests(unittest.TestCase):
     def test_dockerfile(self) -> None:
         text = read("Dockerfile")
         exposed = {int(p) for line in text.splitlines() if line.startswith("EXPOSE") for p in line.split()[1:]}
-        self.assertEqual(exposed, {SCHEMA["listen"]["grpc_port"].default, SCHEMA["listen"]["rest_port"].default})
+        self.assertEqual(exposed, set(DEFAULT_PORTS))
         self.assertIn('"twistd", "--nodaemon", "--pidfile=", "tfscache"', text)
         self.assertIn("/healthz", text)
         self.assertIn("STOPSIGNAL SIGTERM", text)

@@ -89,24 +89,24 @@ class StaticTests(unittest.TestCase):
     def test_factory(self):  # type: ignore[no-untyped-def]
         base = {"disk_cache": {"path": "/tmp/x"}, "model_provider": {"disk": {"base_path": "/tmp/m"}}}
         me = member("me")
-        self.assertIsInstance(make_discovery(load_config(base, environ={}), me), StaticDiscovery)
+        self.assertIsInstance(make_discovery(load_config(base, environ={}), me, reactor), StaticDiscovery)
         cfg = load_config(dict(base, cluster={"discovery": {
             "type": "etcd", "endpoints": ["http://127.0.0.1:1"], "ttl_seconds": 6}}), environ={})
         from tfscache.cluster.discovery.etcd import EtcdDiscovery
 
-        d = make_discovery(cfg, me, Health())
+        d = make_discovery(cfg, me, reactor, Health())
         self.assertIsInstance(d, EtcdDiscovery)
         self.assertEqual((d.lease_ttl, d.refresh_interval, d.key), (6, 2.0, "/tfscache/members/me"))
         cfg = load_config(dict(base, cluster={"discovery": {
             "type": "consul", "endpoints": ["http://127.0.0.1:1"], "prefix": "/tfs/prod"}}), environ={})
         from tfscache.cluster.discovery.consul import ConsulDiscovery
 
-        d = make_discovery(cfg, me, Health())
+        d = make_discovery(cfg, me, reactor, Health())
         self.assertIsInstance(d, ConsulDiscovery)
         self.assertEqual(d.service, "tfs-prod")
         cfg = load_config(dict(base, cluster={"discovery": {
             "type": "consul", "endpoints": ["127.0.0.1:8500"], "service": "models", "token": "t"}}), environ={})
-        d = make_discovery(cfg, me, Health())
+        d = make_discovery(cfg, me, reactor, Health())
         self.assertEqual((d.service, d.endpoints, d.token), ("models", ["http://127.0.0.1:8500"], "t"))
         yield d._closed()
 
@@ -162,7 +162,7 @@ class ClockTests(unittest.TestCase):
 
         clock, fake = task.Clock(), FakeEtcd()
         d = EtcdDiscovery(["http://127.0.0.1:1"], member("me"), health or Health(), ttl=9.0, clock=clock,
-                          connection=fake, max_backoff=30.0)  # type: ignore[arg-type]
+                          connection=fake, max_backoff=30.0, reactor=reactor)  # type: ignore[arg-type]
         return d, fake, clock
 
     def test_refresh_every_third_of_the_ttl(self) -> None:
@@ -475,7 +475,7 @@ class EtcdTests(_RealServerTests, unittest.TestCase):
     def discovery(self, server: Any, me: Member, prefix: str, **kw: Any) -> DiscoveryBase:
         from tfscache.cluster.discovery.etcd import EtcdDiscovery
 
-        return EtcdDiscovery([server.endpoint], me, kw.pop("health", None), prefix=prefix, **kw)
+        return EtcdDiscovery([server.endpoint], me, kw.pop("health", None), prefix=prefix, reactor=reactor, **kw)
 
     def delete_record(self, server: Any, node_id: str) -> None:
         import base64
@@ -611,7 +611,7 @@ class ConsulTests(_RealServerTests, unittest.TestCase):
         from tfscache.cluster.discovery.consul import ConsulDiscovery
 
         kw.setdefault("wait_seconds", 5.0)
-        return ConsulDiscovery([server.http_addr], me, kw.pop("health", None), prefix=prefix, **kw)
+        return ConsulDiscovery([server.http_addr], me, kw.pop("health", None), prefix=prefix, reactor=reactor, **kw)
 
     def delete_record(self, server: Any, node_id: str) -> None:
         req = urllib.request.Request(f"{server.http_addr}/v1/agent/service/deregister/{node_id}", method="PUT")

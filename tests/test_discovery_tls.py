@@ -19,7 +19,7 @@ import urllib.request
 import uuid
 from typing import Any
 
-from twisted.internet import defer, task, threads
+from twisted.internet import defer, reactor, task, threads
 from twisted.logger import LogLevel, formatEvent
 from twisted.trial import unittest
 
@@ -288,7 +288,7 @@ class EtcdTlsTests(_TlsTests, unittest.TestCase):
     def discovery_many(self, endpoints: list[str], me: Member, **kw: Any) -> DiscoveryBase:
         from tfscache.cluster.discovery.etcd import EtcdDiscovery
 
-        return EtcdDiscovery(endpoints, me, prefix=self.prefix, **kw)
+        return EtcdDiscovery(endpoints, me, prefix=self.prefix, reactor=reactor, **kw)
 
     def registered(self, server: Any, headers: dict[str, str] | None = None) -> set[str]:
         key = f"{self.prefix}/members/".encode()
@@ -358,7 +358,7 @@ class ConsulTlsTests(_TlsTests, unittest.TestCase):
         from tfscache.cluster.discovery.consul import ConsulDiscovery
 
         kw.setdefault("wait_seconds", 5.0)
-        return ConsulDiscovery(endpoints, me, prefix=self.prefix, **kw)
+        return ConsulDiscovery(endpoints, me, prefix=self.prefix, reactor=reactor, **kw)
 
     def registered(self, server: Any, headers: dict[str, str] | None = None) -> set[str]:
         url = f"{server.http_addr}/v1/agent/services"

@@ -88,7 +88,7 @@ class DiskProviderTests(unittest.TestCase):
         self.addCleanup(globalLogPublisher.removeObserver, observer)
 
     def provider(self, hold: Hold | None = None, **kw: Any) -> DiskModelProvider:
-        p = DiskModelProvider(self.source, listing_ttl=0, **kw)
+        p = DiskModelProvider(self.source, listing_ttl=0, **{"reactor": reactor, **kw})
         if hold is not None:
             p.copy_file = hold
             self.addCleanup(hold.release.set)  # runs before close: a failed test frees its copy

@@ -149,7 +149,7 @@ class ManagerWithPolicyTests(unittest.TestCase):
         self.backend = ScriptedBackend()
         source = make_source({n: 100 for n in "abcd"})
         disk = DiskCache(tempfile.mkdtemp(prefix="tfscache-eviction-cache-"), 10**9)
-        self.cache = CacheManager(DiskModelProvider(source, listing_ttl=0), self.backend, disk,
+        self.cache = CacheManager(DiskModelProvider(source, listing_ttl=0, reactor=reactor), self.backend, disk,
                                   CacheLimits(**limits), clock=self.clock,
                                   policy=AdaptivePolicy(limits.get("max_models", 10)))
         yield self.cache.start()

@@ -13,7 +13,7 @@ import json
 import os
 from typing import Any
 
-from twisted.internet import defer
+from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
 from tests.harness import shared
@@ -55,7 +55,8 @@ class GCSProviderTests(ObjectStoreCases, unittest.TestCase):
     def make_provider(self, **kw: Any) -> Any:
         from tfscache.providers.gcs import GCSModelProvider
 
-        args: dict[str, Any] = dict(endpoint_url=self.gcs.endpoint_url, anonymous=True, retry_timeout=3.0)
+        args: dict[str, Any] = dict(endpoint_url=self.gcs.endpoint_url, anonymous=True, retry_timeout=3.0,
+                                    reactor=reactor)
         args.update(kw)
         return GCSModelProvider(args.pop("bucket", self.container), args.pop("prefix", self.prefix), **args)
 
@@ -139,7 +140,7 @@ class GCSProviderTests(ObjectStoreCases, unittest.TestCase):
                         "chunk_size_bytes": "6MiB"},
             },
         }, environ={})
-        p: Any = make_provider(cfg)
+        p: Any = make_provider(cfg, reactor)
         self.addCleanup(p.close)
         self.assertEqual((p.kind, p.bucket, p.prefix, p.max_concurrency, p.multipart_threshold),
                          ("gcs", self.container, self.prefix + "/", 3, 6 * 1024 * 1024))

@@ -122,7 +122,8 @@ class KubernetesTests(unittest.TestCase):
         access = in_cluster({"KUBERNETES_SERVICE_HOST": "127.0.0.1", "KUBERNETES_SERVICE_PORT": str(port or api.port)},
                             sa_dir)
         kw.setdefault("max_backoff", 0.5)
-        d = KubernetesDiscovery(member(node_id), kw.pop("health", Health()), service=SERVICE, access=access, **kw)
+        d = KubernetesDiscovery(member(node_id), kw.pop("health", Health()), service=SERVICE, access=access,
+                                reactor=reactor, **kw)
         if start:
             d.startService()
         self.addCleanup(lambda: d.stopService() if d.running else d._closed())
@@ -311,7 +312,7 @@ class KubernetesTests(unittest.TestCase):
         path = self.api.kubeconfig(self.namespace, client_cert=True)
         cfg = load_config(dict(BASE_CONFIG, cluster={"discovery": {
             "type": "kubernetes", "kubeconfig": path, "service": SERVICE}}), environ={})
-        d = make_discovery(cfg, member("a"), Health())
+        d = make_discovery(cfg, member("a"), reactor, Health())
         self.assertIsInstance(d, KubernetesDiscovery)
         self.assertEqual(d.namespace, self.namespace)  # the context's
         d.startService()
@@ -419,7 +420,7 @@ users: [{{name: u, user: {user}}}]
         # the publish loop never calls the API: a passing health check is no news about it
         clock, health = task.Clock(), Health(True)
         access = ApiAccess(server="https://127.0.0.1:1")
-        d = KubernetesDiscovery(member("a"), health, access=access, clock=clock, ttl=3.0)
+        d = KubernetesDiscovery(member("a"), health, access=access, clock=clock, ttl=3.0, reactor=reactor)
         self.addCleanup(d._closed)
         d._unreachable("reading the member list", ConnectionRefusedError("refused"))
         d.publish()

@@ -11,7 +11,7 @@ import tempfile
 from typing import Any
 
 from tensorflow_serving.apis import inference_pb2
-from twisted.internet import defer
+from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
 from tests.clients import GrpcClient, http, predict_request
@@ -164,7 +164,7 @@ class LabelPiecesTests(unittest.TestCase):
             os.makedirs(os.path.join(base, "m", d, "variables"))
             with open(os.path.join(base, "m", d, "saved_model.pb"), "wb") as f:
                 f.write(d.encode())
-        provider = DiskModelProvider(base, listing_ttl=0)
+        provider = DiskModelProvider(base, listing_ttl=0, reactor=reactor)
         self.addCleanup(provider.close)
         self.assertEqual((yield provider.list_versions("m")), [7, 123, 124])
         self.assertEqual((yield provider.version_size("m", 123)), len(b"00000123"))

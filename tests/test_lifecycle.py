@@ -80,7 +80,7 @@ class Scripted(DiscoveryBase):
     backend = "scripted"
 
     def __init__(self, clock: task.Clock, health: Health) -> None:
-        super().__init__(member("me"), health, ttl=3.0, clock=clock)
+        super().__init__(member("me"), clock, health, ttl=3.0)
         self.record = False
         self.writes = 0
 

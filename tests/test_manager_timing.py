@@ -90,7 +90,7 @@ class TimingTests(unittest.TestCase):
         self.backend = ScriptedBackend()
         source = make_source(sizes or {n: 100 for n in "abc"})
         disk = DiskCache(tempfile.mkdtemp(prefix="tfscache-timing-cache-"), disk_capacity)
-        self.cache = CacheManager(DiskModelProvider(source, listing_ttl=0), self.backend, disk,
+        self.cache = CacheManager(DiskModelProvider(source, listing_ttl=0, reactor=reactor), self.backend, disk,
                                   CacheLimits(**limits), clock=self.clock)
         yield self.cache.start()
         return self.cache

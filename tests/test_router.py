@@ -225,7 +225,7 @@ class RouterTestCase(unittest.TestCase):
         channel = grpc.insecure_channel(f"127.0.0.1:{node.grpc_bridge.bound_port}")
         self.channels.append(channel)
         future = channel.unary_unary(PREDICT).future(predict_payload(name), timeout=timeout, metadata=metadata)
-        return future_to_deferred(future)
+        return future_to_deferred(reactor, future)
 
     @defer.inlineCallbacks
     def until(self, condition, timeout: float = 5.0, what=None):  # type: ignore[no-untyped-def]

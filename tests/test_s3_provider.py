@@ -84,7 +84,7 @@ class S3ProviderTests(unittest.TestCase):
             endpoint_url=self.server.endpoint_url, region="us-east-1",
             access_key_id=self.server.access_key, secret_access_key=self.server.secret_key,
             multipart_threshold=5 * MIB, progress_interval=0.2, connect_timeout=2.0,
-            read_timeout=10.0, max_attempts=2, download_attempts=2,
+            read_timeout=10.0, max_attempts=2, download_attempts=2, reactor=reactor,
         )
         args.update(kw)
         cls = args.pop("cls", S3ModelProvider)
@@ -549,7 +549,7 @@ class S3ProviderTests(unittest.TestCase):
                        "secret_access_key": self.server.secret_key},
             },
         }, environ={})
-        p = S3ModelProvider.from_config(cfg.model_provider)
+        p = S3ModelProvider.from_config(cfg.model_provider, reactor)
         self.addCleanup(p.close)
         self.assertEqual((p.bucket, p.prefix, p.max_concurrency, p.multipart_threshold),
                          (self.bucket, self.prefix + "/", 3, 6 * MIB))
@@ -585,6 +585,7 @@ class S3ObjectStoreTests(ObjectStoreCases, unittest.TestCase):
             endpoint_url=self.s3server.endpoint_url, region="us-east-1",
             access_key_id=self.s3server.access_key, secret_access_key=self.s3server.secret_key,
             max_attempts=2)
+        args["reactor"] = reactor
         args.update(kw)
         args["multipart_threshold"] = args.pop("chunk_size", 8 * MIB)
         return S3ModelProvider(args.pop("bucket", self.container), args.pop("prefix", self.prefix), **args)

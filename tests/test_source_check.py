@@ -10,7 +10,7 @@ import shutil
 import tempfile
 from typing import Any
 
-from twisted.internet import defer, task, threads
+from twisted.internet import defer, reactor, task, threads
 from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
@@ -46,7 +46,7 @@ class SourceMonitorTests(unittest.TestCase):
     def test_missing_directory_then_created(self):  # type: ignore[no-untyped-def]
         base = os.path.join(tempfile.mkdtemp(prefix="tfscache-src-"), "models")
         clock = task.Clock()
-        monitor = SourceMonitor(DiskModelProvider(base), interval=10.0, clock=clock, kind="disk")
+        monitor = SourceMonitor(DiskModelProvider(base, reactor=reactor), interval=10.0, clock=clock, kind="disk")
         seen: list[str | None] = []
         changed: list[defer.Deferred[None]] = []
 

@@ -66,14 +66,16 @@ class TlsTests(unittest.TestCase):
         channel = grpc.secure_channel(f"127.0.0.1:{ports[0][1]}", grpc.ssl_channel_credentials(root_certificates=ca))
         self.addCleanup(channel.close)
         call = channel.unary_unary("/tensorflow.serving.PredictionService/Predict")
-        reply = yield future_to_deferred(call.future(predict_request("m1", [1.0]).SerializeToString(), timeout=30))
+        request = predict_request("m1", [1.0]).SerializeToString()
+        reply = yield future_to_deferred(reactor, call.future(request, timeout=30))
         self.assertTrue(reply)
 
         plain = grpc.insecure_channel(f"127.0.0.1:{ports[0][1]}")
         self.addCleanup(plain.close)
         call = plain.unary_unary("/tensorflow.serving.PredictionService/Predict")
         err = yield self.assertFailure(
-            future_to_deferred(call.future(predict_request("m1", [1.0]).SerializeToString(), timeout=5)), ServingError)
+            future_to_deferred(reactor, call.future(predict_request("m1", [1.0]).SerializeToString(), timeout=5)),
+            ServingError)
         self.assertEqual(err.code, Code.UNAVAILABLE)
 
 
@@ -149,5 +151,6 @@ class PlainHttpToTlsPortTests(unittest.TestCase):
         channel = grpc.secure_channel(node.grpc_target, grpc.ssl_channel_credentials(root_certificates=ca))
         self.addCleanup(channel.close)
         call = channel.unary_unary("/tensorflow.serving.PredictionService/Predict")
-        reply = yield future_to_deferred(call.future(predict_request("m0", [1.0], 1).SerializeToString(), timeout=30))
+        request = predict_request("m0", [1.0], 1).SerializeToString()
+        reply = yield future_to_deferred(reactor, call.future(request, timeout=30))
         self.assertTrue(reply)

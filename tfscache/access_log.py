@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -29,7 +28,7 @@ class AccessLog:
                       milliseconds=seconds * 1000.0, seconds=round(seconds, 6))
 
     def rest(self, request: HttpRequest, path: str,
-             call: Callable[[], defer.Deferred[HttpReply] | HttpReply]) -> Any:
+             call: Callable[[], defer.Deferred[HttpReply] | HttpReply]) -> defer.Deferred[HttpReply] | HttpReply:
         """``call()``'s reply, logged when it is ready."""
         started = time.perf_counter()
         method = request.method.decode("latin-1")

@@ -71,7 +71,9 @@ def log_stream(twistd_options: Any = None) -> IO[str] | None:
     logfile = get("logfile")
     if logfile == "-" or (get("nodaemon") and not logfile):
         return sys.stdout
-    return LogFile.fromFullPath(logfile or "twistd.log")  # type: ignore[return-value]
+    # a LogFile is a file-like object with write() and flush(), not a TextIO
+    stream: IO[str] = LogFile.fromFullPath(logfile or "twistd.log")
+    return stream
 
 
 class DaemonLog:

@@ -46,7 +46,7 @@ def _install(loop: asyncio.AbstractEventLoop) -> None:
             # "shutdown", whose trigger crashes the reactor, after every test) must not leave
             # a stop pending on the loop: the next run would return at once
             if self._asyncioEventloop.is_running():
-                super().crash()
+                super().crash()  # type: ignore[no-untyped-call]
             else:
                 ReactorBase.crash(self)
 
@@ -68,9 +68,11 @@ def ensure_installed() -> None:
             f"tfscache needs Twisted's asyncio reactor (twistd -r tfscache), not {type(reactor).__name__}")
 
 
-def event_loop() -> asyncio.AbstractEventLoop:
-    """The running reactor's asyncio loop."""
-    from twisted.internet import reactor
+def event_loop(reactor: object | None = None) -> asyncio.AbstractEventLoop:
+    """``reactor``'s asyncio loop (default: the installed reactor's, which this module installs)."""
+    if reactor is None:
+        from twisted.internet import reactor as installed
 
+        reactor = installed
     loop: asyncio.AbstractEventLoop = reactor._asyncioEventloop  # type: ignore[attr-defined]
     return loop

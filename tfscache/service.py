@@ -7,8 +7,8 @@ import os
 import signal
 import ssl
 import sys
-from types import SimpleNamespace
-from typing import Any, cast
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -20,6 +20,7 @@ from twisted.python.components import Componentized
 
 from tfscache.access_log import AccessLog
 from tfscache.cluster.members import Member
+from tfscache.config import Config, required
 from tfscache.errors import Code, ServingError
 from tfscache.frontend.grpc_server import GrpcFrontend
 from tfscache.frontend.rest import RestFrontend, error_reply, json_reply
@@ -38,27 +39,35 @@ from tfscache.transport.grpc_client import as_deferred
 from tfscache.transport.http_server import HttpLimits
 from tfscache.wire import HttpReply, HttpRequest
 
+if TYPE_CHECKING:
+    from tfscache.cluster.discovery import DiscoveryBase
+    from tfscache.cluster.discovery.static import StaticDiscovery
+    from tfscache.cluster.router import Router
+    from tfscache.frontend.admin import AdminApi
 
-def make_provider(cfg: SimpleNamespace, own_shutdown: bool = True) -> IModelProvider:
+
+def make_provider(cfg: Config, reactor: Any, own_shutdown: bool = True) -> IModelProvider:
     """The configured provider; ``own_shutdown=False`` when the caller closes it (a node closes
     it after its drain, so copies that in-flight requests wait for are not stopped early)."""
     p = cfg.model_provider
     if p.type == "disk":
         from tfscache.providers.disk import DiskModelProvider
 
-        return DiskModelProvider(p.disk.base_path, listing_ttl=p.listing_ttl_seconds, copy_threads=p.copy_threads)
+        return DiskModelProvider(required(p.disk.base_path, "model_provider.disk.base_path"),
+                                 listing_ttl=p.listing_ttl_seconds, copy_threads=p.copy_threads,
+                                 reactor=reactor)
     # each SDK is imported only when its provider type is configured
     if p.type == "azure":
         from tfscache.providers.azure import AzureBlobModelProvider
 
-        return AzureBlobModelProvider.from_config(p, own_shutdown=own_shutdown)
+        return AzureBlobModelProvider.from_config(p, reactor, own_shutdown=own_shutdown)
     if p.type == "gcs":
         from tfscache.providers.gcs import GCSModelProvider
 
-        return GCSModelProvider.from_config(p, own_shutdown=own_shutdown)
+        return GCSModelProvider.from_config(p, reactor, own_shutdown=own_shutdown)
     from tfscache.providers.s3 import S3ModelProvider
 
-    return S3ModelProvider.from_config(p, own_shutdown=own_shutdown)
+    return S3ModelProvider.from_config(p, reactor, own_shutdown=own_shutdown)
 
 
 SOURCE_FIRST_CHECK = 5.0  # seconds the start-up line waits for the model source's first check
@@ -80,11 +89,11 @@ class CacheService(service.Service):
 
     log = Logger()
 
-    def __init__(self, cfg: SimpleNamespace, metrics: Metrics, reactor: Any) -> None:
+    def __init__(self, cfg: Config, metrics: Metrics, reactor: Any) -> None:
         self.cfg = cfg
         s = cfg.serving
-        self.provider = make_provider(cfg, own_shutdown=False)
-        self.backend = ServingController(s.grpc_target, s.rest_url, s.model_platform)
+        self.provider = make_provider(cfg, reactor, own_shutdown=False)
+        self.backend = ServingController(s.grpc_target, s.rest_url, reactor, s.model_platform)
         # a write is never waited for longer than a load may take
         self.backend.reload_timeout = min(s.config_write_timeout_seconds, s.load_timeout_seconds)
         self.disk = DiskCache(cfg.disk_cache.path, cfg.disk_cache.capacity_bytes,
@@ -100,6 +109,7 @@ class CacheService(service.Service):
                 capacity_wait=s.capacity_wait_seconds,
             ),
             metrics,
+            clock=reactor,
             policy=make_policy(s.eviction, s.max_bytes or s.max_models),
         )
         self.local = LocalNode(
@@ -109,7 +119,7 @@ class CacheService(service.Service):
         self.started: defer.Deferred[None] = defer.Deferred()
 
     def startService(self) -> None:
-        super().startService()
+        service.Service.startService(self)
         defer.ensureDeferred(self._start()).chainDeferred(self.started)
 
     async def _start(self) -> None:
@@ -131,7 +141,7 @@ class CacheService(service.Service):
 
     @defer.inlineCallbacks
     def stopService(self):  # type: ignore[no-untyped-def]
-        super().stopService()
+        service.Service.stopService(self)
         self.disk.save_order()
         yield self.local.close()
         self.backend.close()
@@ -157,7 +167,7 @@ class RestListener(service.Service):
         return self.listener.port if self.listener is not None else self.requested_port
 
     def startService(self) -> None:
-        super().startService()
+        service.Service.startService(self)
         d = as_deferred(http_server.listen(self.factory, self.host, self.requested_port, self.tls))
 
         def listening(listener: http_server.HttpListener) -> None:
@@ -172,7 +182,7 @@ class RestListener(service.Service):
             self.factory.close_idle()
 
     def stopService(self) -> None:
-        super().stopService()
+        service.Service.stopService(self)
         self.stop_accepting()
 
 
@@ -184,9 +194,9 @@ class FrontEnds(service.MultiService):
 
     log = Logger()
 
-    def __init__(self, cfg: SimpleNamespace, metrics: Metrics, local: LocalNode, reactor: Any,
-                 extra_routes: dict[str, Any], admin: Any = None) -> None:
-        super().__init__()
+    def __init__(self, cfg: Config, metrics: Metrics, local: LocalNode, reactor: Any,
+                 extra_routes: dict[str, Any], admin: AdminApi | None = None) -> None:
+        service.MultiService.__init__(self)
         lc = cfg.listen
         self.cfg = cfg
         self.rest = RestFrontend(local, metrics, lc.max_request_bytes, extra_routes=extra_routes, local=local,
@@ -195,14 +205,14 @@ class FrontEnds(service.MultiService):
             max_buffered=lc.max_buffered_bytes, max_connections=lc.max_connections,
             idle_timeout=lc.idle_timeout_seconds, header_timeout=lc.header_timeout_seconds,
             body_timeout=lc.body_timeout_seconds))
-        tls = tls_context(lc.tls_cert, lc.tls_key) if lc.tls_cert else None
+        tls = tls_context(lc.tls_cert, required(lc.tls_key, "listen.tls_key")) if lc.tls_cert else None
         self.rest_listener = RestListener(self.rest_factory, lc.host, lc.rest_port, tls)
         self.grpc = GrpcFrontend(
             local, metrics, lc.host, lc.grpc_port, max_message_bytes=lc.max_request_bytes, local=local,
             credentials=grpc_credentials(lc.tls_cert, lc.tls_key),
         )
-        self.rest_listener.setServiceParent(self)
-        self.grpc.setServiceParent(self)
+        service.MultiService.addService(self, self.rest_listener)
+        service.MultiService.addService(self, self.grpc)
         self.started: defer.Deferred[None] = defer.Deferred()
 
     def set_handler(self, handler: Any) -> None:
@@ -251,29 +261,30 @@ class ClusterService(service.MultiService):
     """The cluster: discovery (a child service) and the router that sends each request to
     its model's owners.  Made once the ports are bound (the member record carries them)."""
 
-    def __init__(self, cfg: SimpleNamespace, self_member: Member, local: LocalNode, health_check: Any,
+    def __init__(self, cfg: Config, self_member: Member, local: LocalNode, health_check: Any,
                  metrics: Metrics, reactor: Any) -> None:
         from tfscache.cluster.discovery import make_discovery
         from tfscache.cluster.router import Router
 
-        super().__init__()
+        service.MultiService.__init__(self)
         c = cfg
-        self.discovery = make_discovery(c, self_member, health_check=health_check)
-        self.router = Router(
+        self.discovery: DiscoveryBase | StaticDiscovery = make_discovery(c, self_member, reactor,
+                                                                         health_check=health_check)
+        self.router: Router = Router(
             local, self.discovery, c.node.id, c.cluster.replicas_per_model,
             c.cluster.forward_timeout_seconds, c.cluster.spread_inflight_threshold, metrics,
             clock=reactor, tls=bool(c.listen.tls_cert), tls_ca=read_file(c.cluster.tls_ca_cert),
             spill_over=c.cluster.spill_over,
         )
         self.router.trace = c.logging.level == "debug"
-        self.discovery.setServiceParent(self)
+        service.MultiService.addService(self, self.discovery)
 
     def withdraw(self) -> defer.Deferred[None]:
-        return self.discovery.withdraw()  # type: ignore[no-any-return]
+        return self.discovery.withdraw()
 
     @defer.inlineCallbacks
     def stopService(self):  # type: ignore[no-untyped-def]
-        yield super().stopService()
+        yield service.MultiService.stopService(self)
         yield self.router.close()
 
 
@@ -292,11 +303,9 @@ class NodeService(service.MultiService):
 
     log = Logger()
 
-    def __init__(self, cfg: SimpleNamespace, config_path: str | None = None, daemon: bool = False,
-                 reactor: Any = None, daemon_log: DaemonLog | None = None) -> None:
-        super().__init__()
-        if reactor is None:
-            from twisted.internet import reactor
+    def __init__(self, cfg: Config, reactor: Any, config_path: str | None = None, daemon: bool = False,
+                 daemon_log: DaemonLog | None = None) -> None:
+        service.MultiService.__init__(self)
         self.reactor = reactor
         self.cfg = cfg
         self.config_path = config_path
@@ -307,11 +316,12 @@ class NodeService(service.MultiService):
         self.provider, self.backend = self.cache_service.provider, self.cache_service.backend
         self.disk, self.cache, self.local = self.cache_service.disk, self.cache_service.cache, self.cache_service.local
         self.cluster: ClusterService | None = None
-        self.admin = None
+        self.admin: AdminApi | None = None
         if cfg.admin.enabled:
             from tfscache.frontend.admin import AdminApi
 
-            self.admin = AdminApi(self.cache, cfg.admin.token, members=self._members, owners=self._owners)
+            self.admin = AdminApi(self.cache, required(cfg.admin.token, "admin.token"), members=self._members,
+                                  owners=self._owners)
         # metrics.enabled: false answers the metrics paths 404 (counting goes on: it is cheap,
         # and the metrics change nothing else)
         metrics_page = self._metrics_page if cfg.metrics.enabled else self._metrics_disabled
@@ -323,25 +333,26 @@ class NodeService(service.MultiService):
         }, admin=self.admin)
         self.frontends.set_access_log(cfg.logging.access_log)
         self.rest, self.grpc = self.frontends.rest, self.frontends.grpc
-        self.monitor = BackendMonitor(self.cache, self.backend, interval=cfg.serving.health_interval_seconds)
+        self.monitor = BackendMonitor(self.cache, self.backend, reactor, interval=cfg.serving.health_interval_seconds)
         self.monitor.subscribe(self._set_health)
         self.source = SourceMonitor(self.provider, cfg.model_provider.check_interval_seconds, reactor,
                                     kind=cfg.model_provider.type)
         self.source.subscribe(self.cache.set_source_problem)
         for child in (self.cache_service, self.frontends, self.monitor, self.source):
-            child.setServiceParent(self)  # not running yet: each is started in its turn by _start
+            # not running yet: each is started in its turn by _start
+            service.MultiService.addService(self, child)
         self.ready = False
 
     @property
-    def discovery(self) -> Any:
+    def discovery(self) -> DiscoveryBase | StaticDiscovery | None:
         return self.cluster.discovery if self.cluster is not None else None
 
     @property
-    def router(self) -> Any:
+    def router(self) -> Router | None:
         return self.cluster.router if self.cluster is not None else None
 
     @property
-    def handler(self) -> Any:
+    def handler(self) -> Router | LocalNode:
         return self.router or self.local
 
     @property
@@ -353,7 +364,7 @@ class NodeService(service.MultiService):
         # observer twistd logs to from its first line on (twisted.application.app.AppLogger)
         if self.daemon_log is not None and isinstance(parent, Componentized):
             parent.setComponent(ILogObserver, self.daemon_log.observer)
-        super().setServiceParent(parent)
+        service.MultiService.setServiceParent(self, parent)
 
     def startService(self) -> None:
         service.Service.startService(self)  # the children start in order, in _start
@@ -397,6 +408,7 @@ class NodeService(service.MultiService):
             state="ready" if self.source.checked and self.source.problem is None else
             "listening, NOT ready (model source)",
         )
+        assert self.discovery is not None  # _join_cluster made it
         await self.discovery.publish()
 
     def _exit_failed(self) -> None:
@@ -428,7 +440,7 @@ class NodeService(service.MultiService):
             self.log.info("SIGTERM: draining, then exiting")
             core.stop()
 
-        loop = event_loop()
+        loop = event_loop(self.reactor)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         loop.add_signal_handler(signal.SIGTERM, terminate)
         loop.add_signal_handler(signal.SIGINT, terminate)
@@ -442,7 +454,7 @@ class NodeService(service.MultiService):
         self.cluster = ClusterService(c, self.self_member, self.local, self.backend.check, self.metrics,
                                       self.reactor)
         self.frontends.set_handler(self.cluster.router)
-        self.cluster.setServiceParent(self)  # starts it: discovery follows the member list
+        service.MultiService.addService(self, self.cluster)  # starts it: discovery follows the member list
 
     @defer.inlineCallbacks
     def stopService(self):  # type: ignore[no-untyped-def]
@@ -466,21 +478,29 @@ class NodeService(service.MultiService):
         self.log.info("tfscache node {node} stopped", node=self.cfg.node.id)
 
     # -- SIGHUP ------------------------------------------------------------------------------
-    RELOADABLE = {
-        "serving.max_models": lambda self, v: setattr(self.cache.limits, "max_models", v),
-        "serving.max_bytes": lambda self, v: setattr(self.cache.limits, "max_bytes", v),
-        "serving.memory_factor": lambda self, v: setattr(self.cache.limits, "memory_factor", v),
-        "serving.churn_guard_seconds": lambda self, v: setattr(self.cache.limits, "churn_guard", v),
-        "serving.capacity_wait_seconds": lambda self, v: setattr(self.cache.limits, "capacity_wait", v),
-        "serving.failure_backoff_seconds": lambda self, v: setattr(self.cache.limits, "failure_backoff", v),
-        "serving.load_timeout_seconds": lambda self, v: self._set_load_timeout(v),
-        "serving.config_write_timeout_seconds": lambda self, v: setattr(
-            self.backend, "reload_timeout", min(v, self.cache.limits.load_timeout)),
-        "serving.request_timeout_seconds": lambda self, v: setattr(self.local, "request_timeout", v),
-        "model_provider.fetch_timeout_seconds": lambda self, v: self._set_fetch_timeout(v),
-        "disk_cache.capacity_bytes": lambda self, v: setattr(self.disk, "capacity_bytes", v),
-        "logging.level": lambda self, v: self._set_log_level(v),
-        "logging.access_log": lambda self, v: self.frontends.set_access_log(v),
+    # each setter reads its key from the new configuration
+    RELOADABLE: dict[str, Callable[[NodeService, Config], None]] = {
+        "serving.max_models": lambda self, c: setattr(self.cache.limits, "max_models", c.serving.max_models),
+        "serving.max_bytes": lambda self, c: setattr(self.cache.limits, "max_bytes", c.serving.max_bytes),
+        "serving.memory_factor": lambda self, c: setattr(self.cache.limits, "memory_factor", c.serving.memory_factor),
+        "serving.churn_guard_seconds":
+            lambda self, c: setattr(self.cache.limits, "churn_guard", c.serving.churn_guard_seconds),
+        "serving.capacity_wait_seconds":
+            lambda self, c: setattr(self.cache.limits, "capacity_wait", c.serving.capacity_wait_seconds),
+        "serving.failure_backoff_seconds":
+            lambda self, c: setattr(self.cache.limits, "failure_backoff", c.serving.failure_backoff_seconds),
+        "serving.load_timeout_seconds": lambda self, c: self._set_load_timeout(
+            c.serving.load_timeout_seconds, c.serving.config_write_timeout_seconds),
+        "serving.config_write_timeout_seconds": lambda self, c: setattr(
+            self.backend, "reload_timeout",
+            min(c.serving.config_write_timeout_seconds, c.serving.load_timeout_seconds)),
+        "serving.request_timeout_seconds":
+            lambda self, c: setattr(self.local, "request_timeout", c.serving.request_timeout_seconds),
+        "model_provider.fetch_timeout_seconds":
+            lambda self, c: self._set_fetch_timeout(c.model_provider.fetch_timeout_seconds),
+        "disk_cache.capacity_bytes": lambda self, c: setattr(self.disk, "capacity_bytes", c.disk_cache.capacity_bytes),
+        "logging.level": lambda self, c: self._set_log_level(c.logging.level),
+        "logging.access_log": lambda self, c: self.frontends.set_access_log(c.logging.access_log),
     }
 
     def _set_log_level(self, level: str) -> None:
@@ -489,12 +509,12 @@ class NodeService(service.MultiService):
         if self.router is not None:
             self.router.trace = level == "debug"
 
-    def _set_load_timeout(self, seconds: float) -> None:
+    def _set_load_timeout(self, seconds: float, config_write_timeout: float) -> None:
         # every holder of the value: the cache's limit, the request's wait for a load, and the
         # bound on a model list write (serving.config_write_timeout_seconds at most)
         self.cache.limits.load_timeout = seconds
         self.local.load_timeout = seconds
-        self.backend.reload_timeout = min(seconds, self.cfg.serving.config_write_timeout_seconds)
+        self.backend.reload_timeout = min(seconds, config_write_timeout)
 
     def _set_fetch_timeout(self, seconds: float) -> None:
         self.cache.limits.fetch_timeout = seconds
@@ -503,7 +523,7 @@ class NodeService(service.MultiService):
 
     def reload(self) -> tuple[list[str], list[str]]:
         """Apply the settings that can change safely; say which ones need a restart."""
-        from tfscache.config import ConfigError, flatten, load_config_file
+        from tfscache.config import ConfigError, flatten, load_config_file, replace
 
         if not self.config_path:
             return [], []
@@ -513,7 +533,8 @@ class NodeService(service.MultiService):
             self.log.error("SIGHUP: configuration not reloaded: {error}", error=str(e))
             return [], []
         old_flat, new_flat = flatten(self.cfg), flatten(new)
-        applied, refused = [], []
+        applied: list[str] = []
+        refused: list[str] = []
         for key, value in sorted(new_flat.items()):
             if old_flat.get(key) == value or key == "node.id":
                 continue
@@ -521,15 +542,11 @@ class NodeService(service.MultiService):
             if setter is None:
                 refused.append(key)
                 continue
-            setter(self, value)
+            setter(self, new)
             applied.append(key)
         # keep the applied values in self.cfg, the refused ones as they run now
         for key in applied:
-            section, _, name = key.rpartition(".")
-            obj = self.cfg
-            for part in section.split("."):
-                obj = getattr(obj, part)
-            setattr(obj, name, new_flat[key])
+            self.cfg = replace(self.cfg, key, new_flat[key])
         self.log.info("SIGHUP: applied {applied}; need a restart to change: {refused}",
                       applied=", ".join(applied) or "nothing", refused=", ".join(refused) or "nothing")
         return applied, refused
@@ -545,10 +562,10 @@ class NodeService(service.MultiService):
         return bool(rest and rest.draining)
 
     # -- cluster views for the admin API ----------------------------------------------------
-    def _describe(self, member: Any) -> dict[str, Any]:
+    def _describe(self, member: Member) -> dict[str, Any]:
         return {"id": member.id, "host": member.host, "rest_port": member.rest_port,
                 "grpc_port": member.grpc_port, "self": member.id == self.cfg.node.id,
-                "down": self.router.is_down(member.id)}
+                "down": self.router is not None and self.router.is_down(member.id)}
 
     def _members(self) -> list[dict[str, Any]]:
         return [self._describe(m) for m in self.router.members()] if self.router else []

@@ -33,10 +33,12 @@ def makeService(options: Options) -> IService:
     except RuntimeError as e:
         print(f"tfscache: {e}", file=sys.stderr)
         raise SystemExit(1)
+    from twisted.internet import reactor
+
     from tfscache.logs import DaemonLog, log_stream
     from tfscache.service import NodeService
 
     # twistd's own options (options.parent): where its observer would have written
     out = log_stream(options.parent)
     daemon_log = DaemonLog(cfg.logging.level, cfg.logging.format, out) if out is not None else None
-    return NodeService(cfg, config_path=options["config"], daemon=True, daemon_log=daemon_log)
+    return NodeService(cfg, reactor, config_path=options["config"], daemon=True, daemon_log=daemon_log)

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 import yaml
-from twisted.internet import defer
+from twisted.internet import defer, reactor
 
 from tests.harness.process import REPO_ROOT, ManagedProcess, ProcessFixture, free_port, http_ready, tcp_ready
 from tfscache.config import load_config
@@ -49,7 +49,7 @@ class InProcessNode:
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = config
-        self.service = NodeService(load_config(config, environ={}))
+        self.service = NodeService(load_config(config, environ={}), reactor)
 
     @defer.inlineCallbacks
     def start(self):  # type: ignore[no-untyped-def]

@@ -147,6 +147,7 @@ def to_tensor_proto(arr: np.ndarray) -> tensor_pb2.TensorProto:
 
 def from_tensor_proto(proto: tensor_pb2.TensorProto) -> np.ndarray:
     try:
-        return tf.make_ndarray(proto)
+        array: np.ndarray = tf.make_ndarray(proto)
+        return array
     except Exception as e:
         raise invalid(f"Invalid tensor: {e}")

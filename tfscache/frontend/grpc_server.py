@@ -93,7 +93,7 @@ class GrpcFrontend(service.Service):
         self.started: defer.Deferred[None] = defer.Deferred()
 
     def startService(self) -> None:
-        super().startService()
+        service.Service.startService(self)
         self.server = grpc.aio.server(
             handlers=[_GenericHandler(self)],
             options=[
@@ -118,7 +118,7 @@ class GrpcFrontend(service.Service):
         d.chainDeferred(self.started)
 
     def stopService(self) -> defer.Deferred[None] | None:
-        super().stopService()
+        service.Service.stopService(self)
         if self.server is None:
             return None
         server, self.server = self.server, None

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
@@ -27,6 +27,9 @@ from tfscache.modelspec import parse_rest_path
 from tfscache.transport.http_server import HttpLimits, HttpServerFactory
 from tfscache.util.inflight import InFlight
 from tfscache.wire import FORWARDED_HEADER, HttpReply, HttpRequest, has_header, header_value
+
+if TYPE_CHECKING:
+    from tfscache.frontend.admin import AdminApi
 
 JSON = b"application/json"
 JSON_HEADERS = [(b"Content-Type", JSON)]
@@ -57,7 +60,7 @@ class RestFrontend:
         max_request_bytes: int = 64 * 1024 * 1024,
         extra_routes: dict[str, Route] | None = None,
         local: IRequestHandler | None = None,
-        admin: Any = None,
+        admin: AdminApi | None = None,
     ) -> None:
         self.handler = handler
         # a request another node's router forwarded here is served here, never routed again
@@ -90,14 +93,14 @@ class RestFrontend:
                 return error_reply(ServingError(Code.NOT_FOUND, "The admin API is disabled"))
             if error is not None:
                 return error_reply(error)
-            result: defer.Deferred[HttpReply] | HttpReply = self.admin.handle(request, path)
-            return result
+            return self.admin.handle(request, path)
         if self.access_log is not None:
             return self.access_log.rest(request, path, lambda: self._model_call(request, path, error))
         return self._model_call(request, path, error)
 
     # -- the model API ---------------------------------------------------------------------
-    def _model_call(self, request: HttpRequest, path: str, error: ServingError | None) -> Any:
+    def _model_call(self, request: HttpRequest, path: str, error: ServingError | None
+                    ) -> defer.Deferred[HttpReply] | HttpReply:
         started = time.perf_counter()
         self.metrics.inflight.inc()
         self.inflight.enter()

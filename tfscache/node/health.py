@@ -25,12 +25,10 @@ from tfscache.util.deferreds import SharedResult
 class BackendMonitor(service.Service):
     log = Logger()
 
-    def __init__(self, cache: CacheManager, backend: ServingController, interval: float = 5.0,
-                 clock: IReactorTime | None = None) -> None:
-        from twisted.internet import reactor
-
+    def __init__(self, cache: CacheManager, backend: ServingController, clock: IReactorTime,
+                 interval: float = 5.0) -> None:
         self.cache, self.backend, self.interval = cache, backend, interval
-        self.clock: IReactorTime = clock or reactor  # type: ignore[assignment]
+        self.clock = clock
         self.healthy: bool | None = None
         self._listeners: list[Callable[[bool], None]] = []
         self._loop: task.LoopingCall | None = None
@@ -40,14 +38,14 @@ class BackendMonitor(service.Service):
         self._listeners.append(listener)
 
     def startService(self) -> None:
-        super().startService()
+        service.Service.startService(self)
         self._loop = task.LoopingCall(self.check)
         self._loop.clock = self.clock
         self._loop.start(self.interval, now=True).addErrback(
             lambda f: self.log.failure("backend monitor stopped", failure=f))
 
     def stopService(self) -> None:
-        super().stopService()
+        service.Service.stopService(self)
         if self._loop is not None and self._loop.running:
             self._loop.stop()
 

@@ -81,7 +81,8 @@ def pinned_grpc_payload(method: str, ref: ModelRef, payload: bytes, mid: ModelId
     # a version after a version_label replaces it (one oneof): the label was resolved to it
     spec = model_spec_pb2.ModelSpecCarrier()
     spec.model_spec.version.value = mid.version
-    return payload + spec.SerializeToString()
+    pin: bytes = spec.SerializeToString()
+    return payload + pin
 
 
 @implementer(IRequestHandler)
@@ -225,7 +226,7 @@ class LocalNode:
             if retry and isinstance(e, ServingError) and e.code == Code.NOT_FOUND:
                 return self._grpc_again(lease.model_id, result, method, ref, payload, timeout, metadata, started)
             result.raiseException()
-        return result  # type: ignore[return-value]
+        return result
 
     def _grpc_again(self, mid: ModelId, failure: Failure, method: str, ref: ModelRef, payload: bytes,
                     timeout: float | None, metadata: Metadata, started: float) -> defer.Deferred[bytes]:

@@ -120,17 +120,16 @@ class CacheManager:
         disk: DiskCache,
         limits: CacheLimits,
         metrics: Metrics | None = None,
-        clock: IReactorTime | None = None,
+        *,
+        clock: IReactorTime,
         now: Callable[[], float] | None = None,
         policy: IEvictionPolicy | None = None,
     ) -> None:
-        from twisted.internet import reactor
-
         self.provider, self.backend, self.disk, self.limits = provider, backend, disk, limits
         # which idle model to unload for room (the rules of who MAY go stay here)
         self.policy: IEvictionPolicy = policy or LRUPolicy()
         self.metrics = metrics or Metrics()
-        self.clock: IReactorTime = clock or reactor  # type: ignore[assignment]
+        self.clock = clock
         self.now: Callable[[], float] = now or (lambda: self.clock.seconds())
         self.entries: dict[ModelId, ModelEntry] = {}
         self._room_waiters: list[defer.Deferred[None]] = []
@@ -219,7 +218,7 @@ class CacheManager:
                                             "{error}", model=name, error=f.getErrorMessage()))
             return labels
 
-        listing = self.provider.list_labels(name)  # type: ignore[attr-defined]
+        listing = self.provider.list_labels(name)
         return self._bounded(name, "version labels", listing).addCallback(tell_backend)
 
     def set_source_problem(self, problem: str | None) -> None:

@@ -20,13 +20,12 @@ with the first write after.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
 import grpc
 from twisted.internet import defer, task
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -41,15 +40,17 @@ State = pb.ModelVersionStatus
 
 
 class _Method:
-    def __init__(self, channel: grpc.Channel, name: str, request: Any, response: Any) -> None:
+    def __init__(self, reactor: IReactorFromThreads, channel: grpc.Channel, name: str, request: Any,
+                 response: Any) -> None:
+        self._reactor = reactor
         self._call = channel.unary_unary(
             MODEL_SERVICE + name,
             request_serializer=request.SerializeToString,
             response_deserializer=response.FromString,
         )
 
-    def __call__(self, request: object, timeout: float, target: str) -> defer.Deferred:
-        return future_to_deferred(self._call.future(request, timeout=timeout), target)
+    def __call__(self, request: object, timeout: float, target: str) -> defer.Deferred[Any]:
+        return future_to_deferred(self._reactor, self._call.future(request, timeout=timeout), target)
 
 
 @implementer(IServingBackend)
@@ -60,18 +61,18 @@ class ServingController:
         self,
         grpc_target: str,
         rest_base: str,
+        reactor: Any,
         model_platform: str = "tensorflow",
-        clock: IReactorTime | None = None,
         poll_initial: float = 0.02,
         poll_max: float = 0.5,
         rpc_timeout: float = 10.0,
     ) -> None:
-        from twisted.internet import reactor
-
+        """``reactor``: gRPC's answers come back through it, and it times the polls and the
+        reload's deadline (one clock)."""
         self.grpc_target = grpc_target
         self.rest_base = rest_base.rstrip("/")
         self.model_platform = model_platform
-        self.clock: IReactorTime = clock or reactor  # type: ignore[assignment]
+        self.clock: IReactorTime = reactor
         self.poll_initial, self.poll_max, self.rpc_timeout = poll_initial, poll_max, rpc_timeout
         self.channel = grpc.insecure_channel(
             grpc_target, options=[("grpc.max_receive_message_length", 2**31 - 1),
@@ -82,9 +83,9 @@ class ServingController:
                                   ("grpc.initial_reconnect_backoff_ms", 200),
                                   ("grpc.max_reconnect_backoff_ms", 1000)]
         )
-        self._reload = _Method(self.channel, "HandleReloadConfigRequest",
+        self._reload = _Method(reactor, self.channel, "HandleReloadConfigRequest",
                                pb.ReloadConfigRequest, pb.ReloadConfigResponse)
-        self._status = _Method(self.channel, "GetModelStatus",
+        self._status = _Method(reactor, self.channel, "GetModelStatus",
                                pb.GetModelStatusRequest, pb.GetModelStatusResponse)
         # desired list: name -> (base_path, versions)
         self._desired: dict[str, tuple[str, set[int]]] = {}
@@ -107,7 +108,6 @@ class ServingController:
         self._stuck_listeners: list[Callable[[bool], None]] = []
         self._stuck_call: Any = None
         self._closed = False
-        self.now: Callable[[], float] = time.monotonic
         self.stale_end_grace = 3.0
 
     # -- the desired list and its single writer ----------------------------------------------
@@ -149,7 +149,7 @@ class ServingController:
             return None
         names = ", ".join(sorted(self._stuck_names)) or "(none named)"
         return (f"TF Serving at {self.grpc_target} has not finished loading {names} for "
-                f"{self.now() - self.stuck_since:.0f}s: cold loads go to other owners until it does")
+                f"{self.clock.seconds() - self.stuck_since:.0f}s: cold loads go to other owners until it does")
 
     def stuck_error(self) -> ServingError:
         return unavailable(f"No load on this node now: {self.stuck_reason()}", node_wide=False)
@@ -160,7 +160,7 @@ class ServingController:
         self._stuck_names = {mc.name for mc in request.config.model_config_list.config
                              if any((mc.name, v) not in self._available
                                     for v in mc.model_version_policy.specific.versions)}
-        self.stuck_since = self.now()
+        self.stuck_since = self.clock.seconds()
         self.log.warn("TF Serving at {target} did not take the model list within {seconds:g}s "
                       "(serving.config_write_timeout_seconds): loads of {names} have not finished; "
                       "loaded models are served, cold loads go to other owners until they do",
@@ -206,7 +206,7 @@ class ServingController:
     def _unstick(self) -> None:
         assert self.stuck_since is not None
         self.log.info("TF Serving at {target} finished the loads it was stuck on after {seconds:.1f}s: "
-                      "loads go on here", target=self.grpc_target, seconds=self.now() - self.stuck_since)
+                      "loads go on here", target=self.grpc_target, seconds=self.clock.seconds() - self.stuck_since)
         self.stuck_since = None
         self._sending = False
         for listener in self._stuck_listeners:
@@ -274,7 +274,7 @@ class ServingController:
                 self.log.warn("reload config: {msg}", msg=resp.status.error_message)
             self._settle(generation, None)
 
-        def failed(f: defer.Failure) -> None:
+        def failed(f: Failure) -> None:
             err = f.value if isinstance(f.value, ServingError) else unavailable(str(f.value))
             if err.code == Code.DEADLINE_EXCEEDED:
                 self._timed_out(generation, request)
@@ -315,7 +315,7 @@ class ServingController:
 
     # -- IServingBackend ---------------------------------------------------------------------
     def load(self, name: str, version: int, base_path: str, timeout: float) -> defer.Deferred[None]:
-        started = self.now()
+        started = self.clock.seconds()
         # TF Serving's reload call waits for NEW names: once it answers, their state is this
         # attempt's.  A new version of a known name may still show an older END for a while.
         new_name = name not in self._desired
@@ -370,20 +370,20 @@ class ServingController:
     def check(self) -> defer.Deferred[None]:
         """Alive if GetModelStatus answers at all (NOT_FOUND for a name nobody serves is fine)."""
 
-        def judge(f: defer.Failure) -> None:
+        def judge(f: Failure) -> Failure | None:
             if isinstance(f.value, ServingError) and f.value.code in (Code.NOT_FOUND, Code.INVALID_ARGUMENT):
                 return None
-            return f  # type: ignore[return-value]
+            return f
 
         return self.status("__tfscache_health__", timeout=2.0).addCallbacks(lambda _: None, judge)
 
     @defer.inlineCallbacks
     def _wait_available(self, name: str, version: int, deadline_at: float, new_name: bool = False):  # type: ignore[no-untyped-def]
         delay = self.poll_initial
-        started = self.now()
+        started = self.clock.seconds()
         progressed = new_name  # saw START/LOADING of this attempt (or the reload waited for it)
         while True:
-            remaining = deadline_at - self.now()
+            remaining = deadline_at - self.clock.seconds()
             if remaining <= 0:
                 raise deadline(
                     f"Model {name} version {version} was not AVAILABLE in TF Serving within the load timeout"
@@ -404,7 +404,7 @@ class ServingController:
                     # An END left by an earlier unload or failure stays until the backend's
                     # next file-system poll starts this attempt: only an END with an error,
                     # after this attempt started (or a grace period), is this load's failure.
-                    stale = not progressed and self.now() - started < self.stale_end_grace
+                    stale = not progressed and self.clock.seconds() - started < self.stale_end_grace
                     if st.state == State.END and st.status.error_code and not stale:
                         # TF Serving answers a request for a version that failed to load
                         # with NOT_FOUND (it serves no such servable), whatever the load's

@@ -45,13 +45,13 @@ class SourceMonitor(service.Service):
         return d
 
     def startService(self) -> None:
-        super().startService()
+        service.Service.startService(self)
         self._loop = task.LoopingCall(self.check)
         self._loop.clock = self.clock
         self._loop.start(self.interval, now=True)
 
     def stopService(self) -> None:
-        super().stopService()
+        service.Service.stopService(self)
         if self._loop is not None and self._loop.running:
             self._loop.stop()
 

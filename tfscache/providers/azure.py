@@ -18,10 +18,13 @@ from __future__ import annotations
 import re
 import urllib.parse
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tfscache.errors import Code, ServingError, not_found
 from tfscache.providers.objectstore import MIB, ObjectStoreProvider, StoredObject, b64_digest
+
+if TYPE_CHECKING:
+    from tfscache.config import ProviderSettings
 
 _SECRET_PARTS_RE = re.compile(r"(?:AccountKey|SharedAccessSignature|sig)=([^;&]+)", re.IGNORECASE)
 
@@ -65,7 +68,7 @@ class AzureBlobModelProvider(ObjectStoreProvider):
         max_attempts: int = 3,
         download_attempts: int = 3,
         verify_md5: bool = True,
-        reactor: Any = None,
+        reactor: Any,
         own_shutdown: bool = True,
         copy_threads: int = 4,
     ) -> None:
@@ -99,11 +102,13 @@ class AzureBlobModelProvider(ObjectStoreProvider):
                         else "account key" if account_key else "DefaultAzureCredential")
 
     @classmethod
-    def from_config(cls, p: Any, reactor: Any = None, own_shutdown: bool = True) -> AzureBlobModelProvider:
-        """From the ``model_provider`` config namespace."""
+    def from_config(cls, p: ProviderSettings, reactor: Any, own_shutdown: bool = True) -> AzureBlobModelProvider:
+        """From the ``model_provider`` settings."""
+        from tfscache.config import required
+
         a = p.azure
         return cls(
-            a.container, a.prefix or "",
+            required(a.container, "model_provider.azure.container"), a.prefix or "",
             account_url=a.account_url, connection_string=a.connection_string,
             sas_token=a.sas_token, account_key=a.account_key,
             listing_ttl=p.listing_ttl_seconds, fetch_timeout=p.fetch_timeout_seconds,

@@ -59,12 +59,8 @@ class DiskModelProvider:
 
     def __init__(
         self, base_path: str, listing_ttl: float = 5.0, *, copy_threads: int = 4,
-        reactor: Any = None,
+        reactor: Any,
     ) -> None:
-        if reactor is None:
-            from twisted.internet import reactor as _reactor
-
-            reactor = _reactor
         self.base_path = os.path.abspath(base_path)
         self.listings = ListingCache(listing_ttl)
         self.label_listings = ListingCache(listing_ttl, normalise=dict)

@@ -18,10 +18,13 @@ for public buckets and emulators.  They are never logged.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tfscache.errors import Code, ServingError, not_found
 from tfscache.providers.objectstore import MIB, ObjectStoreProvider, StoredObject, b64_digest
+
+if TYPE_CHECKING:
+    from tfscache.config import ProviderSettings
 
 READ_ONLY_SCOPE = "https://www.googleapis.com/auth/devstorage.read_only"
 _LIST_FIELDS = "items(name,size,md5Hash,crc32c,generation,mediaLink,contentEncoding),prefixes,nextPageToken"
@@ -50,7 +53,7 @@ class GCSModelProvider(ObjectStoreProvider):
         retry_timeout: float = 30.0,
         download_attempts: int = 3,
         verify_checksums: bool = True,
-        reactor: Any = None,
+        reactor: Any,
         own_shutdown: bool = True,
         copy_threads: int = 4,
     ) -> None:
@@ -76,11 +79,13 @@ class GCSModelProvider(ObjectStoreProvider):
         self._retry: Any = None
 
     @classmethod
-    def from_config(cls, p: Any, reactor: Any = None, own_shutdown: bool = True) -> GCSModelProvider:
-        """From the ``model_provider`` config namespace."""
+    def from_config(cls, p: ProviderSettings, reactor: Any, own_shutdown: bool = True) -> GCSModelProvider:
+        """From the ``model_provider`` settings."""
+        from tfscache.config import required
+
         g = p.gcs
         return cls(
-            g.bucket, g.prefix or "",
+            required(g.bucket, "model_provider.gcs.bucket"), g.prefix or "",
             endpoint_url=g.endpoint_url, project=g.project, credentials_file=g.credentials_file,
             anonymous=g.anonymous, listing_ttl=p.listing_ttl_seconds,
             fetch_timeout=p.fetch_timeout_seconds, max_concurrency=g.max_concurrency,

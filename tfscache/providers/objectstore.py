@@ -304,14 +304,10 @@ class ObjectStoreProvider:
         progress_interval: float = 5.0,
         download_attempts: int = 3,
         verify_checksums: bool = True,
-        reactor: Any = None,
+        reactor: Any,
         own_shutdown: bool = True,
         copy_threads: int = 4,
     ) -> None:
-        if reactor is None:
-            from twisted.internet import reactor as _reactor
-
-            reactor = _reactor
         self.prefix = normalize_prefix(prefix)
         self.fetch_timeout = fetch_timeout
         self.max_concurrency = max_concurrency
@@ -541,7 +537,7 @@ class ObjectStoreProvider:
             self._workers.discard(worker)
             if isinstance(result, Failure):
                 if not result.check(CopyStoppedError, ServingError):
-                    result = Failure(self._error(result.value, name, version, "copying"))
+                    result = Failure(self._error(result.value or Exception("copy failed"), name, version, "copying"))
                 if not outer.called:
                     outer.errback(result)
                 else:

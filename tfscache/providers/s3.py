@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 import socket
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tfscache.errors import Code, ServingError, not_found
 from tfscache.providers.objectstore import (
@@ -27,6 +27,9 @@ from tfscache.providers.objectstore import (
     normalize_prefix,
     safe_parts,
 )
+
+if TYPE_CHECKING:
+    from tfscache.config import ProviderSettings
 
 __all__ = ["S3ModelProvider", "normalize_prefix", "safe_parts"]
 
@@ -69,7 +72,7 @@ class S3ModelProvider(ObjectStoreProvider):
         max_attempts: int = 3,
         download_attempts: int = 3,
         verify_md5: bool = True,
-        reactor: Any = None,
+        reactor: Any,
         own_shutdown: bool = True,
         copy_threads: int = 4,
     ) -> None:
@@ -96,11 +99,13 @@ class S3ModelProvider(ObjectStoreProvider):
         self._s3: Any = None
 
     @classmethod
-    def from_config(cls, p: Any, reactor: Any = None, own_shutdown: bool = True) -> S3ModelProvider:
-        """From the ``model_provider`` config namespace."""
+    def from_config(cls, p: ProviderSettings, reactor: Any, own_shutdown: bool = True) -> S3ModelProvider:
+        """From the ``model_provider`` settings."""
+        from tfscache.config import required
+
         s3 = p.s3
         return cls(
-            s3.bucket,
+            required(s3.bucket, "model_provider.s3.bucket"),
             s3.prefix or "",
             region=s3.region,
             endpoint_url=s3.endpoint_url,

@@ -8,21 +8,20 @@ from typing import Any
 
 import grpc
 from twisted.internet import defer
+from twisted.internet.interfaces import IReactorFromThreads
 
 from tfscache.errors import Code, ServingError
 from tfscache.transport.grpc_client import rpc_error_to_serving_error
 
 
-def future_to_deferred(call: Any, target: str = "") -> defer.Deferred[Any]:
-    """Bridge a grpcio future (done-callbacks run in grpc's threads) to the reactor thread.
+def future_to_deferred(reactor: IReactorFromThreads, call: Any, target: str = "") -> defer.Deferred[Any]:
+    """Bridge a grpcio future (done-callbacks run in grpc's threads) to ``reactor``'s thread.
 
     Cancelling the Deferred cancels the RPC."""
     d: defer.Deferred[Any] = defer.Deferred(lambda _d: call.cancel())
 
-    from twisted.internet import reactor
-
     def done(fut: Any) -> None:
-        reactor.callFromThread(_deliver, d, fut, target)  # type: ignore[attr-defined]
+        reactor.callFromThread(_deliver, d, fut, target)
 
     call.add_done_callback(done)
     return d

@@ -1,7 +1,7 @@
 """Cluster membership: static list, etcd (lease + watch), Consul (TTL check + blocking queries)
 or Kubernetes (a Service's ready endpoints, watched).
 
-``make_discovery(cfg, self_member, health_check, clock)`` builds the one the configuration
+``make_discovery(cfg, self_member, reactor, health_check, clock)`` builds the one the configuration
 asks for.  Every implementation is an ``IDiscovery`` and a Twisted ``Service``:
 
 - ``startService`` starts following the member list; ``members()`` never blocks and keeps the
@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable
-from types import SimpleNamespace
-from typing import Any
-from urllib.parse import SplitResult, urlsplit
+from typing import TYPE_CHECKING, Any
 
 from twisted.application import service
 from twisted.internet import defer, task
@@ -34,8 +32,12 @@ from zope.interface import implementer
 
 from tfscache.cluster.discovery.lifecycle import publication, reachability
 from tfscache.cluster.members import Member
+from tfscache.config import Config, endpoint_url, tls_requested
 from tfscache.interfaces import IDiscovery
 from tfscache.util.deferreds import SharedResult, with_timeout
+
+if TYPE_CHECKING:
+    from tfscache.cluster.discovery.static import StaticDiscovery
 
 HealthCheck = Callable[[], defer.Deferred[Any]]
 MIN_BACKOFF = 0.25
@@ -50,26 +52,6 @@ class _HealthTimeout(Exception):
     pass
 
 
-def tls_requested(ca_cert: str | None, client_cert: str | None, client_key: str | None) -> bool:
-    """Whether the discovery client must use TLS; a certificate without its key is an error."""
-    if bool(client_cert) != bool(client_key):
-        raise ValueError("cluster.discovery.client_key: client_cert and client_key go together")
-    return bool(ca_cert or client_cert)
-
-
-def endpoint_url(endpoint: str, backend: str, tls: bool) -> SplitResult:
-    """The parts of an endpoint URL (``host:port`` means https when ``tls``, else http).  An
-    ``http://`` endpoint with TLS options is refused: it would send everything in plaintext."""
-    url = endpoint if "://" in endpoint else ("https://" if tls else "http://") + endpoint
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"cluster.discovery.endpoints: not a {backend} URL: {endpoint!r}")
-    if tls and parts.scheme != "https":
-        raise ValueError(f"cluster.discovery.endpoints: {endpoint!r} is plain http, but ca_cert / client_cert "
-                         "ask for TLS: use https://")
-    return parts
-
-
 TLS_FAILURE = "TLS handshake failed"
 _SSL_REASON = re.compile(r"\[SSL(?:: [A-Z0-9_]+)?\] ([^'\"()]+)")
 
@@ -78,6 +60,8 @@ def describe_error(error: BaseException | Failure) -> str:
     """One line saying why a call to the backend failed, for the logs: the TLS reason of a
     handshake failure rather than the wrappers around it (twisted.web's)."""
     if isinstance(error, Failure):
+        if error.value is None:  # pragma: no cover - a Failure always wraps an exception
+            return "unknown error"
         error = error.value
     reasons = getattr(error, "reasons", None)  # twisted.web's ResponseNeverReceived and co.
     if isinstance(reasons, list) and reasons:
@@ -120,19 +104,17 @@ class DiscoveryBase(service.Service):
     def __init__(
         self,
         self_member: Member,
+        clock: IReactorTime,
         health_check: HealthCheck | None = None,
         ttl: float = 10.0,
-        clock: IReactorTime | None = None,
         min_backoff: float = MIN_BACKOFF,
         max_backoff: float = MAX_BACKOFF,
     ) -> None:
-        from twisted.internet import reactor
-
         self.self_member = self_member
         self.health_check = health_check or _always_healthy
         self.ttl = float(ttl)
         self.refresh_interval = self.ttl / 3.0
-        self.clock: IReactorTime = clock or reactor  # type: ignore[assignment]
+        self.clock = clock
         self.min_backoff, self.max_backoff = min_backoff, max_backoff
         self._members: tuple[Member, ...] = ()
         self._subscribers: list[Callable[[list[Member]], None]] = []
@@ -175,14 +157,14 @@ class DiscoveryBase(service.Service):
 
     # -- Service --------------------------------------------------------------------------------
     def startService(self) -> None:
-        super().startService()
+        service.Service.startService(self)
         self._follow_loop = defer.ensureDeferred(self._follow_forever())
         self._follow_loop.addErrback(lambda f: None if f.check(defer.CancelledError) else f)
         self._follow_loop.addErrback(lambda f: self.log.failure(
             "{backend}: member list no longer followed", failure=f, backend=self.backend))
 
     def stopService(self) -> defer.Deferred[None]:
-        super().stopService()
+        service.Service.stopService(self)
         d = self.withdraw() if self.publishing else defer.succeed(None)
 
         def stop_following(_: Any) -> defer.Deferred[None] | None:
@@ -409,52 +391,44 @@ class DiscoveryBase(service.Service):
         return None
 
 
-def _discovery_section(cfg: Any) -> SimpleNamespace:
-    if hasattr(cfg, "cluster"):
-        return cfg.cluster.discovery  # type: ignore[no-any-return]
-    if hasattr(cfg, "discovery"):
-        return cfg.discovery  # type: ignore[no-any-return]
-    return cfg  # type: ignore[no-any-return]
-
-
 def make_discovery(
-    cfg: Any,
+    cfg: Config,
     self_member: Member,
+    reactor: Any,
     health_check: HealthCheck | None = None,
     clock: IReactorTime | None = None,
-) -> DiscoveryBase | Any:
-    """The discovery of ``cfg`` (the whole config, its ``cluster`` section or its
-    ``cluster.discovery`` section)."""
-    d = _discovery_section(cfg)
+) -> DiscoveryBase | StaticDiscovery:
+    """The discovery ``cfg.cluster.discovery`` asks for (an ``IDiscovery`` and a ``Service``),
+    on ``reactor``; its timing on ``clock`` (default: the reactor)."""
+    d = cfg.cluster.discovery
     if d.type == "static":
         from tfscache.cluster.discovery.static import StaticDiscovery
 
-        return StaticDiscovery.from_config(d.members, self_member)
+        listed = [Member(m.id or f"{m.host}:{m.rest_port}", m.host, m.rest_port, m.grpc_port) for m in d.members]
+        return StaticDiscovery(listed, self_member)
     if d.type == "etcd":
         from tfscache.cluster.discovery.etcd import EtcdDiscovery
 
         return EtcdDiscovery(
             d.endpoints, self_member, health_check, prefix=d.prefix, ttl=d.ttl_seconds,
             username=d.username, password=d.password, ca_cert=d.ca_cert,
-            client_cert=d.client_cert, client_key=d.client_key, clock=clock,
+            client_cert=d.client_cert, client_key=d.client_key, clock=clock, reactor=reactor,
         )
     if d.type == "consul":
         from tfscache.cluster.discovery.consul import ConsulDiscovery
 
         return ConsulDiscovery(
-            d.endpoints, self_member, health_check, service=getattr(d, "service", None),
+            d.endpoints, self_member, health_check, service=d.service,
             prefix=d.prefix, ttl=d.ttl_seconds, token=d.token, ca_cert=d.ca_cert,
-            client_cert=d.client_cert, client_key=d.client_key, clock=clock,
+            client_cert=d.client_cert, client_key=d.client_key, clock=clock, reactor=reactor,
         )
-    if d.type == "kubernetes":
-        from tfscache.cluster.discovery.kubernetes import KubernetesDiscovery
+    from tfscache.cluster.discovery.kubernetes import KubernetesDiscovery
 
-        return KubernetesDiscovery(
-            self_member, health_check, service=getattr(d, "service", None) or "tfscache",
-            namespace=d.namespace, kubeconfig=d.kubeconfig, rest_port_name=d.rest_port_name,
-            grpc_port_name=d.grpc_port_name, ttl=d.ttl_seconds, clock=clock,
-        )
-    raise ValueError(f"cluster.discovery.type: unknown type {d.type!r}")
+    return KubernetesDiscovery(
+        self_member, health_check, service=d.service or "tfscache",
+        namespace=d.namespace, kubeconfig=d.kubeconfig, rest_port_name=d.rest_port_name,
+        grpc_port_name=d.grpc_port_name, ttl=d.ttl_seconds, clock=clock, reactor=reactor,
+    )
 
 
 __all__ = ["DiscoveryBase", "HealthCheck", "describe_error", "endpoint_url", "make_discovery", "tls_requested"]

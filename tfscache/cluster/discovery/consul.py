@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import time
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import quote
@@ -78,10 +77,10 @@ class ConsulDiscovery(DiscoveryBase):
         wait_seconds: float = 30.0,
         min_backoff: float = MIN_BACKOFF,
         max_backoff: float = MAX_BACKOFF,
+            *,
+        reactor: Any,
     ) -> None:
-        from twisted.internet import reactor
-
-        super().__init__(self_member, health_check, ttl, clock, min_backoff, max_backoff)
+        super().__init__(self_member, clock or reactor, health_check, ttl, min_backoff, max_backoff)
         if not endpoints:
             raise ValueError("cluster.discovery.endpoints: a value is required for type consul")
         tls = tls_requested(ca_cert, client_cert, client_key)
@@ -184,7 +183,7 @@ class ConsulDiscovery(DiscoveryBase):
             if index:
                 params.update(index=str(index), wait=f"{self.wait_seconds:g}s")
                 timeout += self.wait_seconds * (1 + 1 / 16)  # Consul adds up to wait/16 of jitter
-            started = time.monotonic()
+            started = self.clock.seconds()
             self._watching = defer.ensureDeferred(self._request("GET", path, params=params, timeout=timeout))
             try:
                 code, headers, content = await self._watching
@@ -202,7 +201,7 @@ class ConsulDiscovery(DiscoveryBase):
             if new_index < index:
                 index = 0  # the index went backwards (agent restarted): start over
             else:
-                if new_index == index and time.monotonic() - started < 0.05:
+                if new_index == index and self.clock.seconds() - started < 0.05:
                     await task.deferLater(self.clock, 0.1)  # an early return with no change: slow down
                 index = max(new_index, 1)
 
@@ -226,4 +225,5 @@ class ConsulDiscovery(DiscoveryBase):
     def _closed(self) -> defer.Deferred[None]:
         if self._watching is not None:
             self._watching.cancel()
-        return self.pool.closeCachedConnections()
+        closed: defer.Deferred[None] = self.pool.closeCachedConnections()
+        return closed

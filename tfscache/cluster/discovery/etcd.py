@@ -67,8 +67,10 @@ class EtcdDiscovery(DiscoveryBase):
         max_backoff: float = MAX_BACKOFF,
         connection: EtcdGateway | None = None,
         watch_silence: float | None = None,
+        *,
+        reactor: Any,
     ) -> None:
-        super().__init__(self_member, health_check, ttl, clock, min_backoff, max_backoff)
+        super().__init__(self_member, clock or reactor, health_check, ttl, min_backoff, max_backoff)
         self.lease_ttl = max(1, math.ceil(self.ttl))
         self.prefix = prefix.rstrip("/") + "/members/"
         self.key = self.prefix + self_member.id
@@ -76,7 +78,7 @@ class EtcdDiscovery(DiscoveryBase):
         # TCP keepalive on the watch's connection: the kernel ends it when etcd's host vanished
         self.conn = connection or EtcdGateway(
             endpoints, username, password, ca_cert, client_cert, client_key, timeout=timeout,
-            keepalive_idle=max(1, math.ceil(self.ttl)))
+            keepalive_idle=max(1, math.ceil(self.ttl)), reactor=reactor)
         self.watch_silence = watch_silence or WATCH_SILENCE_TTLS * self.ttl
         self.lease_id: int | None = None
         self._by_key: dict[str, Member] = {}

@@ -23,8 +23,8 @@ from twisted.internet import defer, protocol
 from twisted.internet.error import ConnectError, ConnectingCancelledError, DNSLookupError
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
-from twisted.web.client import PotentialDataLoss, ResponseDone, ResponseFailed, ResponseNeverReceived
-from twisted.web.http import PotentialDataLoss as HTTPPotentialDataLoss
+from twisted.web.client import ResponseDone, ResponseFailed, ResponseNeverReceived
+from twisted.web.http import PotentialDataLoss  # twisted.web.client re-exports this one
 from twisted.web.iweb import IResponse
 
 from tfscache.cluster.discovery import endpoint_url, tls_requested
@@ -82,12 +82,11 @@ class EtcdGateway:
         client_key: str | None = None,
         timeout: float = 5.0,
         keepalive_idle: int = 10,
-        reactor: Any = None,
+        *,
+        reactor: Any,
     ) -> None:
         if not endpoints:
             raise ValueError("cluster.discovery.endpoints: a value is required for type etcd")
-        if reactor is None:
-            from twisted.internet import reactor
         tls = tls_requested(ca_cert, client_cert, client_key)
         self.endpoints = []
         for endpoint in endpoints:
@@ -211,7 +210,8 @@ class EtcdGateway:
         return resp
 
     def close(self) -> defer.Deferred[None]:
-        return self.pool.closeCachedConnections()
+        closed: defer.Deferred[None] = self.pool.closeCachedConnections()
+        return closed
 
 
 class WatchStream:
@@ -321,7 +321,7 @@ class _Lines(protocol.Protocol):
         if self._ended:
             return
         self._ended = True
-        if reason.check(ResponseDone, PotentialDataLoss, HTTPPotentialDataLoss):
+        if reason.check(ResponseDone, PotentialDataLoss):
             self.on_end(ConnectionError("etcd closed the watch stream"))
         else:
             self.on_end(reason)

@@ -39,8 +39,8 @@ import treq
 from twisted.internet import defer, protocol, ssl
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
-from twisted.web.client import PotentialDataLoss, ResponseDone
-from twisted.web.http import PotentialDataLoss as HTTPPotentialDataLoss
+from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss  # twisted.web.client re-exports this one
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
@@ -143,7 +143,7 @@ class _EventStream(protocol.Protocol):
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         if self.done.called:
             return
-        if reason.check(ResponseDone, PotentialDataLoss, HTTPPotentialDataLoss):
+        if reason.check(ResponseDone, PotentialDataLoss):
             self.done.callback(None)  # the server ended the watch (its timeoutSeconds)
         else:
             self.done.errback(reason)
@@ -170,10 +170,10 @@ class KubernetesDiscovery(DiscoveryBase):
         watch_seconds: int = 300,
         min_backoff: float = MIN_BACKOFF,
         max_backoff: float = MAX_BACKOFF,
+        *,
+        reactor: Any,
     ) -> None:
-        from twisted.internet import reactor
-
-        super().__init__(self_member, health_check, ttl, clock, min_backoff, max_backoff)
+        super().__init__(self_member, clock or reactor, health_check, ttl, min_backoff, max_backoff)
         env = os.environ if environ is None else environ
         if access is None:
             access = from_kubeconfig(kubeconfig) if kubeconfig else in_cluster(env)
@@ -365,4 +365,5 @@ class KubernetesDiscovery(DiscoveryBase):
     def _closed(self) -> defer.Deferred[None]:
         if self._stream is not None:
             self._stream.abort()
-        return self.pool.closeCachedConnections()
+        closed: defer.Deferred[None] = self.pool.closeCachedConnections()
+        return closed
