@@ -23,6 +23,21 @@ from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+# TensorFlow's and absl's start-up lines (oneDNN, CPU features, "All log messages before
+# absl::InitializeLog() ...") are not the demo's output, here nor in the DevServers started
+# below (they inherit the environment).  TF 2.21 logs its oneDNN notice before it reads
+# TF_CPP_MIN_LOG_LEVEL, so oneDNN's custom ops are turned off as well (the example models'
+# results are the same with or without them).
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+import logging  # noqa: E402
+
+from absl import logging as absl_logging  # noqa: E402
+
+absl_logging.set_verbosity(absl_logging.ERROR)
+logging.getLogger("tensorflow").setLevel(logging.ERROR)  # its deprecation notices
+
 import grpc  # noqa: E402
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc  # noqa: E402
 

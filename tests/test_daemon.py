@@ -338,6 +338,11 @@ class DaemonTests(unittest.TestCase):
             for line in f:
                 if line.startswith("{"):
                     records.append(json.loads(line))
+        with open(node.process.log_path) as f:
+            lines = [line for line in f if line.strip()]
+        # every line JSON, twistd's own start-up lines included
+        self.assertEqual([line for line in lines if not line.startswith("{")], [])
+        self.assertIn("starting up", records[0]["message"])
         loaded = [r for r in records if r["message"].startswith("loaded model=d1 ")]
         self.assertEqual(len(loaded), 1, records)
         r = loaded[0]
@@ -346,6 +351,49 @@ class DaemonTests(unittest.TestCase):
         self.assertGreater(r["bytes"], 0)
         self.assertIsInstance(r["seconds"], float)
         self.assertIsInstance(r["time"], float)
+
+    @defer.inlineCallbacks
+    def test_debug_traces_a_models_life(self):  # type: ignore[no-untyped-def]
+        """``logging.level: debug`` and the access log: each model's fetch, load, route and
+        eviction is a line naming the model and version; each request one access line."""
+        node = yield threads.deferToThread(self.start, logging={"format": "json", "level": "debug",
+                                                                "access_log": True})
+        for name in ("d0", "d1", "d2"):  # max_models 2: d2's load unloads d0 (LRU)
+            reply = yield rest_predict(node.rest_url, name, [1.0])
+            self.assertEqual(reply.code, 200, reply.body)
+        client = GrpcClient(node.grpc_target)
+        self.addCleanup(client.close)
+        yield client.predict("d2", [1.0], version=1)
+        yield wait_for_log(node, "grpc Predict d2 1 OK")
+        with open(node.process.log_path) as f:
+            records = [json.loads(line) for line in f if line.startswith("{")]
+
+        def about(model: str, fragment: str) -> list[dict[str, object]]:
+            return [r for r in records if str(r["message"]).startswith(fragment) and r.get("model") == model]
+
+        for fragment, versions in (("route model=", ["latest", 1]), ("fetching model=", [1]),
+                                   ("loading model=", [1]), ("loaded model=", [1])):
+            got = about("d2", fragment)  # the REST request, then the gRPC one (a hit)
+            self.assertEqual([r["version"] for r in got], versions, (fragment, records))
+        self.assertEqual(about("d2", "fetching model=")[0]["level"], "debug")
+        [evict] = about("d2", "no room for model=d2")  # the eviction decision, then its result
+        self.assertEqual((evict["victim"], evict["victim_version"]), ("d0", 1))
+        self.assertEqual(len(about("d0", "unloaded model=d0")), 1)
+        access = [r for r in records if r["namespace"] == "tfscache.access"]
+        self.assertEqual([(r["protocol"], r["method"], r["model"], r["version"], r["code"]) for r in access],
+                         [*(("rest", "POST", name, "-", 200) for name in ("d0", "d1", "d2")),
+                          ("grpc", "Predict", "d2", 1, "OK")])
+        self.assertTrue(all(isinstance(r["seconds"], float) for r in access))
+
+    @defer.inlineCallbacks
+    def test_no_debug_or_access_lines_by_default(self):  # type: ignore[no-untyped-def]
+        node = yield threads.deferToThread(self.start)
+        reply = yield rest_predict(node.rest_url, "d0", [1.0])
+        self.assertEqual(reply.code, 200, reply.body)
+        log = yield wait_for_log(node, "loaded model=d0")
+        self.assertIn("loaded model=d0", log)
+        for fragment in ("fetching model=", "route model=", "rest POST", "Starting factory"):
+            self.assertNotIn(fragment, log)
 
     @defer.inlineCallbacks
     def test_metrics_can_be_disabled(self):  # type: ignore[no-untyped-def]

@@ -539,6 +539,8 @@ class LoggingSettings(Section):
                                                    "line, e.g. every request while TF Serving is down) is "
                                                    "written once per interval, then one line with the count "
                                                    "of the others; 0: every line.", ge=0)
+    access_log: bool = setting(False, "One line per model API request (namespace `tfscache.access`): method, "
+                                "model, version, code, duration.")
 
 
 class Config(Section):

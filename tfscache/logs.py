@@ -1,8 +1,17 @@
-"""Log level and format of the daemon, changeable at run time (SIGHUP).
+"""The daemon's log: level and format (``logging``), the level changeable at run time (SIGHUP).
 
-twistd starts logging to its own observer before the service runs; tfscache wraps what is
-there in a level filter and, for ``format: json``, replaces it with JSON lines on standard
-output (what systemd's journal and Kubernetes collect)."""
+Under twistd the observer is handed over the way twistd supports: as the application's
+``ILogObserver`` component (``twisted.application.app.AppLogger.start`` logs to it from the
+first line on, twistd's own start-up lines included, so that with ``format: json`` every line
+is JSON).  ``NodeService.setServiceParent`` sets it when twistd makes the node a child of its
+application.  Where the lines go follows twistd's options as its own observer would: standard
+output with ``-n`` (what systemd's journal and Kubernetes collect), else ``--logfile`` (default
+``twistd.log``).  With ``--syslog`` or ``--logger`` twistd's choice is kept (and the level is
+not filtered).
+
+The optional access log (``logging.access_log``) is one line per request, namespace
+``tfscache.access``: method, model, version, code and duration.
+"""
 
 from __future__ import annotations
 
@@ -10,19 +19,19 @@ import json
 import sys
 from typing import IO, Any
 
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import (
     FilteringLogObserver,
     ILogObserver,
     LogLevel,
     LogLevelFilterPredicate,
     formatEvent,
-    globalLogPublisher,
+    textFileLogObserver,
 )
+from twisted.python.logfile import LogFile
 from zope.interface import implementer
 
 LEVELS = {"debug": LogLevel.debug, "info": LogLevel.info, "warn": LogLevel.warn, "error": LogLevel.error}
-_predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)
-_installed: list[ILogObserver] = []
 
 
 @implementer(ILogObserver)
@@ -51,30 +60,37 @@ class JsonLinesObserver:
         self.out.flush()
 
 
-def set_level(level: str) -> None:
-    _predicate.setLogLevelForNamespace("", LEVELS[level])  # "": the default level
+def log_stream(twistd_options: Any = None) -> IO[str] | None:
+    """Where twistd's own observer would write, from its ServerOptions: standard output with
+    ``-n`` and no ``--logfile`` (or ``--logfile -``), else the log file (``twistd.log`` by
+    default); None when ``--syslog`` or ``--logger`` chose another observer."""
+    if twistd_options is None:
+        return sys.stdout
+    get = getattr(twistd_options, "get", lambda _key, default=None: default)
+    if get("syslog") or get("logger"):
+        return None
+    logfile = get("logfile")
+    if logfile == "-" or (get("nodaemon") and not logfile):
+        return sys.stdout
+    # a LogFile is a file-like object with write() and flush(), not a TextIO
+    stream: IO[str] = LogFile.fromFullPath(logfile or "twistd.log")
+    return stream
 
 
-def install(level: str, fmt: str, stream: IO[str] | None = None, clock: Any = None,
-            repeat_interval: float = 0.0) -> None:
-    """Filter the global observers by level; with ``json``, write JSON lines instead; with a
-    ``clock`` and a ``repeat_interval``, one warning per kind and model per interval
-    (util/repeats.py)."""
-    set_level(level)
-    if _installed:
-        return
-    # LogPublisher has no public way to list its observers; twistd added exactly one.
-    current = list(getattr(globalLogPublisher, "_observers", []))
-    for obs in current:
-        globalLogPublisher.removeObserver(obs)
-    # sys.__stdout__: twistd has replaced sys.stdout by a file that logs what is written to it
-    out = stream or sys.__stdout__
-    targets = [JsonLinesObserver(out)] if fmt == "json" and out is not None else current
-    for obs in targets:
+class DaemonLog:
+    """The daemon's log observer: a level filter, changeable at run time, in front of text or
+    JSON lines on ``out``."""
+
+    def __init__(self, level: str, fmt: str, out: IO[str], clock: IReactorTime | None = None,
+                 repeat_interval: float = 0.0) -> None:
+        self.predicate = LogLevelFilterPredicate(defaultLogLevel=LEVELS[level])
+        inner: ILogObserver = JsonLinesObserver(out) if fmt == "json" else textFileLogObserver(out)
         if clock is not None and repeat_interval > 0:
+            # one warning per kind and model per interval, then a count (util/repeats.py)
             from tfscache.util.repeats import RepeatFilter
 
-            obs = RepeatFilter(obs, clock, repeat_interval)
-        wrapped = FilteringLogObserver(obs, [_predicate])
-        globalLogPublisher.addObserver(wrapped)
-        _installed.append(wrapped)
+            inner = RepeatFilter(inner, clock, repeat_interval)
+        self.observer: ILogObserver = FilteringLogObserver(inner, [self.predicate])
+
+    def set_level(self, level: str) -> None:
+        self.predicate.setLogLevelForNamespace("", LEVELS[level])  # "": the default level

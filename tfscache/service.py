@@ -15,14 +15,18 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorCore, IReactorTime
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
+from twisted.python.components import Componentized
 
+from tfscache.access_log import AccessLog
 from tfscache.cluster.forward_auth import ForwardMarker, read_secret
+from tfscache.cluster.members import Member
 from tfscache.config import Config, required
 from tfscache.errors import Code, ServingError
 from tfscache.frontend.grpc_server import GrpcFrontend, GrpcLimits
 from tfscache.frontend.rest import RestFrontend, error_reply, json_reply
 from tfscache.interfaces import IModelProvider
+from tfscache.logs import DaemonLog
 from tfscache.metrics import Metrics
 from tfscache.node.disk_cache import DiskCache
 from tfscache.node.eviction import make_policy
@@ -40,8 +44,8 @@ from tfscache.wire import HttpReply, HttpRequest
 if TYPE_CHECKING:
     from tfscache.cluster.discovery import DiscoveryBase
     from tfscache.cluster.discovery.static import StaticDiscovery
-    from tfscache.cluster.members import Member
     from tfscache.cluster.router import Router
+    from tfscache.frontend.admin import AdminApi
 
 
 def make_provider(cfg: Config, reactor: Any, own_shutdown: bool = True) -> IModelProvider:
@@ -75,21 +79,20 @@ class StartupError(Exception):
     """The node cannot start; the reason has been logged as one line."""
 
 
-class NodeService(service.MultiService):
-    """One tfscache node: cache manager, TF Serving controller, REST and gRPC front ends.
+class CacheService(service.Service):
+    """The node's cache: the model source, the disk cache, TF Serving (its controller), the
+    cache manager and the local request handler on top of them.
 
-    The listeners start once the disk cache is rebuilt and TF Serving's list is reset, so the
-    first request sees a consistent node."""
+    Starting rebuilds the disk cache's books and, with ``serving.reset_on_start``, sends TF
+    Serving the (empty) model list; ``started`` fires then, or fails with StartupError (the
+    reason logged as one line).  Stopping saves the eviction order and closes the connections
+    and the provider: after the front ends have drained, so that copies and loads that
+    in-flight requests wait for are not stopped early."""
 
     log = Logger()
 
-    def __init__(self, cfg: Config, reactor: Any, config_path: str | None = None, daemon: bool = False) -> None:
-        service.MultiService.__init__(self)
-        self.reactor = reactor
+    def __init__(self, cfg: Config, metrics: Metrics, reactor: Any) -> None:
         self.cfg = cfg
-        self.config_path = config_path
-        self.daemon = daemon  # under twistd: own the log observers and SIGHUP
-        self.metrics = Metrics(per_model_labels=cfg.metrics.per_model_labels)
         s = cfg.serving
         self.provider = make_provider(cfg, reactor, own_shutdown=False)
         self.backend = ServingController(s.grpc_target, s.rest_url, reactor, s.model_platform)
@@ -107,20 +110,219 @@ class NodeService(service.MultiService):
                 failure_backoff=s.failure_backoff_seconds, churn_guard=s.churn_guard_seconds,
                 capacity_wait=s.capacity_wait_seconds,
             ),
-            self.metrics,
+            metrics,
             clock=reactor,
             policy=make_policy(s.eviction, s.max_bytes or s.max_models),
         )
         self.local = LocalNode(
-            self.cache, s.rest_url, s.grpc_target, self.metrics,
+            self.cache, s.rest_url, s.grpc_target, metrics,
             request_timeout=s.request_timeout_seconds, load_timeout=s.load_timeout_seconds, clock=reactor,
         )
-        # the router replaces the local node as the front ends' handler once the listening
-        # ports (which the member record carries) are known
-        self.handler: Any = self.local
-        self.discovery: DiscoveryBase | StaticDiscovery | None = None
-        self.router: Router | None = None
-        self.admin = None
+        self.started: defer.Deferred[None] = defer.Deferred()
+
+    def startService(self) -> None:
+        service.Service.startService(self)
+        defer.ensureDeferred(self._start()).chainDeferred(self.started)
+
+    async def _start(self) -> None:
+        try:
+            # rebuild the disk cache's books only: the backend reset has its own handling
+            await self.cache.start(reset_backend=False)
+        except Exception as e:
+            self.log.error("disk cache at {path} (disk_cache.path) cannot be used: {error}; stopping",
+                           path=self.cfg.disk_cache.path, error=str(e) or repr(e))
+            raise StartupError(str(e))
+        if self.cfg.serving.reset_on_start:
+            try:
+                await self.backend.reset()
+            except Exception as e:
+                # not fatal: the monitor notices when TF Serving comes up, and the first load
+                # sends the whole list anyway
+                self.log.warn("TF Serving at {target} did not take the initial model list: {err}",
+                              target=self.cfg.serving.grpc_target, err=str(e) or repr(e))
+
+    @defer.inlineCallbacks
+    def stopService(self):  # type: ignore[no-untyped-def]
+        service.Service.stopService(self)
+        self.disk.save_order()
+        yield self.local.close()
+        self.backend.close()
+        close = getattr(self.provider, "close", None)
+        if close is not None:
+            # after the drain: a copy an in-flight request waited for has had its chance
+            yield close()
+
+
+class RestListener(service.Service):
+    """IService: the REST port.  An asyncio server (transport/http_server.py), not a Twisted
+    listening port, so Twisted's StreamServerEndpointService does not fit: this is its small
+    equivalent.  ``started`` fires once the port is bound (``port`` is the bound one)."""
+
+    def __init__(self, factory: http_server.HttpServerFactory, host: str, port: int,
+                 tls: ssl.SSLContext | None = None) -> None:
+        self.factory, self.host, self.requested_port, self.tls = factory, host, port, tls
+        self.listener: http_server.HttpListener | None = None
+        self.started: defer.Deferred[None] = defer.Deferred()
+
+    @property
+    def port(self) -> int:
+        return self.listener.port if self.listener is not None else self.requested_port
+
+    def startService(self) -> None:
+        service.Service.startService(self)
+        d = as_deferred(http_server.listen(self.factory, self.host, self.requested_port, self.tls))
+
+        def listening(listener: http_server.HttpListener) -> None:
+            self.listener = listener
+
+        d.addCallback(listening).chainDeferred(self.started)
+
+    def stop_accepting(self) -> None:
+        """No new connections; idle ones closed; the busy ones finish their replies."""
+        if self.listener is not None:
+            self.listener.stop()
+            self.factory.close_idle()
+
+    def stopService(self) -> None:
+        service.Service.stopService(self)
+        self.stop_accepting()
+
+
+class FrontEnds(service.MultiService):
+    """The client-facing ports: REST (``RestListener`` serving ``RestFrontend``) and gRPC
+    (``GrpcFrontend``, grpc.aio), both handing requests to ``handler`` (the local node, then
+    the router once the cluster is joined).  ``started`` fires once both ports are bound, or
+    fails with StartupError (logged as one line naming the listen keys)."""
+
+    log = Logger()
+
+    def __init__(self, cfg: Config, metrics: Metrics, local: LocalNode, reactor: Any,
+                 extra_routes: dict[str, Any], marker: ForwardMarker, max_connections: int,
+                 admin: AdminApi | None = None) -> None:
+        service.MultiService.__init__(self)
+        lc = cfg.listen
+        self.cfg = cfg
+        self.rest = RestFrontend(local, metrics, lc.max_request_bytes, extra_routes=extra_routes, local=local,
+                                 admin=admin, forward_marker=marker)
+        self.rest_factory = self.rest.factory(reactor, HttpLimits(
+            max_buffered=lc.max_buffered_bytes, max_connections=max_connections,
+            idle_timeout=lc.idle_timeout_seconds, header_timeout=lc.header_timeout_seconds,
+            body_timeout=lc.body_timeout_seconds))
+        tls = tls_context(lc.tls_cert, required(lc.tls_key, "listen.tls_key")) if lc.tls_cert else None
+        self.rest_listener = RestListener(self.rest_factory, lc.host, lc.rest_port, tls)
+        self.grpc = GrpcFrontend(
+            local, metrics, lc.host, lc.grpc_port, max_message_bytes=lc.max_request_bytes, local=local,
+            credentials=grpc_credentials(lc.tls_cert, lc.tls_key), forward_marker=marker,
+            limits=GrpcLimits(
+                max_connections=max_connections, max_concurrent_streams=lc.grpc_max_concurrent_streams,
+                idle_timeout=lc.idle_timeout_seconds, handshake_timeout=lc.header_timeout_seconds),
+        )
+        service.MultiService.addService(self, self.rest_listener)
+        service.MultiService.addService(self, self.grpc)
+        self.started: defer.Deferred[None] = defer.Deferred()
+
+    def set_handler(self, handler: Any) -> None:
+        self.rest.handler = self.grpc.handler = handler
+
+    def set_access_log(self, enabled: bool) -> None:
+        self.rest.access_log = self.grpc.access_log = AccessLog() if enabled else None
+
+    def startService(self) -> None:
+        service.Service.startService(self)
+        defer.ensureDeferred(self._start()).chainDeferred(self.started)
+
+    async def _start(self) -> None:
+        listen = self.cfg.listen
+        try:
+            self.rest_listener.startService()
+            await self.rest_listener.started
+            self.grpc.startService()
+            await self.grpc.started
+        except Exception as e:
+            self.log.error("cannot listen on {host} (listen.rest_port {rest}, listen.grpc_port {grpc}): {error}; "
+                           "stopping", host=listen.host, rest=listen.rest_port, grpc=listen.grpc_port,
+                           error=str(e) or repr(e))
+            raise StartupError(str(e))
+
+    def refuse(self) -> None:
+        """New requests are answered UNAVAILABLE (routers fail over); in-flight ones go on."""
+        self.rest.draining = True
+        self.grpc.accepting = False
+
+    @defer.inlineCallbacks
+    def drain(self, deadline: float, clock: IReactorTime):  # type: ignore[no-untyped-def]
+        """Stop accepting connections, then wait (until ``deadline``) for the requests in flight."""
+        self.rest_listener.stop_accepting()
+        left = max(0.0, deadline - clock.seconds())
+        rest_idle, grpc_idle = yield defer.gatherResults([
+            self.rest.inflight.wait_idle(left, clock), self.grpc.inflight.wait_idle(left, clock)])
+        if not (rest_idle and grpc_idle):
+            self.log.warn("drain timeout: {rest} REST and {grpc} gRPC requests still in flight",
+                          rest=self.rest.inflight.count, grpc=self.grpc.inflight.count)
+        # what is left of the drain time is grpcio's grace for replies still being sent
+        self.grpc.stop_grace = max(0.0, deadline - clock.seconds())
+
+
+class ClusterService(service.MultiService):
+    """The cluster: discovery (a child service) and the router that sends each request to
+    its model's owners.  Made once the ports are bound (the member record carries them)."""
+
+    def __init__(self, cfg: Config, self_member: Member, local: LocalNode, health_check: Any,
+                 metrics: Metrics, reactor: Any, marker: ForwardMarker) -> None:
+        from tfscache.cluster.discovery import make_discovery
+        from tfscache.cluster.router import Router
+
+        service.MultiService.__init__(self)
+        c = cfg
+        self.discovery: DiscoveryBase | StaticDiscovery = make_discovery(c, self_member, reactor,
+                                                                         health_check=health_check)
+        self.router: Router = Router(
+            local, self.discovery, c.node.id, c.cluster.replicas_per_model,
+            c.cluster.forward_timeout_seconds, c.cluster.spread_inflight_threshold, metrics,
+            clock=reactor, tls=bool(c.listen.tls_cert), tls_ca=read_file(c.cluster.tls_ca_cert),
+            spill_over=c.cluster.spill_over, forward_marker=marker,
+        )
+        self.router.trace = c.logging.level == "debug"
+        service.MultiService.addService(self, self.discovery)
+
+    def withdraw(self) -> defer.Deferred[None]:
+        return self.discovery.withdraw()
+
+    @defer.inlineCallbacks
+    def stopService(self):  # type: ignore[no-untyped-def]
+        yield service.MultiService.stopService(self)
+        yield self.router.close()
+
+
+class NodeService(service.MultiService):
+    """One tfscache node, its service tree the architecture::
+
+        NodeService            start-up order, drain, SIGHUP, the daemon's log
+        ├── CacheService       model source, disk cache, TF Serving, cache manager, local node
+        ├── FrontEnds          REST (RestListener) and gRPC (GrpcFrontend) ports
+        ├── BackendMonitor     TF Serving's health
+        ├── SourceMonitor      whether the model source can be read
+        └── ClusterService     discovery and the router (added once the ports are bound)
+
+    The listeners start once the disk cache is rebuilt and TF Serving's list is reset, so the
+    first request sees a consistent node."""
+
+    log = Logger()
+
+    def __init__(self, cfg: Config, reactor: Any, config_path: str | None = None, daemon: bool = False,
+                 daemon_log: DaemonLog | None = None) -> None:
+        service.MultiService.__init__(self)
+        self.reactor = reactor
+        self.cfg = cfg
+        self.config_path = config_path
+        self.daemon = daemon  # under twistd: SIGHUP, SIGTERM, exit status 1 on a start-up error
+        self.daemon_log = daemon_log
+        self.metrics = Metrics(per_model_labels=cfg.metrics.per_model_labels)
+        self.cache_service = CacheService(cfg, self.metrics, reactor)
+        self.provider, self.backend = self.cache_service.provider, self.cache_service.backend
+        self.disk, self.cache, self.local = self.cache_service.disk, self.cache_service.cache, self.cache_service.local
+        self.cluster: ClusterService | None = None
+        self.admin: AdminApi | None = None
         if cfg.admin.enabled:
             from tfscache.frontend.admin import AdminApi
 
@@ -130,57 +332,54 @@ class NodeService(service.MultiService):
         # and the metrics change nothing else)
         metrics_page = self._metrics_page if cfg.metrics.enabled else self._metrics_disabled
         self.forward_marker = forward_marker(cfg)
-        self.rest = RestFrontend(
-            self.handler, self.metrics, cfg.listen.max_request_bytes,
-            extra_routes={
-                "/monitoring/prometheus/metrics": metrics_page,
-                "/metrics": metrics_page,
-                "/healthz": self._healthz,
-                "/readyz": self._readyz,
-            },
-            local=self.local,
-            admin=self.admin,
-            forward_marker=self.forward_marker,
-        )
-        lc = cfg.listen
         # a daemon raises its soft open-files limit to the hard one; no listener may hold more
         # connections than the limit leaves (util/fdlimit.py)
         self.open_files = fdlimit.raise_open_files_limit() if daemon else fdlimit.open_files_limit()
-        self.max_connections = min(lc.max_connections, self.open_files.connection_cap())
-        self.rest_factory = self.rest.factory(reactor, HttpLimits(
-            max_buffered=lc.max_buffered_bytes, max_connections=self.max_connections,
-            idle_timeout=lc.idle_timeout_seconds, header_timeout=lc.header_timeout_seconds,
-            body_timeout=lc.body_timeout_seconds))
-        self.rest_listener: http_server.HttpListener | None = None
-        self.grpc = GrpcFrontend(
-            self.handler, self.metrics, cfg.listen.host, cfg.listen.grpc_port,
-            max_message_bytes=cfg.listen.max_request_bytes, local=self.local,
-            credentials=grpc_credentials(cfg.listen.tls_cert, cfg.listen.tls_key),
-            forward_marker=self.forward_marker,
-            limits=GrpcLimits(
-                max_connections=self.max_connections, max_concurrent_streams=lc.grpc_max_concurrent_streams,
-                idle_timeout=lc.idle_timeout_seconds, handshake_timeout=lc.header_timeout_seconds),
-        )
+        self.max_connections = min(cfg.listen.max_connections, self.open_files.connection_cap())
+        self.frontends = FrontEnds(cfg, self.metrics, self.local, reactor, extra_routes={
+            "/monitoring/prometheus/metrics": metrics_page,
+            "/metrics": metrics_page,
+            "/healthz": self._healthz,
+            "/readyz": self._readyz,
+        }, marker=self.forward_marker, max_connections=self.max_connections, admin=self.admin)
+        self.frontends.set_access_log(cfg.logging.access_log)
+        self.rest, self.grpc = self.frontends.rest, self.frontends.grpc
         self.monitor = BackendMonitor(self.cache, self.backend, reactor, interval=cfg.serving.health_interval_seconds)
+        self.monitor.subscribe(self._set_health)
         self.source = SourceMonitor(self.provider, cfg.model_provider.check_interval_seconds, reactor,
                                     kind=cfg.model_provider.type)
         self.source.subscribe(self.cache.set_source_problem)
-        self.monitor.subscribe(self._set_health)
+        for child in (self.cache_service, self.frontends, self.monitor, self.source):
+            # not running yet: each is started in its turn by _start
+            service.MultiService.addService(self, child)
         self.ready = False
 
     @property
+    def discovery(self) -> DiscoveryBase | StaticDiscovery | None:
+        return self.cluster.discovery if self.cluster is not None else None
+
+    @property
+    def router(self) -> Router | None:
+        return self.cluster.router if self.cluster is not None else None
+
+    @property
+    def handler(self) -> Router | LocalNode:
+        return self.router or self.local
+
+    @property
     def rest_port(self) -> int:
-        if self.rest_listener is None:
-            return int(self.cfg.listen.rest_port)
-        return self.rest_listener.port
+        return self.frontends.rest_listener.port
+
+    def setServiceParent(self, parent: Any) -> None:
+        # under twistd, the parent is its application: an ILogObserver component on it is the
+        # observer twistd logs to from its first line on (twisted.application.app.AppLogger)
+        if self.daemon_log is not None and isinstance(parent, Componentized):
+            parent.setComponent(ILogObserver, self.daemon_log.observer)
+        service.MultiService.setServiceParent(self, parent)
 
     def startService(self) -> None:
-        service.Service.startService(self)
+        service.Service.startService(self)  # the children start in order, in _start
         if self.daemon:
-            from tfscache import logs
-
-            logs.install(self.cfg.logging.level, self.cfg.logging.format, clock=self.reactor,
-                         repeat_interval=self.cfg.logging.repeat_interval_seconds)
             self._log_open_files()
             self.reactor.callWhenRunning(self._install_signals)
         d = defer.ensureDeferred(self._start())
@@ -188,6 +387,7 @@ class NodeService(service.MultiService):
         def failed(f: Any) -> Any:
             if f.check(StartupError):
                 # logged already; under twistd the process is on its way out with status 1
+                self._exit_failed()
                 return None if self.daemon else f
             self.log.failure("tfscache failed to start", failure=f)
             return None
@@ -207,23 +407,41 @@ class NodeService(service.MultiService):
                           "(listen.max_connections {configured_max_connections})", **fields)
 
     async def _start(self) -> None:
-        try:
-            # rebuild the disk cache's books only: the backend reset has its own handling
-            await self.cache.start(reset_backend=False)
-        except Exception as e:
-            self.log.error("disk cache at {path} (disk_cache.path) cannot be used: {error}; stopping",
-                           path=self.cfg.disk_cache.path, error=str(e) or repr(e))
-            self._exit_failed()
-            raise StartupError(str(e))
-        if self.cfg.serving.reset_on_start:
+        self.cache_service.startService()
+        await self.cache_service.started
+        self.frontends.startService()
+        await self.frontends.started
+        self.monitor.startService()
+        self.source.startService()
+        listen = self.cfg.listen
+        if listen.ports_file:
             try:
-                await self.backend.reset()
-            except Exception as e:
-                # not fatal: the monitor notices when TF Serving comes up, and the first load
-                # sends the whole list anyway
-                self.log.warn("TF Serving at {target} did not take the initial model list: {err}",
-                              target=self.cfg.serving.grpc_target, err=str(e) or repr(e))
-        await self._listen()
+                write_ports_file(listen.ports_file, self.rest_port, self.grpc.bound_port)
+            except OSError as e:
+                self.log.error("cannot write listen.ports_file {path}: {error}; stopping",
+                               path=listen.ports_file, error=e.strerror or str(e))
+                raise StartupError(str(e))
+        self._join_cluster()
+        self.ready = True
+        # the source's first check logs its own line when the source cannot be read (a source
+        # that does not answer at all is not waited for long)
+        first = self.source.first_check()
+        timer = self.reactor.callLater(SOURCE_FIRST_CHECK, first.cancel)
+        try:
+            await first
+        except defer.CancelledError:
+            pass
+        else:
+            timer.cancel()
+        self.log.info(
+            "tfscache node {node} {state}: REST {rest}, gRPC {grpc}, TF Serving {backend}",
+            node=self.cfg.node.id, rest=self.rest_port, grpc=self.grpc.bound_port,
+            backend=self.cfg.serving.grpc_target,
+            state="ready" if self.source.checked and self.source.problem is None else
+            "listening, NOT ready (model source)",
+        )
+        assert self.discovery is not None  # _join_cluster made it
+        await self.discovery.publish()
 
     def _exit_failed(self) -> None:
         """Under twistd: stop the reactor, then exit with status 1 (a reactor stop alone exits
@@ -259,70 +477,16 @@ class NodeService(service.MultiService):
         loop.add_signal_handler(signal.SIGTERM, terminate)
         loop.add_signal_handler(signal.SIGINT, terminate)
 
-    async def _listen(self) -> None:
-        listen = self.cfg.listen
-        tls = tls_context(listen.tls_cert, required(listen.tls_key, "listen.tls_key")) if listen.tls_cert else None
-        try:
-            self.rest_listener = await as_deferred(
-                http_server.listen(self.rest_factory, listen.host, listen.rest_port, tls))
-            service.MultiService.addService(self, self.grpc)
-            await self.grpc.started
-        except Exception as e:
-            self.log.error("cannot listen on {host} (listen.rest_port {rest}, listen.grpc_port {grpc}): {error}; "
-                           "stopping", host=listen.host, rest=listen.rest_port, grpc=listen.grpc_port,
-                           error=str(e) or repr(e))
-            self._exit_failed()
-            raise StartupError(str(e))
-        service.MultiService.addService(self, self.monitor)
-        service.MultiService.addService(self, self.source)
-        if listen.ports_file:
-            try:
-                write_ports_file(listen.ports_file, self.rest_port, self.grpc.bound_port)
-            except OSError as e:
-                self.log.error("cannot write listen.ports_file {path}: {error}; stopping",
-                               path=listen.ports_file, error=e.strerror or str(e))
-                self._exit_failed()
-                raise StartupError(str(e))
-        self._join_cluster()
-        self.ready = True
-        # the source's first check logs its own line when the source cannot be read (a source
-        # that does not answer at all is not waited for long)
-        first = self.source.first_check()
-        timer = self.reactor.callLater(SOURCE_FIRST_CHECK, first.cancel)
-        try:
-            await first
-        except defer.CancelledError:
-            pass
-        else:
-            timer.cancel()
-        self.log.info(
-            "tfscache node {node} {state}: REST {rest}, gRPC {grpc}, TF Serving {backend}",
-            node=self.cfg.node.id, rest=self.rest_port, grpc=self.grpc.bound_port,
-            backend=self.cfg.serving.grpc_target,
-            state="ready" if self.source.checked and self.source.problem is None else
-            "listening, NOT ready (model source)",
-        )
-        assert self.discovery is not None  # _join_cluster made it
-        await self.discovery.publish()
-
     def _join_cluster(self) -> None:
-        from tfscache.cluster.discovery import make_discovery
         from tfscache.cluster.members import Member
-        from tfscache.cluster.router import Router
 
         c = self.cfg
         assert self.grpc.bound_port is not None
         self.self_member = Member(c.node.id, c.node.advertise_host, self.rest_port, self.grpc.bound_port)
-        self.discovery = discovery = make_discovery(c, self.self_member, self.reactor,
-                                                    health_check=self.backend.check)
-        self.router = Router(
-            self.local, discovery, c.node.id, c.cluster.replicas_per_model,
-            c.cluster.forward_timeout_seconds, c.cluster.spread_inflight_threshold, self.metrics,
-            clock=self.reactor, tls=bool(c.listen.tls_cert), tls_ca=read_file(c.cluster.tls_ca_cert),
-            spill_over=c.cluster.spill_over, forward_marker=self.forward_marker,
-        )
-        self.handler = self.rest.handler = self.grpc.handler = self.router
-        service.MultiService.addService(self, discovery)
+        self.cluster = ClusterService(c, self.self_member, self.local, self.backend.check, self.metrics,
+                                      self.reactor, self.forward_marker)
+        self.frontends.set_handler(self.cluster.router)
+        service.MultiService.addService(self, self.cluster)  # starts it: discovery follows the member list
 
     @defer.inlineCallbacks
     def stopService(self):  # type: ignore[no-untyped-def]
@@ -331,38 +495,19 @@ class NodeService(service.MultiService):
         self.log.info("tfscache node {node} draining", node=self.cfg.node.id)
         self.ready = False
         self._set_health(False)
-        self.rest.draining = True
-        self.grpc.accepting = False
+        self.frontends.refuse()
         clock = cast(IReactorTime, self.reactor)
         deadline = clock.seconds() + self.cfg.listen.drain_timeout_seconds
-        yield self._withdraw()
-        if self.rest_listener is not None:
-            self.rest_listener.stop()  # no new connections
-            self.rest_factory.close_idle()
-        left = max(0.0, deadline - clock.seconds())
-        rest_idle, grpc_idle = yield defer.gatherResults([
-            self.rest.inflight.wait_idle(left, clock), self.grpc.inflight.wait_idle(left, clock)])
-        if not (rest_idle and grpc_idle):
-            self.log.warn("drain timeout: {rest} REST and {grpc} gRPC requests still in flight",
-                          rest=self.rest.inflight.count, grpc=self.grpc.inflight.count)
-        # what is left of the drain time is grpcio's grace for replies still being sent
-        self.grpc.stop_grace = max(0.0, deadline - clock.seconds())
-        yield service.MultiService.stopService(self)
-        self.disk.save_order()
-        yield self.local.close()
-        if self.router is not None:
-            yield self.router.close()
-        self.backend.close()
-        close = getattr(self.provider, "close", None)
-        if close is not None:
-            # after the drain: a copy an in-flight request waited for has had its chance
-            yield close()
+        if self.cluster is not None:
+            yield self.cluster.withdraw()
+        yield self.frontends.drain(deadline, clock)
+        service.Service.stopService(self)
+        # the front ends, the monitor and the cluster together; the cache last, after the drain
+        yield defer.gatherResults([defer.maybeDeferred(child.stopService)
+                                   for child in (self.frontends, self.monitor, self.source, self.cluster)
+                                   if child is not None and child.running])
+        yield self.cache_service.stopService()
         self.log.info("tfscache node {node} stopped", node=self.cfg.node.id)
-
-    def _withdraw(self) -> defer.Deferred[None]:
-        if self.discovery is None:
-            return defer.succeed(None)
-        return self.discovery.withdraw()
 
     # -- SIGHUP ------------------------------------------------------------------------------
     # each setter reads its key from the new configuration
@@ -387,12 +532,14 @@ class NodeService(service.MultiService):
             lambda self, c: self._set_fetch_timeout(c.model_provider.fetch_timeout_seconds),
         "disk_cache.capacity_bytes": lambda self, c: setattr(self.disk, "capacity_bytes", c.disk_cache.capacity_bytes),
         "logging.level": lambda self, c: self._set_log_level(c.logging.level),
+        "logging.access_log": lambda self, c: self.frontends.set_access_log(c.logging.access_log),
     }
 
     def _set_log_level(self, level: str) -> None:
-        from tfscache import logs
-
-        logs.set_level(level)
+        if self.daemon_log is not None:
+            self.daemon_log.set_level(level)
+        if self.router is not None:
+            self.router.trace = level == "debug"
 
     def _set_load_timeout(self, seconds: float, config_write_timeout: float) -> None:
         # every holder of the value: the cache's limit, the request's wait for a load, and the

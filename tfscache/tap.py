@@ -35,6 +35,11 @@ def makeService(options: Options) -> IService:
         raise SystemExit(1)
     from twisted.internet import reactor
 
+    from tfscache.logs import DaemonLog, log_stream
     from tfscache.service import NodeService
 
-    return NodeService(cfg, reactor, config_path=options["config"], daemon=True)
+    # twistd's own options (options.parent): where its observer would have written
+    out = log_stream(options.parent)
+    daemon_log = (DaemonLog(cfg.logging.level, cfg.logging.format, out, clock=reactor,
+                            repeat_interval=cfg.logging.repeat_interval_seconds) if out is not None else None)
+    return NodeService(cfg, reactor, config_path=options["config"], daemon=True, daemon_log=daemon_log)

@@ -122,6 +122,8 @@ class Router:
         marker = forward_marker or process_marker()
         self._forwarded_header = (FORWARDED_HEADER, marker.header)
         self._forwarded_metadata: tuple[tuple[str, str], ...] = ((FORWARDED_KEY, marker.value),)
+        # logging.level debug: a line per route decision (off, the hot path pays one test)
+        self.trace = False
         # TLS between nodes when the cluster serves TLS: peers are verified against tls_ca (or
         # the system's roots)
         self.scheme = b"https" if tls else b"http"
@@ -194,6 +196,8 @@ class Router:
     # -- IRequestHandler ------------------------------------------------------------------------
     def rest(self, call: RestCall, request: HttpRequest) -> defer.Deferred[HttpReply]:
         def attempt(m: Member | None, remaining: float) -> defer.Deferred[HttpReply]:
+            if self.trace:
+                self._trace(call.ref, m)
             if m is None or m.id == self.self_id:
                 return self._rest_local(call, request)
             return defer.ensureDeferred(self._rest_remote(m, request, remaining))
@@ -203,11 +207,19 @@ class Router:
     def grpc(self, method: str, ref: ModelRef, payload: bytes, timeout: float | None,
              metadata: Metadata = ()) -> defer.Deferred[bytes]:
         def attempt(m: Member | None, remaining: float) -> defer.Deferred[bytes]:
+            if self.trace:
+                self._trace(ref, m)
             if m is None or m.id == self.self_id:
                 return self._grpc_local(method, ref, payload, remaining, metadata)
             return defer.ensureDeferred(self._grpc_remote(m, method, payload, remaining, metadata))
 
         return _Route(self, ref.name, self.forward_timeout if timeout is None else timeout, attempt).result
+
+    def _trace(self, ref: ModelRef, member: Member | None) -> None:
+        local = member is None or member.id == self.self_id
+        self.log.debug("route model={model} version={version}: {where}", model=ref.name,
+                       version=ref.version if ref.version is not None else (ref.label or "latest"),
+                       where="served here" if local else f"forwarded to {member.id if member else ''}")
 
     def close(self) -> defer.Deferred[None]:
         """Close the gRPC channels and the pooled HTTP connections (at shutdown)."""

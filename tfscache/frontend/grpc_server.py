@@ -24,12 +24,13 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from tfscache.access_log import AccessLog
 from tfscache.cluster.forward_auth import ForwardMarker, process_marker, unverified_marker
 from tfscache.errors import Code, ServingError, invalid
 from tfscache.frontend.errors import as_serving_error, error_markers, grpc_status
 from tfscache.interfaces import IRequestHandler
 from tfscache.metrics import Metrics
-from tfscache.modelspec import PREDICTION_METHODS, parse_grpc_request
+from tfscache.modelspec import PREDICTION_METHODS, ModelRef, parse_grpc_request
 from tfscache.reactor import event_loop
 from tfscache.transport.grpc_client import as_deferred
 from tfscache.util.inflight import InFlight
@@ -115,6 +116,7 @@ class GrpcFrontend(service.Service):
         self.server: grpc.aio.Server | None = None
         self.bound_port: int | None = None
         self.accepting = True
+        self.access_log: AccessLog | None = None  # logging.access_log
         # calls in flight, so a drain can wait for them with REST's
         self.inflight = InFlight()
         self.stop_grace = 5.0  # seconds the calls still running at stopService may take
@@ -170,6 +172,7 @@ class GrpcFrontend(service.Service):
             started = time.perf_counter()
             code = "OK"
             timeout: float | None = None
+            ref: ModelRef | None = None  # for the access log
             self.inflight.enter()
             self.metrics.inflight.inc()
             try:
@@ -210,5 +213,7 @@ class GrpcFrontend(service.Service):
                 self.inflight.exit()
                 self.metrics.inflight.dec()
                 self.metrics.request_done("grpc", short, code, time.perf_counter() - started)
+                if self.access_log is not None:
+                    self.access_log.line("grpc", short, ref, code, time.perf_counter() - started)
 
         return call

@@ -19,6 +19,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
+from tfscache.access_log import AccessLog
 from tfscache.cluster.forward_auth import ForwardMarker, process_marker, unverified_marker
 from tfscache.errors import Code, ServingError, invalid
 from tfscache.frontend.errors import as_serving_error, error_markers, rest_error_body
@@ -75,6 +76,7 @@ class RestFrontend:
         self.admin = admin
         self.inflight = InFlight()
         self.draining = False
+        self.access_log: AccessLog | None = None  # logging.access_log
 
     def factory(self, clock: IReactorTime, limits: HttpLimits | None = None) -> HttpServerFactory:
         """The REST port's protocol factory."""
@@ -97,6 +99,8 @@ class RestFrontend:
             if error is not None:
                 return error_reply(error)
             return self.admin.handle(request, path)
+        if self.access_log is not None:
+            return self.access_log.rest(request, path, lambda: self._model_call(request, path, error))
         return self._model_call(request, path, error)
 
     # -- the model API ---------------------------------------------------------------------

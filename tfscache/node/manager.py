@@ -371,6 +371,8 @@ class CacheManager:
                 lambda: deadline(f"Sizing model {mid.name} version {mid.version} in the model source "
                                  f"timed out after {self.limits.fetch_timeout:g}s"),
             )
+            self.log.debug("fetching model={model} version={version}: {bytes} bytes from the model source",
+                           model=mid.name, version=mid.version, bytes=size)
             try:
                 await self.disk.make_room(mid, size, self._protected())
             except ServingError as e:
@@ -407,6 +409,8 @@ class CacheManager:
         entry.state = State.LOADING
         entry.size = entry.size or (self.disk.size_of(mid) or 0)
         started = self.now()
+        self.log.debug("loading model={model} version={version} into TF Serving", model=mid.name,
+                       version=mid.version)
         try:
             await self.backend.load(mid.name, mid.version, self.disk.serving_base_path(mid.name),
                                     self.limits.load_timeout)
@@ -492,6 +496,9 @@ class CacheManager:
         while not self._fits(entry):
             victim = self._victim()
             if victim is not None:
+                self.log.debug("no room for model={model} version={version}: unloading model={victim} "
+                               "version={victim_version}, the eviction policy's choice", model=entry.mid.name,
+                               version=entry.mid.version, victim=victim.mid.name, victim_version=victim.mid.version)
                 await self.unload(victim.mid, reason="capacity")
                 continue
             remaining = give_up - self.now()
@@ -501,6 +508,9 @@ class CacheManager:
                     f"No room to load model {entry.mid.name} version {entry.mid.version}: all "
                     f"{self.limits.max_models} loaded models are in use",
                 )
+            self.log.debug("no room for model={model} version={version}: every loaded model is in use; "
+                           "waiting up to {seconds:.1f}s", model=entry.mid.name, version=entry.mid.version,
+                           seconds=remaining)
             await self._wait_for_room(remaining)
         entry.state = State.LOADING  # takes the slot in the same tick as the check
 

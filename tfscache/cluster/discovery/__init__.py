@@ -12,7 +12,9 @@ asks for.  Every implementation is an ``IDiscovery`` and a Twisted ``Service``:
 
 The shared machinery lives here (``DiscoveryBase``): the publishing loop gated on health, the
 watch loop with capped exponential backoff, and reachability logged once per outage rather
-than once per retry.  All timing goes through an injectable ``clock`` (IReactorTime).
+than once per retry.  The life cycle (published or not, a list without this node trusted or
+not, the backend reachable or not) is two state machines (lifecycle.py).  All timing goes
+through an injectable ``clock`` (IReactorTime).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from tfscache.cluster.discovery.lifecycle import publication, reachability
 from tfscache.cluster.members import Member
 from tfscache.config import Config, endpoint_url, tls_requested
 from tfscache.interfaces import IDiscovery
@@ -55,7 +58,7 @@ _SSL_REASON = re.compile(r"\[SSL(?:: [A-Z0-9_]+)?\] ([^'\"()]+)")
 
 def describe_error(error: BaseException | Failure) -> str:
     """One line saying why a call to the backend failed, for the logs: the TLS reason of a
-    handshake failure rather than the wrappers around it (requests', twisted.web's)."""
+    handshake failure rather than the wrappers around it (twisted.web's)."""
     if isinstance(error, Failure):
         if error.value is None:  # pragma: no cover - a Failure always wraps an exception
             return "unknown error"
@@ -70,7 +73,7 @@ def describe_error(error: BaseException | Failure) -> str:
     if SSL is not None and isinstance(error, SSL.Error) and error.args and isinstance(error.args[0], list):
         why = [str(r[-1]) for r in error.args[0] if isinstance(r, tuple) and r and r[-1]]
         return f"{TLS_FAILURE}: " + (", ".join(why) or str(error))
-    text = str(getattr(error, "detail_text", None) or error)  # etcd3gw keeps its text in detail_text
+    text = str(error)
     match = _SSL_REASON.search(text)
     if match:
         return f"{TLS_FAILURE}: " + match.group(1).strip()
@@ -115,21 +118,27 @@ class DiscoveryBase(service.Service):
         self.min_backoff, self.max_backoff = min_backoff, max_backoff
         self._members: tuple[Member, ...] = ()
         self._subscribers: list[Callable[[list[Member]], None]] = []
-        self.reachable = True          # logged once per change, not per retry
-        self._tls_logged = False       # a TLS failure was logged during this outage
         self._events = 0               # orders attempts and successes: see _stale()
         self._reached_by = {"publish": 0, "follow": 0}
         self.healthy: bool | None = None
         self.published = False         # our record is live in the backend, as far as we know
-        self._lost = False             # the backend lost our record: republishing, last list kept
-        # a list with our record arrived since we (re)published: until then a list without it
-        # is the watch not caught up yet (a node that just started), not a lost record
-        self._seen_self = False
-        self._want_published = False
+        self.publication_state = ""    # the machines' states: see lifecycle.py
+        self.reachability_state = ""
+        self._publication = publication(self)
+        self._reachability = reachability(self)
         self._publish_call: Any = None
         self._publishing: SharedResult | None = None
         self._publish_backoff = 0.0
         self._follow_loop: defer.Deferred[None] | None = None
+
+    @property
+    def publishing(self) -> bool:
+        """``publish()`` was called and ``withdraw()`` not since."""
+        return self.publication_state != "idle"
+
+    @property
+    def reachable(self) -> bool:
+        return self.reachability_state == "reachable"
 
     # -- IDiscovery ---------------------------------------------------------------------------
     def members(self) -> list[Member]:
@@ -140,7 +149,7 @@ class DiscoveryBase(service.Service):
 
     def publish(self) -> defer.Deferred[None]:
         """Start announcing this node (health permitting); fires after the first attempt."""
-        self._want_published = True
+        self._publication.publish()
         return self._publish_now()
 
     def withdraw(self) -> defer.Deferred[None]:
@@ -156,7 +165,7 @@ class DiscoveryBase(service.Service):
 
     def stopService(self) -> defer.Deferred[None]:
         service.Service.stopService(self)
-        d = self.withdraw() if self._want_published else defer.succeed(None)
+        d = self.withdraw() if self.publishing else defer.succeed(None)
 
         def stop_following(_: Any) -> defer.Deferred[None] | None:
             if self._follow_loop is not None:
@@ -170,30 +179,18 @@ class DiscoveryBase(service.Service):
     def _set_members(self, members: Iterable[Member]) -> None:
         new = tuple(sorted({m.id: m for m in members}.values(), key=lambda m: m.id))
         me = self.self_member.id
-        missing = all(m.id != me for m in new)
-        if self.keeps_records and self._want_published and missing and (
-                (self.published and self._seen_self) or self._lost):
+        if any(m.id == me for m in new):
+            self._publication.seen()
+        elif self.keeps_records and self.published:
+            self._publication.lost(len(new))  # lost, or not seen yet: the state says
+        else:
+            self._publication.missed(len(new))
+        if self.publication_state == "lost" and any(m.id == me for m in self._members):
             # the backend lost this node's record while it believes it is published (a Consul
             # -dev agent restarted, etcd wiped or its keys deleted): the others are most likely
             # alive and republishing too, so a list that is empty or lacks this node would move
-            # models for nothing.  Republish now; keep routing with the last list until the
-            # record is back.
-            keep = any(m.id == me for m in self._members)
-            if self.published:
-                self.published = False
-                if not self._lost:
-                    self.log.warn("{backend} ({node}): the member list came back without this node "
-                                  "({count} members); publishing it again at once{keeping}",
-                                  backend=self.backend, node=me, count=len(new),
-                                  keeping=f", keeping the last {len(self._members)}" if keep else "")
-                self._lost = True
-                self._seen_self = False
-                self._republish()
-            if keep:
-                return
-        elif not missing:
-            self._lost = False
-            self._seen_self = self._want_published
+            # models for nothing.  Keep routing with the last list until the record is back.
+            return
         if new == self._members:
             return
         self._members = new
@@ -205,25 +202,53 @@ class DiscoveryBase(service.Service):
             except Exception:
                 self.log.failure("{backend}: member list subscriber failed", backend=self.backend)
 
-    # -- reachability, logged once per outage -------------------------------------------------
+    # -- publication outputs (lifecycle.PUBLICATION) ----------------------------------------
+    def record_lost(self, count: int) -> None:
+        keep = any(m.id == self.self_member.id for m in self._members)
+        self.log.warn("{backend} ({node}): the member list came back without this node "
+                      "({count} members); publishing it again at once{keeping}",
+                      backend=self.backend, node=self.self_member.id, count=count,
+                      keeping=f", keeping the last {len(self._members)}" if keep else "")
+        self.republish_lost(count)
+
+    def republish_lost(self, count: int) -> None:
+        self.published = False
+        self._republish()
+
+    def became_unhealthy(self) -> None:
+        self.log.warn("{backend}: the TF Serving of {node} fails its health check: "
+                      "not publishing {node} until it passes", backend=self.backend, node=self.self_member.id)
+
+    def became_healthy(self) -> None:
+        self.log.info("{backend}: {node} is healthy again: publishing it", backend=self.backend,
+                      node=self.self_member.id)
+
+    # -- reachability, logged once per outage (lifecycle.REACHABILITY) -------------------------
     def _unreachable(self, doing: str, error: BaseException | Any) -> None:
         why = describe_error(error)
-        tls = why.startswith(TLS_FAILURE)
-        if self.reachable:
-            self.reachable = False
-            self._tls_logged = tls
-            self.log.warn(
-                "{backend} unreachable from {node} ({doing}: {why}); keeping the last {count} known "
-                "members and retrying with backoff", backend=self.backend, node=self.self_member.id,
-                doing=doing, why=why, count=len(self._members))
-        elif tls and not self._tls_logged:
-            # an outage that began otherwise (the server restarting) and goes on as a TLS failure
-            # (it came back with a certificate this node does not trust): retrying will not fix
-            # that, so say it once
-            self._tls_logged = True
-            self.log.warn("{backend} from {node}: the outage goes on as a TLS failure ({doing}: {why}); "
-                          "check cluster.discovery.ca_cert / client_cert / client_key", backend=self.backend,
-                          node=self.self_member.id, doing=doing, why=why)
+        if why.startswith(TLS_FAILURE):
+            self._reachability.failed_tls(doing, why)
+        else:
+            self._reachability.failed(doing, why)
+
+    def outage_began(self, doing: str, why: str) -> None:
+        self.log.warn(
+            "{backend} unreachable from {node} ({doing}: {why}); keeping the last {count} known "
+            "members and retrying with backoff", backend=self.backend, node=self.self_member.id,
+            doing=doing, why=why, count=len(self._members))
+
+    def outage_is_tls(self, doing: str, why: str) -> None:
+        # an outage that began otherwise (the server restarting) and goes on as a TLS failure
+        # (it came back with a certificate this node does not trust): retrying will not fix
+        # that, so say it once
+        self.log.warn("{backend} from {node}: the outage goes on as a TLS failure ({doing}: {why}); "
+                      "check cluster.discovery.ca_cert / client_cert / client_key", backend=self.backend,
+                      node=self.self_member.id, doing=doing, why=why)
+
+    def outage_ended(self, loop: str) -> None:
+        self.log.info("{backend} reachable again from {node}", backend=self.backend, node=self.self_member.id)
+        if loop == "publish":
+            self._recovered()
 
     def _tick(self) -> int:
         self._events += 1
@@ -239,11 +264,7 @@ class DiscoveryBase(service.Service):
 
     def _reached(self, loop: str = "follow") -> None:
         self._reached_by[loop] = self._tick()
-        if not self.reachable:
-            self.reachable = True
-            self.log.info("{backend} reachable again from {node}", backend=self.backend, node=self.self_member.id)
-            if loop == "publish":
-                self._recovered()
+        self._reachability.reached(loop)
 
     def _recovered(self) -> None:
         """The publish loop reached the backend after an outage: a subclass may restart a
@@ -265,7 +286,7 @@ class DiscoveryBase(service.Service):
         """A publish round now, or right after the one in flight (it may have read the
         backend's state before the record was lost)."""
         if self._publishing is not None and not self._publishing.done:
-            self._publishing.observe().addBoth(lambda _: self._publish_now() if self._want_published else None)
+            self._publishing.observe().addBoth(lambda _: self._publish_now() if self.publishing else None)
         else:
             self._publish_now()
 
@@ -280,20 +301,13 @@ class DiscoveryBase(service.Service):
         started = self._events
         try:
             healthy = await self._check_health()
-            if not self._want_published:
+            if not self.publishing:
                 return
-            if healthy != self.healthy:
-                if healthy and self.healthy is not None:
-                    self.log.info("{backend}: {node} is healthy again: publishing it", backend=self.backend,
-                                  node=self.self_member.id)
-                elif not healthy:
-                    self.log.warn("{backend}: the TF Serving of {node} fails its health check: "
-                                  "not publishing {node} until it passes", backend=self.backend,
-                                  node=self.self_member.id)
-                self.healthy = healthy
-            if not healthy:
-                self._lost = False  # not publishing: a list without this node is the truth
-                self._seen_self = False
+            self.healthy = healthy
+            if healthy:
+                self._publication.healthy()
+            else:
+                self._publication.unhealthy()  # not published: a list without this node is the truth
             started = self._tick()
             if healthy:
                 await self._refresh()
@@ -307,11 +321,11 @@ class DiscoveryBase(service.Service):
                 self._publish_backoff = self._next_backoff(self._publish_backoff)
                 delay = min(self._publish_backoff, self.refresh_interval)
         else:
-            if self._want_published:
+            if self.publishing:
                 self._reached("publish")
             self._publish_backoff = 0.0
         finally:
-            if self._want_published and self._publish_call is None:
+            if self.publishing and self._publish_call is None:
                 self._publish_call = self.clock.callLater(delay, self._publish_timer)
 
     async def _check_health(self) -> bool:
@@ -323,9 +337,7 @@ class DiscoveryBase(service.Service):
         return True
 
     async def _withdraw(self) -> None:
-        self._want_published = False
-        self._lost = False
-        self._seen_self = False
+        self._publication.withdraw()
         if self._publish_call is not None and self._publish_call.active():
             self._publish_call.cancel()
         self._publish_call = None

@@ -1,11 +1,12 @@
 """Consul discovery: each node registers a service instance with a TTL check on its agent;
 every node follows the passing instances with blocking queries.
 
-Client: plain treq against Consul's HTTP API.  Not python-consul: unmaintained since 2018,
-its Twisted client lags Consul's API (no ``Meta`` in a registration, where the gRPC port goes;
-no request timeouts; the ACL token in the deprecated ``?token=``).  Not its maintained fork
-py-consul either: it dropped the Twisted client (1.3.0), and its blocking requests would hold
-a thread per blocking query.  The handful of endpoints used here are simpler to call directly.
+Client: plain treq against Consul's HTTP API (discovery/http.py, shared with etcd). Not python-
+consul: unmaintained since 2018, its Twisted client lags Consul's API (no ``Meta`` in a
+registration, where the gRPC port goes; no request timeouts; the ACL token in the deprecated
+``?token=``). Not its maintained fork py-consul either: it dropped the Twisted client (1.3.0),
+and its blocking requests would hold a thread per blocking query. The handful of endpoints used
+here are simpler to call directly.
 
 Publishing: ``PUT /v1/agent/service/register`` (name = ``service``, or the prefix without its
 slashes; id = node id; address and REST port; the gRPC port in ``Meta``) with a TTL check
@@ -25,20 +26,18 @@ logged once).  TLS: ``https://`` endpoints (``host:port`` means https when a TLS
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import quote
 
 import treq
-from treq.client import HTTPClient
-from twisted.internet import defer, ssl, task
+from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
-from twisted.web.iweb import IPolicyForHTTPS
-from zope.interface import implementer
 
 from tfscache.cluster.discovery import MAX_BACKOFF, MIN_BACKOFF, DiscoveryBase, HealthCheck, endpoint_url, tls_requested
+from tfscache.cluster.discovery.http import JsonBody, TLSPolicy, http_client
 from tfscache.cluster.members import Member, MemberError
 
 DEREGISTER_CRITICAL_AFTER = "10m"   # the agent drops an instance left critical (a crashed node)
@@ -56,23 +55,6 @@ def service_name(prefix: str, service: str | None = None) -> str:
         return service
     name = re.sub(r"/+", "-", prefix.strip("/"))
     return name or "tfscache"
-
-
-@implementer(IPolicyForHTTPS)
-class _TLSPolicy:
-    def __init__(self, ca_cert: str | None, client_cert: str | None, client_key: str | None) -> None:
-        self.trust: Any = None
-        if ca_cert:
-            with open(ca_cert, "rb") as f:
-                self.trust = ssl.Certificate.loadPEM(f.read())
-        self.client: Any = None
-        if client_cert and client_key:
-            with open(client_cert, "rb") as c, open(client_key, "rb") as k:
-                self.client = ssl.PrivateCertificate.loadPEM(c.read() + b"\n" + k.read())
-
-    def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
-        return ssl.optionsForClientTLS(hostname.decode("ascii"), trustRoot=self.trust or ssl.platformTrust(),
-                                       clientCertificate=self.client)
 
 
 class ConsulDiscovery(DiscoveryBase):
@@ -112,11 +94,8 @@ class ConsulDiscovery(DiscoveryBase):
         self.token = token
         self.request_timeout = request_timeout or max(1.0, min(5.0, self.refresh_interval))
         self.wait_seconds = wait_seconds
-        self.pool = HTTPConnectionPool(reactor, persistent=True)
-        self.pool.maxPersistentPerHost = 4
-        policy = _TLSPolicy(ca_cert, client_cert, client_key) if tls else BrowserLikePolicyForHTTPS()
-        self.http = HTTPClient(Agent(reactor, contextFactory=policy, pool=self.pool,
-                                     connectTimeout=self.request_timeout))
+        self.http, self.pool = http_client(reactor, TLSPolicy(ca_cert, client_cert, client_key),
+                                           self.request_timeout, keepalive_idle=max(1, math.ceil(self.ttl)))
         self.registered = False
         self._watching: defer.Deferred[Any] | None = None
 
@@ -130,7 +109,7 @@ class ConsulDiscovery(DiscoveryBase):
     async def _request(self, method: str, path: str, body: Any = None, params: Any = None,
                        timeout: float | None = None) -> tuple[int, Any, bytes]:
         base = self.endpoints[self.current]
-        data = json.dumps(body).encode() if body is not None else None
+        data = JsonBody(body) if body is not None else None
         try:
             resp = await self.http.request(method, base + path, data=data, params=params,
                                            headers=self._headers(), timeout=timeout or self.request_timeout)

@@ -36,16 +36,16 @@ from typing import Any
 from urllib.parse import quote
 
 import treq
-from treq.client import HTTPClient
 from twisted.internet import defer, protocol, ssl
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss  # twisted.web.client re-exports this one
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
 from tfscache.cluster.discovery import MAX_BACKOFF, MIN_BACKOFF, DiscoveryBase, HealthCheck
+from tfscache.cluster.discovery.http import http_client
 from tfscache.cluster.discovery.kubeconfig import ApiAccess, from_kubeconfig, in_cluster
 from tfscache.cluster.members import Member, MemberError
 
@@ -170,7 +170,7 @@ class KubernetesDiscovery(DiscoveryBase):
         watch_seconds: int = 300,
         min_backoff: float = MIN_BACKOFF,
         max_backoff: float = MAX_BACKOFF,
-            *,
+        *,
         reactor: Any,
     ) -> None:
         super().__init__(self_member, clock or reactor, health_check, ttl, min_backoff, max_backoff)
@@ -185,10 +185,7 @@ class KubernetesDiscovery(DiscoveryBase):
         self.watch_seconds = watch_seconds
         self.path = f"/apis/discovery.k8s.io/v1/namespaces/{quote(self.namespace, safe='')}/endpointslices"
         self.selector = f"{SERVICE_LABEL}={service}"
-        self.pool = HTTPConnectionPool(reactor, persistent=True)
-        self.pool.maxPersistentPerHost = 2
-        self.http = HTTPClient(Agent(reactor, contextFactory=_ApiTLSPolicy(access), pool=self.pool,
-                                     connectTimeout=request_timeout))
+        self.http, self.pool = http_client(reactor, _ApiTLSPolicy(access), request_timeout, per_host=2)
         self.resource_version: str | None = None   # of the last list or event: the watch resumes from it
         self._slices: dict[str, list[Member]] = {}
         self._portless: set[str] = set()           # slices warned about (no port of the names)
@@ -234,7 +231,7 @@ class KubernetesDiscovery(DiscoveryBase):
                         "{said}); keeping the last {count} members and retrying", node=self.self_member.id,
                         source=self.access.source, said=error.message or "Unauthorized",
                         count=len(self._members))
-            self.reachable = False
+            self._reachability.denied()
             return
         super()._unreachable(doing, error)
 

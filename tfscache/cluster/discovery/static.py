@@ -15,6 +15,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from tfscache.cluster.discovery.lifecycle import publication
 from tfscache.cluster.members import Member, MemberError
 from tfscache.interfaces import IDiscovery
 
@@ -38,7 +39,8 @@ class StaticDiscovery(service.Service):
                           "every node so that all routers agree on owners", node=self_member.id)
         listed[self_member.id] = self_member
         self._members = sorted(listed.values(), key=lambda m: m.id)
-        self.published = False
+        self.publication_state = ""
+        self._publication = publication(self)
 
     @classmethod
     def from_config(cls, entries: Sequence[Any], self_member: Member) -> StaticDiscovery:
@@ -64,10 +66,29 @@ class StaticDiscovery(service.Service):
     def subscribe(self, callback: Callable[[list[Member]], None]) -> None:
         pass  # the list never changes
 
+    @property
+    def published(self) -> bool:
+        return self.publication_state != "idle"
+
     def publish(self) -> defer.Deferred[None]:
-        self.published = True
+        self._publication.publish()
+        self._publication.seen()  # the list is the configuration's, this node always in it
         return defer.succeed(None)
 
     def withdraw(self) -> defer.Deferred[None]:
-        self.published = False
+        self._publication.withdraw()
         return defer.succeed(None)
+
+    # the publication's outputs (lifecycle.PUBLICATION): a static list is never lost, and its
+    # publishing is not gated on health (there is no record to withdraw)
+    def record_lost(self, count: int) -> None:
+        pass
+
+    def republish_lost(self, count: int) -> None:
+        pass
+
+    def became_unhealthy(self) -> None:
+        pass
+
+    def became_healthy(self) -> None:
+        pass
