@@ -917,6 +917,10 @@ class StuckLoadTests(FaultTestCase):
         ready = yield http("GET", a.rest_url + "/readyz", timeout=10)
         self.assertEqual(ready.code, 200, ready.body)
         self.assertIn(hang, ready.json()["loads"])
+        # the hanging request is the test's to end: its client goes away, and the node's wait
+        # for the load (its timers, its connection) ends with it before the clean-up stops A
+        hung.cancel()
+        yield until(lambda: sample(a, "tfscache_requests_in_flight") == 0, "node A's request to end")
 
     @defer.inlineCallbacks
     def test_loads_go_on_once_the_slow_load_ends(self):  # type: ignore[no-untyped-def]
