@@ -464,8 +464,9 @@ class Topology(contextlib.AbstractContextManager["Topology"]):
         t_before = None
         if a.before and self.kind == "fast":
             before_backend = self._fast()
-            t_before = NodeProcess(tfscache_config("before", self.models, cache(), before_backend, self.max_models),
-                                   "before")
+            before_cfg = tfscache_config("before", self.models, cache(), before_backend, self.max_models)
+            before_cfg["listen"].update(rest_port=port(), grpc_port=port())  # no ports file there
+            t_before = NodeProcess(before_cfg, "before")
             t_before.process.env["PYTHONPATH"] = os.path.abspath(a.before)
             fixtures.append(t_before)
         if self.with_original:
