@@ -16,7 +16,7 @@ from twisted.trial import unittest
 
 from tests.clients import GrpcClient, http, predict_request
 from tests.harness import shared
-from tfscache.devserver.models import set_load_delay, write_corrupt_model, write_half_plus_two
+from tfscache.devserver.models import hold_load, release_load, set_load_delay, write_corrupt_model, write_half_plus_two
 from tfscache.errors import Code, ServingError
 
 AVAILABLE, END = 30, 50
@@ -78,9 +78,7 @@ class DevServerTests(unittest.TestCase):
         yield self.reload({n: os.path.join(self.base, n) for n in ("ra", "rb")})
         self.assertEqual((yield self.versions("ra")), {1: AVAILABLE})
         yield self.reload({"rb": os.path.join(self.base, "rb")})  # ra left out: unloaded
-        deadline = time.monotonic() + 30
-        while (yield self.versions("ra")) != {1: END}:
-            self.assertLess(time.monotonic(), deadline, "ra was not unloaded")
+        while (yield self.versions("ra")) != {1: END}:  # polled: bounded by the test's timeout
             yield threads.deferToThread(time.sleep, 0.05)
         err = yield self.assertFailure(self.client.predict("ra", [1.0]), ServingError)
         self.assertEqual((err.code, err.message), (Code.NOT_FOUND, "Servable not found for request: Latest(ra)"))
@@ -92,14 +90,15 @@ class DevServerTests(unittest.TestCase):
         write_half_plus_two(self.base, "nv", 1, 1.0, 0.0)
         base = {"nv": os.path.join(self.base, "nv")}
         yield self.reload(base, {"nv": [1]})
-        set_load_delay(write_half_plus_two(self.base, "nv", 2, 2.0, 0.0), 3.0)
-        started = time.monotonic()
-        yield self.reload(base, {"nv": [1, 2]})
-        self.assertLess(time.monotonic() - started, 2.5, "the reload waited for a new version")
-        self.assertEqual((yield self.versions("nv")).get(1), AVAILABLE)
-        deadline = time.monotonic() + 30
-        while (yield self.versions("nv")).get(2) != AVAILABLE:
-            self.assertLess(time.monotonic(), deadline)
+        v2 = write_half_plus_two(self.base, "nv", 2, 2.0, 0.0)
+        hold_load(v2)  # version 2's load cannot end before release_load
+        # a reload that waited for version 2 would run into its deadline instead of returning
+        yield self.reload(base, {"nv": [1, 2]}, timeout=30)
+        versions = yield self.versions("nv")
+        self.assertEqual(versions.get(1), AVAILABLE)
+        self.assertNotEqual(versions.get(2), AVAILABLE, "the reload waited for a new version")
+        release_load(v2)
+        while (yield self.versions("nv")).get(2) != AVAILABLE:  # polled: bounded by the test's timeout
             yield threads.deferToThread(time.sleep, 0.05)
         got = yield self.client.predict("nv", [3.0])  # latest = highest AVAILABLE
         self.assertEqual((list(got.outputs["y"].float_val), got.model_spec.version.value), ([6.0], 2))

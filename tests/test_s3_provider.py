@@ -399,10 +399,10 @@ class S3ProviderTests(unittest.TestCase):
 
         p._verify = kill_after_first  # type: ignore[method-assign]
         dest = os.path.join(self.cache, "dies", "1")
-        started = time.monotonic()
         err = yield self.assertFailure(p.fetch("dies", 1, dest), ServingError)
         self.assertTrue(killed.is_set())
-        self.assertLess(time.monotonic() - started, 20)
+        # an answer (UNAVAILABLE after its bounded retries), not the 600 s fetch timeout's
+        # DEADLINE_EXCEEDED
         self.assertEqual(err.code, Code.UNAVAILABLE, err.message)
         self.assertIn("dies version 1", err.message)
         self.assertIn(self.bucket, err.message)
@@ -454,9 +454,7 @@ class S3ProviderTests(unittest.TestCase):
         dest = os.path.join(self.cache, "cx", "1")
         state["d"] = p.fetch("cx", 1, dest)
         yield self.assertFailure(state["d"], defer.CancelledError)
-        started = time.monotonic()
         yield p.wait_idle()
-        self.assertLess(time.monotonic() - started, 5)
         self.assertEqual(state["at_cancel"], size)  # one object in, the others held
         # every byte the copy received, counted once its threads are idle: a copy that went on
         # after the cancel (and only dropped the result at the end) reaches count * size; one

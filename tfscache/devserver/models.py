@@ -15,6 +15,7 @@ import os
 import shutil
 
 DELAY_FILE = os.path.join("assets.extra", "devserver_load_delay_seconds")
+GATE_FILE = os.path.join("assets.extra", "devserver_load_gate")
 
 
 def write_half_plus_two(base_path: str, name: str, version: int, a: float = 0.5, b: float = 2.0,
@@ -76,6 +77,17 @@ def set_load_delay(version_dir: str, seconds: float) -> None:
     os.makedirs(os.path.join(version_dir, "assets.extra"), exist_ok=True)
     with open(os.path.join(version_dir, DELAY_FILE), "w") as f:
         f.write(f"{seconds}\n")
+
+
+def hold_load(version_dir: str) -> None:
+    """Make the DevServer's load of this version wait until ``release_load`` (a test decides
+    when a load ends, instead of guessing a delay).  Real TF Serving ignores the file."""
+    os.makedirs(os.path.join(version_dir, "assets.extra"), exist_ok=True)
+    open(os.path.join(version_dir, GATE_FILE), "w").close()
+
+
+def release_load(version_dir: str) -> None:
+    os.remove(os.path.join(version_dir, GATE_FILE))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,7 +22,7 @@ from typing import Any
 from tensorflow_serving.apis import model_management_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
-from tfscache.devserver.models import DELAY_FILE
+from tfscache.devserver.models import DELAY_FILE, GATE_FILE
 from tfscache.errors import Code, ServingError, invalid, not_found
 from tfscache.modelspec import version_dirs
 
@@ -108,6 +108,8 @@ def load_saved_model(path: str) -> Loaded:
     if os.path.exists(delay_file):
         with open(delay_file) as f:
             time.sleep(float(f.read().strip() or 0))
+    while os.path.exists(os.path.join(path, GATE_FILE)):  # held by a test (models.hold_load)
+        time.sleep(0.02)
     if not os.path.exists(os.path.join(path, "saved_model.pb")):
         raise FileNotFoundError(f"Could not find SavedModel .pb at supplied export directory path: {path}")
     graph = tf.Graph()
