@@ -233,8 +233,9 @@ class ListenSettings(Section):
                                                      "more.", ge=1)
     ports_file: OptionalText = setting(None, "A file the node writes (JSON `rest_port`, `grpc_port`) once both "
                                              "ports listen: the ports it bound when they are 0.")
-    max_buffered_bytes: Size = setting(1024**3, "Request bodies held by all REST connections together; the "
-                                                "request past it gets 429 `RESOURCE_EXHAUSTED`.", ge=1)
+    max_buffered_bytes: Size = setting(1024**3, "Request bodies held by all REST connections together, and "
+                                                "(a budget of its own) the requests held by all gRPC calls; "
+                                                "the request past it gets 429 / `RESOURCE_EXHAUSTED`.", ge=1)
     idle_timeout_seconds: float = setting(120.0, "A REST connection idle this long between requests is "
                                                  "closed; a gRPC connection without a call this long too.",
                                           ge=0.1)

@@ -215,6 +215,7 @@ class FrontEnds(service.MultiService):
             credentials=grpc_credentials(lc.tls_cert, lc.tls_key), forward_marker=marker,
             limits=GrpcLimits(
                 max_connections=max_connections, max_concurrent_streams=lc.grpc_max_concurrent_streams,
+                max_buffered=lc.max_buffered_bytes,
                 idle_timeout=lc.idle_timeout_seconds, handshake_timeout=lc.header_timeout_seconds),
         )
         service.MultiService.addService(self, self.rest_listener)

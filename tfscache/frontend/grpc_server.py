@@ -57,6 +57,7 @@ class GrpcLimits:
     handshake_timeout: float = 30.0        # TLS + HTTP/2 preface must be done within this
     keepalive_time: float = 60.0           # ping a connection this often; close it when
     keepalive_timeout: float = 20.0        # its peer (gone, half-open) does not answer within this
+    max_buffered: int = 1 << 30            # request bytes held by all calls together (429's twin)
 
     def options(self) -> list[tuple[str, int]]:
         return [
@@ -116,6 +117,7 @@ class GrpcFrontend(service.Service):
         self.server: grpc.aio.Server | None = None
         self.bound_port: int | None = None
         self.accepting = True
+        self.buffered = 0  # bytes of the requests of the calls in flight (limits.max_buffered)
         self.access_log: AccessLog | None = None  # logging.access_log
         # calls in flight, so a drain can wait for them with REST's
         self.inflight = InFlight()
@@ -173,6 +175,7 @@ class GrpcFrontend(service.Service):
             code = "OK"
             timeout: float | None = None
             ref: ModelRef | None = None  # for the access log
+            held = 0
             self.inflight.enter()
             self.metrics.inflight.inc()
             try:
@@ -181,6 +184,14 @@ class GrpcFrontend(service.Service):
                     raise invalid(f"The {short} call carried no complete request message")
                 if not self.accepting:
                     raise ServingError(Code.UNAVAILABLE, "tfscache is shutting down", node_wide=True)
+                # a call holds its request while it waits (for a cold model, say): the bytes all
+                # calls hold are bounded, as REST's bodies are (listen.max_buffered_bytes)
+                if self.buffered + len(payload) > self.limits.max_buffered:
+                    raise ServingError(Code.RESOURCE_EXHAUSTED,
+                                       f"The {short} request ({len(payload)} bytes) would take the requests "
+                                       "held by this node over listen.max_buffered_bytes; try again later")
+                held = len(payload)
+                self.buffered += held
                 ref = parse_grpc_request(short, payload)
                 remaining = context.time_remaining()
                 timeout = None if remaining is None or remaining > 1e9 else remaining
@@ -210,6 +221,7 @@ class GrpcFrontend(service.Service):
                 await context.abort(grpc_status(err), err.message)
                 raise  # unreachable: abort raises
             finally:
+                self.buffered -= held
                 self.inflight.exit()
                 self.metrics.inflight.dec()
                 self.metrics.request_done("grpc", short, code, time.perf_counter() - started)
