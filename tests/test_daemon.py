@@ -22,7 +22,7 @@ from twisted.trial import unittest
 
 from tests.clients import GrpcClient, http, rest_predict
 from tests.harness import shared
-from tests.harness.node import NodeProcess, node_config
+from tests.harness.node import NodeProcess, metrics, node_config
 from tests.harness.process import REPO_ROOT, listen_port, retry_on_collision, unused_port
 from tests.test_faults import until
 from tfscache.devserver.models import set_load_delay, write_corrupt_model, write_half_plus_two
@@ -56,17 +56,6 @@ def wait_for_log(node: NodeProcess, text: str, tries: int = 400) -> defer.Deferr
         return log
 
     return poll()  # type: ignore[no-any-return]
-
-
-def metrics(base: str) -> dict[str, float]:
-    with urllib.request.urlopen(base + "/monitoring/prometheus/metrics", timeout=10) as resp:
-        text = resp.read().decode()
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            out[key] = float(value)
-    return out
 
 
 class DaemonTests(unittest.TestCase):

@@ -26,7 +26,7 @@ from twisted.trial import unittest
 from tests.clients import predict_request
 from tests.harness import shared
 from tests.harness.devserver import DevServer
-from tests.harness.node import CLUSTER_SECRET, NodeProcess, node_config, static_cluster
+from tests.harness.node import CLUSTER_SECRET, NodeProcess, metrics, node_config, static_cluster
 from tfscache.cluster.forward_auth import ForwardMarker
 from tfscache.cluster.members import Member
 from tfscache.cluster.ring import owners
@@ -55,17 +55,6 @@ def grpc_predict(target: str, name: str, metadata: tuple[tuple[str, str], ...] =
     with grpc.insecure_channel(target) as channel:
         stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
         return stub.Predict(predict_request(name, [1.0]), timeout=timeout, metadata=metadata)
-
-
-def metrics(base: str) -> dict[str, float]:
-    with urllib.request.urlopen(base + "/metrics", timeout=10) as resp:
-        text = resp.read().decode()
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            out[key] = float(value)
-    return out
 
 
 def loads(backend: DevServer) -> dict[str, int]:
@@ -189,7 +178,7 @@ class ClusterHardeningTests(unittest.TestCase):
             self.assertEqual((on_owner.get(name), on_entry.get(name)), (1, None), name)
         # the owner served the four forwards itself: its marker verified, so its own router
         # did not route them again (it counts every request it routes)
-        owner_routed = sum(v for k, v in metrics(nodes[0].rest_url).items()
+        owner_routed = sum(v for k, v in metrics(nodes[0].rest_url, "/metrics").items()
                            if k.startswith("tfscache_router_forwards_total{"))
         self.assertEqual(owner_routed, 0)
         with open(entry.process.log_path) as f:
@@ -205,7 +194,7 @@ class ClusterHardeningTests(unittest.TestCase):
         code, body = rest_predict(nodes[1].rest_url, name)
         self.assertEqual(code, 200, body)
         self.assertEqual((loads(self.backends[0]).get(name), loads(self.backends[1]).get(name)), (1, None))
-        routed = sum(v for k, v in metrics(nodes[0].rest_url).items()
+        routed = sum(v for k, v in metrics(nodes[0].rest_url, "/metrics").items()
                      if k.startswith("tfscache_router_forwards_total{"))
         self.assertEqual(routed, 1)  # the owner routed it once more (to itself)
 

@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import tempfile
+import urllib.request
 from collections.abc import Callable
 from typing import Any
 
@@ -178,3 +179,15 @@ def static_cluster(make: Callable[[int, list[dict[str, Any]]], NodeProcess], siz
         return nodes
 
     return retry_on_collision(attempt)
+
+
+def metrics(base: str, path: str = "/monitoring/prometheus/metrics") -> dict[str, float]:
+    """A running node's metrics page as ``{'name{labels as printed}': value}``."""
+    with urllib.request.urlopen(base + path, timeout=10) as resp:
+        text = resp.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out
