@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import sys
 
 from twisted.internet import defer, utils
@@ -48,8 +49,14 @@ class DemoTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_demo_runs_and_the_cache_works(self):  # type: ignore[no-untyped-def]
         env = dict(os.environ, PYTHONPATH=REPO_ROOT, TF_CPP_MIN_LOG_LEVEL="2")
-        stdout, stderr, code = yield utils.getProcessOutputAndValue(
+        ended = utils.getProcessOutputAndValue(
             sys.executable, [os.path.join(REPO_ROOT, "scripts", "demo.py"), *ARGS], env=env, path=REPO_ROOT)
+        # Twisted fails with a bare (stdout, stderr, signal) tuple when a signal ended the demo
+        ended.addErrback(lambda f: (*f.value[:2], -f.value[2]) if isinstance(f.value, tuple) else f)
+        stdout, stderr, code = yield ended
+        if code < 0:
+            self.fail(f"the demo was ended by signal {-code} ({signal.Signals(-code).name}):\n"
+                      + stdout.decode(errors="replace")[-3000:] + stderr.decode(errors="replace")[-3000:])
         text = stdout.decode(errors="replace")
         self.assertEqual(code, 0, text[-3000:] + stderr.decode(errors="replace")[-3000:])
         rows = summary(text)
