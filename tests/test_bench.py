@@ -11,7 +11,7 @@ from functools import cache
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.internet import defer, utils
+from twisted.internet import defer
 from twisted.trial import unittest
 
 from bench.cachesim import (
@@ -25,7 +25,7 @@ from bench.cachesim import (
     simulate,
     zipf_trace,
 )
-from tests.harness.process import REPO_ROOT
+from tests.harness.process import REPO_ROOT, run_in_repo
 
 TEXTBOOK = [7, 0, 1, 2, 0, 3, 0, 4, 2, 3, 0, 3, 2, 1, 2, 0, 1, 7, 0, 1]
 
@@ -176,8 +176,8 @@ class BenchRunTests(unittest.TestCase):
         env = dict(os.environ, PYTHONPATH=REPO_ROOT, TF_CPP_MIN_LOG_LEVEL="2", TFSCACHE_BENCH_NO_SETUP="1",
                    # the venv the tests run in
                    PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""), **TINY)
-        stdout, stderr, code = yield utils.getProcessOutputAndValue(
-            os.path.join(REPO_ROOT, "bench", "run"), ["--quick", "--out", out], env=env, path=REPO_ROOT)
+        stdout, stderr, code = yield run_in_repo(os.path.join(REPO_ROOT, "bench", "run"),
+                                                 ["--quick", "--out", out], env)
         text = stdout.decode(errors="replace")
         self.assertEqual(code, 0, text[-3000:] + stderr.decode(errors="replace")[-3000:])
         self.assertIn("all benchmarks succeeded", text)

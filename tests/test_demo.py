@@ -11,10 +11,10 @@ import re
 import signal
 import sys
 
-from twisted.internet import defer, utils
+from twisted.internet import defer
 from twisted.trial import unittest
 
-from tests.harness.process import REPO_ROOT
+from tests.harness.process import REPO_ROOT, run_in_repo
 
 MAX_MODELS = 2
 # more models than the nodes have slots for (2 nodes x 2 by default, or 1 x 2): evictions and
@@ -49,11 +49,8 @@ class DemoTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_demo_runs_and_the_cache_works(self):  # type: ignore[no-untyped-def]
         env = dict(os.environ, PYTHONPATH=REPO_ROOT, TF_CPP_MIN_LOG_LEVEL="2")
-        ended = utils.getProcessOutputAndValue(
-            sys.executable, [os.path.join(REPO_ROOT, "scripts", "demo.py"), *ARGS], env=env, path=REPO_ROOT)
-        # Twisted fails with a bare (stdout, stderr, signal) tuple when a signal ended the demo
-        ended.addErrback(lambda f: (*f.value[:2], -f.value[2]) if isinstance(f.value, tuple) else f)
-        stdout, stderr, code = yield ended
+        stdout, stderr, code = yield run_in_repo(
+            sys.executable, [os.path.join(REPO_ROOT, "scripts", "demo.py"), *ARGS], env)
         if code < 0:
             self.fail(f"the demo was ended by signal {-code} ({signal.Signals(-code).name}):\n"
                       + stdout.decode(errors="replace")[-3000:] + stderr.decode(errors="replace")[-3000:])

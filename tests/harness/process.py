@@ -19,6 +19,7 @@ import contextlib
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -28,6 +29,8 @@ import time
 import urllib.request
 from collections.abc import Callable, Sequence
 from typing import TypeVar
+
+from twisted.internet.defer import Deferred
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CACHE_DIR = os.environ.get("TFSCACHE_CACHE", os.path.expanduser("~/.cache/tfscache"))
@@ -261,3 +264,20 @@ class ProcessFixture:
         """Stop, then start again on the same ports with the same data."""
         self.process.stop()
         return self.start(timeout)
+
+
+def run_in_repo(executable: str, args: Sequence[str], env: dict[str, str]) -> Deferred[tuple[bytes, bytes, int]]:
+    """Run a script of the repo's with the repo as its working directory, on the reactor:
+    fires with (stdout, stderr, exit code), the code negative (-signal) when a signal ended it.
+
+    The child is started by ``env -C``, not with Twisted's ``path=``: a working directory of
+    its own makes Twisted fork and run Python in the child before the exec, and a forked copy
+    of a process that has done gRPC work can crash there (grpc's fork handlers, its threads:
+    grpc/grpc#13998, #32992) -- a test worker has always done gRPC work by then.  Without
+    ``path`` Twisted uses posix_spawn, which runs no Python and no fork handlers in the child."""
+    from twisted.internet import utils
+
+    env_binary = shutil.which("env") or "/usr/bin/env"
+    d = utils.getProcessOutputAndValue(env_binary, ["-C", REPO_ROOT, executable, *args], env=env)
+    # a signal's end fails with a bare (stdout, stderr, signal) tuple, which trial cannot report
+    return d.addErrback(lambda f: (f.value[0], f.value[1], -f.value[2]) if isinstance(f.value, tuple) else f)
