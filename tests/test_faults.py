@@ -17,7 +17,6 @@ import errno
 import os
 import resource
 import shutil
-import signal
 import socket
 import tempfile
 import threading
@@ -370,11 +369,9 @@ class CorruptModelTests(FaultTestCase):
 
 
 # -- 3. disk full during a copy -------------------------------------------------------------------------
-def limit_file_size() -> None:
-    """In the node's process before exec: no file may grow past FSIZE_LIMIT (writes then fail
-    with EFBIG, as they fail with ENOSPC on a full disk; the signal would kill instead)."""
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (FSIZE_LIMIT, resource.RLIM_INFINITY))
+# the node's process: no file may grow past FSIZE_LIMIT, so writes fail with EFBIG as they fail
+# with ENOSPC on a full disk (Python ignores SIGXFSZ, which would kill it instead)
+FILE_SIZE_LIMIT = (f"--fsize={FSIZE_LIMIT}:unlimited",)
 
 
 def parse_metrics(text: str) -> dict[str, float]:
@@ -396,7 +393,7 @@ class DiskFullTests(FaultTestCase):
         size limit instead, which the test lifts with prlimit.)"""
         cache_dir = tempfile.mkdtemp(prefix="tfscache-faults-full-")
         self.addCleanup(shutil.rmtree, cache_dir, True)
-        proc = NodeProcess(node_config(self.models, self.backend, cache_dir), preexec_fn=limit_file_size)
+        proc = NodeProcess(node_config(self.models, self.backend, cache_dir), limits=FILE_SIZE_LIMIT)
         node = yield threads.deferToThread(proc.start)
         self.addCleanup(node.stop)
         client = self.client(node.grpc_target)

@@ -210,12 +210,10 @@ class OpenFilesTests(unittest.TestCase):
         models = shared.model_dir("hardening", write_models)
         backend = shared.backend()
 
-        def low_soft_limit() -> None:  # the node starts as under systemd's default soft limit
-            resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
-
         node = NodeProcess(node_config(models, backend, listen={"idle_timeout_seconds": 600,
                                                                       "header_timeout_seconds": 600}),
-                           preexec_fn=low_soft_limit).start()
+                           # it starts as under systemd's default soft limit
+                           limits=(f"--nofile=1024:{hard}",)).start()
         self.addCleanup(node.stop)
         with open(node.process.log_path) as f:
             lines = [ln for ln in f if "open files limit" in ln]

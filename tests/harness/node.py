@@ -7,7 +7,7 @@ import os
 import sys
 import tempfile
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import yaml
@@ -91,8 +91,7 @@ class InProcessNode:
 class NodeProcess(ProcessFixture):
     """``twistd -n tfscache --config FILE`` as a child process, as an operator runs it."""
 
-    def __init__(self, config: dict[str, Any], name: str = "tfscache",
-                 preexec_fn: Callable[[], None] | None = None) -> None:
+    def __init__(self, config: dict[str, Any], name: str = "tfscache", limits: Sequence[str] = ()) -> None:
         # port 0 unless the test gave ports (a static cluster's members): the node writes the
         # ports it bound to listen.ports_file, read back at start; a restart binds the same again
         self.dir = tempfile.mkdtemp(prefix="tfscache-node-")
@@ -115,7 +114,7 @@ class NodeProcess(ProcessFixture):
             env={"PYTHONPATH": REPO_ROOT},
             cwd=self.dir,
             log_dir=self.dir,
-            preexec_fn=preexec_fn,
+            limits=limits,
         )
 
     def start(self, timeout: float = 60.0) -> NodeProcess:

@@ -121,15 +121,17 @@ class ManagedProcess:
         env: dict[str, str] | None = None,
         cwd: str | None = None,
         log_dir: str | None = None,
-        preexec_fn: Callable[[], None] | None = None,
+        limits: Sequence[str] = (),
         ports_from_log: str | None = None,
     ) -> None:
         self.name = name
         # a regular expression whose groups are the ports the process bound (it was given 0)
         self.ports_from_log = re.compile(ports_from_log) if ports_from_log else None
         self.ports: tuple[int, ...] = ()
-        self.preexec_fn = preexec_fn  # runs in the child before exec (resource limits)
-        self.argv = list(argv)
+        # resource limits, as prlimit(1) options ("--fsize=1048576:unlimited"): prlimit sets
+        # them and execs the command, so no Python runs in the forked child (a preexec_fn would,
+        # in a test worker that has done gRPC work: see run_in_repo)
+        self.argv = ["prlimit", *limits, "--", *argv] if limits else list(argv)
         self.ready = ready
         self.env = dict(os.environ, **(env or {}))
         self.cwd = cwd
@@ -148,7 +150,6 @@ class ManagedProcess:
             env=self.env,
             cwd=self.cwd,
             start_new_session=True,
-            preexec_fn=self.preexec_fn,
         )
         log.close()
         pids = os.environ.get("TFSCACHE_TEST_PIDS")
