@@ -73,7 +73,15 @@ class GrpcChannel:
              metadata: Metadata | None = None) -> defer.Deferred[bytes]:
         """Call ``method``; fires with the reply's bytes or fails with a ServingError."""
         call = self._method(method)(payload, timeout=timeout, metadata=metadata or None)
-        return as_deferred(_outcome(call, self.target))
+        # grpc.aio runs each call as a task of its own, which returns the reply's bytes (or EOF
+        # for a status other than OK): the Deferred follows that task, rather than a second task
+        # awaiting the call (measured: the second task was ~5% of the reactor thread's time)
+        invocation: asyncio.Task[Any] | None = getattr(call, "_invocation_task", None)
+        if invocation is None:  # another grpc.aio than the one measured
+            return as_deferred(_outcome(call, self.target))
+        d: defer.Deferred[bytes] = defer.Deferred(lambda _d: call.cancel())
+        invocation.add_done_callback(lambda task: _settle(d, task, call, self.target))
+        return d
 
     def close(self, grace: float | None = None) -> defer.Deferred[None]:
         """Close the channel; calls still running get CANCELLED after ``grace`` seconds."""
@@ -95,6 +103,19 @@ def _twisted_cancel(failure: Failure) -> Failure:
     if failure.check(asyncio.CancelledError):
         return Failure(defer.CancelledError())
     return failure
+
+
+def _settle(d: defer.Deferred[bytes], task: asyncio.Task[Any], call: Any, target: str) -> None:
+    """The call's task is done: its bytes are the reply; anything else (a status other than
+    OK, a cancel) is read back by awaiting the call, which raises what it ended with."""
+    if d.called:  # cancelled: the Deferred has failed already
+        return
+    if not task.cancelled() and task.exception() is None:
+        reply = task.result()
+        if isinstance(reply, bytes):
+            d.callback(reply)
+            return
+    as_deferred(_outcome(call, target)).chainDeferred(d)
 
 
 async def _outcome(call: Any, target: str) -> bytes:
