@@ -218,6 +218,8 @@ class FrontEnds(service.MultiService):
                 max_buffered=lc.max_buffered_bytes,
                 idle_timeout=lc.idle_timeout_seconds, handshake_timeout=lc.header_timeout_seconds),
         )
+        # read when scraped: no gauge update (and its lock) on every request
+        metrics.inflight.set_function(lambda: self.rest.inflight.count + self.grpc.inflight.count)
         service.MultiService.addService(self, self.rest_listener)
         service.MultiService.addService(self, self.grpc)
         self.started: defer.Deferred[None] = defer.Deferred()

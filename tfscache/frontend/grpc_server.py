@@ -177,7 +177,6 @@ class GrpcFrontend(service.Service):
             ref: ModelRef | None = None  # for the access log
             held = 0
             self.inflight.enter()
-            self.metrics.inflight.inc()
             try:
                 payload = await anext(requests, None)
                 if payload is None:
@@ -223,7 +222,6 @@ class GrpcFrontend(service.Service):
             finally:
                 self.buffered -= held
                 self.inflight.exit()
-                self.metrics.inflight.dec()
                 self.metrics.request_done("grpc", short, code, time.perf_counter() - started)
                 if self.access_log is not None:
                     self.access_log.line("grpc", short, ref, code, time.perf_counter() - started)

@@ -107,7 +107,6 @@ class RestFrontend:
     def _model_call(self, request: HttpRequest, path: str, error: ServingError | None
                     ) -> defer.Deferred[HttpReply] | HttpReply:
         started = time.perf_counter()
-        self.metrics.inflight.inc()
         self.inflight.enter()
         api = "unknown"
         try:
@@ -138,7 +137,6 @@ class RestFrontend:
 
     def _finished(self, reply: HttpReply, api: str, started: float, name: str | None = None) -> HttpReply:
         self.inflight.exit()
-        self.metrics.inflight.dec()
         if name is None:
             name = "OK" if reply.code < 400 else f"HTTP_{reply.code}"
         if header_value(reply.headers, b"content-type") is None:
