@@ -10,6 +10,7 @@ Plus the pieces on their own: the marker's check, and the repeat filter on a Clo
 
 from __future__ import annotations
 
+import io
 import json
 import resource
 import socket
@@ -31,6 +32,7 @@ from tfscache.cluster.forward_auth import ForwardMarker
 from tfscache.cluster.members import Member
 from tfscache.cluster.ring import owners
 from tfscache.devserver.models import write_half_plus_two
+from tfscache.logs import DaemonLog
 from tfscache.util.repeats import RepeatFilter
 
 MODELS = [f"h{i}" for i in range(12)]
@@ -114,6 +116,20 @@ class RepeatFilterTests(unittest.TestCase):
         self.filter(dict(log_level=LogLevel.info, log_namespace="n", log_format="loaded {model}", model="a"))
         self.filter(dict(log_level=LogLevel.info, log_namespace="n", log_format="loaded {model}", model="a"))
         self.assertEqual(len(self.lines), 5)
+
+    def test_the_daemon_log_writes_the_held_back_count_when_it_closes(self) -> None:
+        out = io.StringIO()
+        log = DaemonLog("info", "json", out, self.clock, repeat_interval=30.0)
+        for i in range(3):
+            log.observer(dict(log_level=LogLevel.warn, log_namespace="tfscache.node.manager",
+                              log_format="reload config failed: {err}", err=f"refused {i}", log_time=0.0))
+        self.assertEqual(len(out.getvalue().splitlines()), 1)
+        log.close()  # at shutdown, before the interval ends
+        lines = [json.loads(line) for line in out.getvalue().splitlines()]
+        self.assertEqual(len(lines), 2)
+        self.assertEqual(lines[1]["suppressed"], 2)
+        self.assertEqual(lines[1]["err"], "refused 2")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_interval_zero_writes_every_line(self) -> None:
         self.filter.interval = 0

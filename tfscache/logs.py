@@ -31,6 +31,8 @@ from twisted.logger import (
 from twisted.python.logfile import LogFile
 from zope.interface import implementer
 
+from tfscache.util.repeats import RepeatFilter
+
 LEVELS = {"debug": LogLevel.debug, "info": LogLevel.info, "warn": LogLevel.warn, "error": LogLevel.error}
 
 
@@ -85,12 +87,16 @@ class DaemonLog:
                  repeat_interval: float = 0.0) -> None:
         self.predicate = LogLevelFilterPredicate(defaultLogLevel=LEVELS[level])
         inner: ILogObserver = JsonLinesObserver(out) if fmt == "json" else textFileLogObserver(out)
+        self.repeats: RepeatFilter | None = None
         if clock is not None and repeat_interval > 0:
             # one warning per kind and model per interval, then a count (util/repeats.py)
-            from tfscache.util.repeats import RepeatFilter
-
-            inner = RepeatFilter(inner, clock, repeat_interval)
+            inner = self.repeats = RepeatFilter(inner, clock, repeat_interval)
         self.observer: ILogObserver = FilteringLogObserver(inner, [self.predicate])
+
+    def close(self) -> None:
+        """At shutdown: the counts of warnings held back are written now, not lost."""
+        if self.repeats is not None:
+            self.repeats.close()
 
     def set_level(self, level: str) -> None:
         self.predicate.setLogLevelForNamespace("", LEVELS[level])  # "": the default level

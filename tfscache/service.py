@@ -511,6 +511,8 @@ class NodeService(service.MultiService):
                                    if child is not None and child.running])
         yield self.cache_service.stopService()
         self.log.info("tfscache node {node} stopped", node=self.cfg.node.id)
+        if self.daemon_log is not None:
+            self.daemon_log.close()  # the counts of warnings still held back
 
     # -- SIGHUP ------------------------------------------------------------------------------
     # each setter reads its key from the new configuration
