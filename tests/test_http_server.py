@@ -204,13 +204,30 @@ class LimitTests(unittest.TestCase):
         app.held[0].callback(None)
         self.assertEqual(factory.buffered, 0)
 
-    def test_connections_past_the_limit_are_closed(self) -> None:
-        factory = HttpServerFactory(RecordingApp(), HttpLimits(max_connections=2), Clock())
+    def test_past_the_limit_the_connection_idle_the_longest_makes_room(self) -> None:
+        clock = Clock()
+        factory = HttpServerFactory(RecordingApp(), HttpLimits(max_connections=2), clock)
         transports = [StringTransport() for _ in range(3)]
+        protocols = []
         for t in transports:
-            factory().connection_made(t)
+            protocols.append(factory())
+            protocols[-1].connection_made(t)
+            clock.advance(1)
+        self.assertEqual([t.disconnecting for t in transports], [True, False, False])
+        self.assertEqual(factory.connections, {protocols[1], protocols[2]})
+
+    def test_past_the_limit_with_none_idle_the_new_connection_is_closed(self) -> None:
+        app = RecordingApp()
+        app.hold = True
+        factory = HttpServerFactory(app, HttpLimits(max_connections=2), Clock())
+        transports = [StringTransport() for _ in range(3)]
+        protocols = [factory() for _ in transports]
+        for proto, t in zip(protocols[:2], transports[:2], strict=True):
+            proto.connection_made(t)
+            proto.data_received(b"GET /m HTTP/1.1\r\nHost: x\r\n\r\n")  # a reply pending on each
+        protocols[2].connection_made(transports[2])
+        self.assertEqual([t.disconnecting for t in transports], [False, False, True])
         self.assertEqual(len(factory.connections), 2)
-        self.assertTrue(transports[2].disconnecting)
 
 
 class TimeoutTests(unittest.TestCase):

@@ -225,8 +225,9 @@ class ListenSettings(Section):
                                            "(with `tls_key`).")
     tls_key: OptionalText = setting(None, "PEM private key of `tls_cert`.")
     drain_timeout_seconds: float = setting(30.0, "On SIGTERM, how long in-flight requests may finish.", ge=0)
-    max_connections: int = setting(10_000, "Open connections per listener (REST, gRPC) at most; a new one "
-                                           "past it is closed at once. Never more than half of the open-files "
+    max_connections: int = setting(10_000, "Open connections per listener (REST, gRPC) at most. Past it, "
+                                           "REST closes the connection idle the longest (the new one when none "
+                                           "is idle); gRPC closes the new one. Never more than half of the open-files "
                                            "limit minus 256 (the daemon raises its soft limit to the hard one "
                                            "at start and logs both).", ge=1)
     grpc_max_concurrent_streams: int = setting(1024, "gRPC calls in flight on one connection; a client queues "

@@ -16,7 +16,8 @@ Limits, each answered in TF Serving's JSON error format where an answer is possi
 - a connection idle between requests for ``idle_timeout``, a request whose head has not
   arrived ``header_timeout`` after its first byte, a body with no byte for ``body_timeout``:
   closed (one sweep a second checks every connection: no timer per request);
-- past ``max_connections`` open connections a new one is closed at once.
+- past ``max_connections`` open connections the one idle the longest is closed to make room
+  (its client reconnects at the cost of a handshake); with none idle, the new one is closed.
 
 twisted.web is not used here: its Request spools bodies, parses forms and answers some bad
 requests in its own formats, and costs several times this per request (bench/data_plane.py).
@@ -125,6 +126,10 @@ class HttpServerFactory:
         for conn in [c for c in self.connections if c.deadline < now]:
             conn.expired()
 
+    def oldest_idle(self) -> HttpServerProtocol | None:
+        """The connection waiting longest for its next request (a scan: only at the limit)."""
+        return min((c for c in self.connections if c.waiting_for_request), key=lambda c: c.deadline, default=None)
+
     def close_idle(self) -> None:
         """At shutdown: close the connections that wait for a request (the others close
         after their reply)."""
@@ -175,16 +180,28 @@ class HttpServerProtocol(asyncio.Protocol):
         self._refused = False  # the stream is not HTTP any more: nothing after it is parsed
         self._reset_message()
 
+    @property
+    def waiting_for_request(self) -> bool:
+        """Idle: nothing of a request in, no reply pending or on its way."""
+        return self.idle and not self._queue and self._busy is None and self._streaming is None
+
     # -- connection ------------------------------------------------------------------------
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
         f = self.factory
         if len(f.connections) >= self.limits.max_connections:
-            self.log.warn("REST: {count} connections open (listen.max_connections): closing a new one",
-                          count=len(f.connections))
-            self._gone = True
-            self.transport.abort()
-            return
+            oldest = f.oldest_idle()
+            if oldest is None:
+                self.log.warn("REST: {count} connections open (listen.max_connections), none idle: "
+                              "closing a new one", count=len(f.connections))
+                self._gone = True
+                self.transport.abort()
+                return
+            self.log.warn("REST: {count} connections open (listen.max_connections): closing the one "
+                          "idle the longest", count=len(f.connections))
+            f.connections.discard(oldest)
+            oldest.deadline = float("inf")
+            oldest.transport.abort()
         f.connections.add(self)
         self.deadline = f.clock.seconds() + self.limits.idle_timeout
 
