@@ -119,7 +119,7 @@ def extra_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--name", default="data_plane", help="report name (JSON file stem)")
     ap.add_argument("--before", metavar="DIR",
                     help="a checkout of an earlier tfscache (git worktree add DIR <commit>): a fourth "
-                         "contender, 'before', in the fast backend's one-node cells")
+                         "contender, 'before', in every cell but the cold one")
 
 
 # -- a private network namespace ------------------------------------------------------------
@@ -436,7 +436,7 @@ class Topology(contextlib.AbstractContextManager["Topology"]):
             backends: list[Any] = [self._fast(slow=True), self._fast(), self._fast(),
                                    self._fast(slow=True), self._fast(), self._fast()]
         else:
-            n = 4 if self.with_original else 2
+            n = (4 if self.with_original else 2) + (2 if a.before else 0)  # the last two: before's
             with ThreadPoolExecutor(1) as pool:
                 devs = pool.submit(self.procs.devservers, n)
                 write_models(self.models, names)
@@ -462,13 +462,25 @@ class Topology(contextlib.AbstractContextManager["Topology"]):
                               "node-0")
         fixtures: list[Any] = [t_single, t_owner, t_other]
         t_before = None
-        if a.before and self.kind == "fast":
-            before_backend = self._fast()
-            before_cfg = tfscache_config("before", self.models, cache(), before_backend, self.max_models)
-            before_cfg["listen"].update(rest_port=port(), grpc_port=port())  # no ports file there
-            t_before = NodeProcess(before_cfg, "before")
-            t_before.process.env["PYTHONPATH"] = os.path.abspath(a.before)
-            fixtures.append(t_before)
+        before_router: list[NodeProcess] = []
+        if a.before:
+            before_backend = self._fast() if self.kind == "fast" else dev[-2]
+
+            def before_node(node_id: str, backend: Any, cluster: list[dict[str, Any]] | None) -> NodeProcess:
+                cfg = tfscache_config(node_id, self.models, cache(), backend, self.max_models, cluster, port=port)
+                cfg.get("cluster", {}).pop("secret", None)  # the old code knows no cluster.secret
+                node = NodeProcess(cfg, f"before-{node_id}")
+                node.process.env["PYTHONPATH"] = os.path.abspath(a.before)
+                return node
+
+            t_before = before_node("single", before_backend, None)
+            # the same ids as node-0 -> node-1 (so `routed` has the same owner), other ports
+            before_members = [dict(m, rest_port=port(), grpc_port=port()) for m in members]
+            before_owner_backend = self._fast() if self.kind == "fast" else dev[-1]
+            before_other_backend = self._fast()
+            before_router = [before_node("node-1", before_owner_backend, before_members),
+                             before_node("node-0", before_other_backend, before_members)]
+            fixtures += [t_before, *before_router]
         if self.with_original:
             path = binary("tfservingcache")
             assert path is not None
@@ -499,6 +511,14 @@ class Topology(contextlib.AbstractContextManager["Topology"]):
             self.targets["one_node"]["before"] = Target(t_before.rest_url, t_before.grpc_target, "warm",
                                                         [pid(t_before)], pid_of(before_backend))
             warm(self.targets["one_node"]["before"].predict_url)
+            b_owner, b_other = before_router
+            self.targets["router"]["before"] = Target(b_other.rest_url, b_other.grpc_target, routed,
+                                                      [pid(b_other), pid(b_owner)], pid_of(before_owner_backend))
+            warm(self.targets["router"]["before"].predict_url)
+            self.checks["before_router_owner_backend_has_model"] = rest_state(
+                f"{before_owner_backend.rest_url}/v1/models/{routed}/versions/{VERSION}") == 200
+            self.checks["before_router_non_owner_backend_has_model"] = rest_state(
+                f"{before_other_backend.rest_url}/v1/models/{routed}/versions/{VERSION}") == 200
         warm(self.targets["one_node"]["tfscache"].predict_url)
         warm(self.targets["router"]["tfscache"].predict_url)
         # the routed model must have been forwarded: loaded by the owner's backend only
@@ -746,8 +766,9 @@ def run(args: argparse.Namespace, netns_reason: str | None) -> dict[str, Any]:
                             f"{cold[-1]['cold']['answered']}/{args.cold_models} cold answered")
                 checks[kind] = topo.checks
     for kind, c in checks.items():
-        if not c.get("tfscache_router_owner_backend_has_model") or c.get("tfscache_router_non_owner_backend_has_model"):
-            raise RuntimeError(f"{kind}: the routed model was not forwarded to its owner: {c}")
+        for who in ("tfscache", "before") if args.before else ("tfscache",):
+            if not c.get(f"{who}_router_owner_backend_has_model") or c.get(f"{who}_router_non_owner_backend_has_model"):
+                raise RuntimeError(f"{kind}: {who}'s routed model was not forwarded to its owner: {c}")
     return {
         "settings": {
             "seconds_per_measurement": args.seconds, "rounds": args.rounds, "concurrency_fast": args.concurrency,
