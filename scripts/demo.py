@@ -14,6 +14,7 @@ import json
 import os
 import random
 import secrets
+import shutil
 import statistics
 import sys
 import tempfile
@@ -43,7 +44,7 @@ from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc  # 
 
 from tests.harness.devserver import DevServer  # noqa: E402
 from tests.harness.node import NodeProcess, node_config  # noqa: E402
-from tests.harness.process import listen_port  # noqa: E402
+from tests.harness.process import listen_port, retry_on_collision  # noqa: E402
 from tfscache.devserver.models import write_half_plus_two  # noqa: E402
 
 
@@ -130,18 +131,20 @@ def main(argv: list[str] | None = None) -> int:
             a, b = coefficients(i, version)
             write_half_plus_two(models, f"tenant-{i:02d}", version, a=a, b=b)
 
-    # Every node knows every other one from a static member list (the ports are chosen first).
+    # Every node knows every other one from a static member list, so their ports are chosen
+    # before they start (below the ephemeral range); a port taken meanwhile: new ports for all
     ids = [f"node-{n + 1}" for n in range(args.nodes)]
-    ports = [(listen_port(), listen_port()) for _ in ids]
-    members = [{"id": i, "host": "127.0.0.1", "rest_port": r, "grpc_port": g}
-               for i, (r, g) in zip(ids, ports, strict=True)]
     backends = [DevServer() for _ in ids]
     secret = secrets.token_hex(16)  # the nodes authenticate their forwards with it (cluster.secret)
     nodes: list[NodeProcess] = []
-    print(f"demo: starting {args.nodes} TF Serving backend(s) (DevServer) ...")
-    try:
-        for backend in backends:
-            backend.start()
+
+    def start_nodes() -> list[NodeProcess]:
+        ports = [(listen_port(), listen_port()) for _ in ids]
+        members = [{"id": i, "host": "127.0.0.1", "rest_port": r, "grpc_port": g}
+                   for i, (r, g) in zip(ids, ports, strict=True)]
+        for node in nodes:  # the previous attempt's
+            node.stop()
+        nodes.clear()
         for n, (node_id, (rest_port, grpc_port)) in enumerate(zip(ids, ports, strict=True)):
             cfg = node_config(models, backends[n], os.path.join(work, f"cache-{node_id}"), node_id=node_id,
                               listen={"rest_port": rest_port, "grpc_port": grpc_port},
@@ -149,9 +152,16 @@ def main(argv: list[str] | None = None) -> int:
                               cluster={"replicas_per_model": min(2, args.nodes), "secret": secret,
                                        "discovery": {"type": "static", "members": members}})
             nodes.append(NodeProcess(cfg, name=node_id))
-        print(f"demo: starting {args.nodes} tfscache node(s) (max_models={args.max_models} each) ...")
         for node in nodes:
             node.start()
+        return nodes
+
+    print(f"demo: starting {args.nodes} TF Serving backend(s) (DevServer) ...")
+    try:
+        for backend in backends:
+            backend.start()
+        print(f"demo: starting {args.nodes} tfscache node(s) (max_models={args.max_models} each) ...")
+        retry_on_collision(start_nodes)
         stubs = [prediction_service_pb2_grpc.PredictionServiceStub(grpc.insecure_channel(node.grpc_target))
                  for node in nodes]
         # a skewed workload: a few tenants are hot, most are cold; each request goes to any node
@@ -183,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             node.stop()
         for backend in backends:
             backend.stop()
+        shutil.rmtree(work, ignore_errors=True)  # the example models and the disk caches
 
     def summed(key: str) -> float:
         return sum(f[key] for f in per_node)
