@@ -279,7 +279,12 @@ class BackendDownTests(unittest.TestCase):
         node.stop()  # the log is complete
         with open(node.process.log_path) as f:
             warnings = [ln for ln in f if "#warn]" in ln or "#error]" in ln or "#critical]" in ln]
-        # per model: the failed model list once, the failed model once; TF Serving unhealthy once
-        self.assertLessEqual(len(warnings), 6, "".join(warnings))
-        self.assertTrue(any("failed" in ln for ln in warnings), warnings)
+        # per model: the failed model list once, the failed model once; TF Serving unhealthy once;
+        # then, at the latest when the node stops, one line per kind with the count held back
+        firsts = [ln for ln in warnings if "similar in the last" not in ln]
+        counts = [ln for ln in warnings if "similar in the last" in ln]
+        self.assertLessEqual(len(firsts), 6, "".join(warnings))
+        self.assertTrue(any("failed" in ln for ln in firsts), warnings)
+        self.assertTrue(counts, "".join(warnings))  # 20 requests repeat their kinds: counted, not lost
+        self.assertLessEqual(len(counts), len(firsts), "".join(warnings))
 

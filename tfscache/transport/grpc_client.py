@@ -115,7 +115,16 @@ def _settle(d: defer.Deferred[bytes], task: asyncio.Task[Any], call: Any, target
         if isinstance(reply, bytes):
             d.callback(reply)
             return
-    as_deferred(_outcome(call, target)).chainDeferred(d)
+    # the Deferred may be cancelled while the call is read back: then nobody waits for it
+    as_deferred(_outcome(call, target)).addBoth(_relay, d)
+
+
+def _relay(result: bytes | Failure, d: defer.Deferred[bytes]) -> None:
+    if not d.called:
+        if isinstance(result, Failure):
+            d.errback(result)
+        else:
+            d.callback(result)
 
 
 async def _outcome(call: Any, target: str) -> bytes:
