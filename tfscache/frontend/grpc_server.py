@@ -178,8 +178,10 @@ class GrpcFrontend(service.Service):
             held = 0
             self.inflight.enter()
             try:
-                payload = await anext(requests, None)
-                if payload is None:
+                # the reader API, not the request iterator: an async generator left unfinished
+                # costs a finaliser task per call (the loop's asyncgen hooks)
+                payload = await context.read()
+                if payload is grpc.aio.EOF:
                     raise invalid(f"The {short} call carried no complete request message")
                 if not self.accepting:
                     raise ServingError(Code.UNAVAILABLE, "tfscache is shutting down", node_wide=True)
