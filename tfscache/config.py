@@ -23,7 +23,7 @@ import os
 import re
 import socket
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeVar, get_args
 from urllib.parse import SplitResult, urlsplit
@@ -158,6 +158,22 @@ def endpoint_url(endpoint: str, backend: str, tls: bool) -> SplitResult:
         raise ValueError(f"cluster.discovery.endpoints: {endpoint!r} is plain http, but ca_cert / client_cert "
                          "ask for TLS: use https://")
     return parts
+
+
+def endpoint_bases(endpoints: Sequence[str], kind: str, backend: str, ca_cert: str | None,
+                   client_cert: str | None, client_key: str | None, default_port: int | None = None) -> list[str]:
+    """``scheme://host:port`` of each of a discovery's endpoints (``default_port`` where one
+    names none), https where the TLS options ask for it; ``kind`` is the discovery's
+    ``type``, ``backend`` its name in messages."""
+    if not endpoints:
+        raise ValueError(f"cluster.discovery.endpoints: a value is required for type {kind}")
+    tls = tls_requested(ca_cert, client_cert, client_key)
+    bases = []
+    for endpoint in endpoints:
+        parts = endpoint_url(endpoint, backend, tls)
+        missing_port = default_port is not None and not parts.port
+        bases.append(f"{parts.scheme}://{parts.netloc}" + (f":{default_port}" if missing_port else ""))
+    return bases
 
 
 # -- the schema -----------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from zope.interface import implementer
 
 from tfscache.cluster.discovery.lifecycle import publication, reachability
 from tfscache.cluster.members import Member
-from tfscache.config import Config, endpoint_url, tls_requested
+from tfscache.config import Config, endpoint_bases
 from tfscache.interfaces import IDiscovery
 from tfscache.util.deferreds import SharedResult, with_timeout
 
@@ -431,4 +431,4 @@ def make_discovery(
     )
 
 
-__all__ = ["DiscoveryBase", "HealthCheck", "describe_error", "endpoint_url", "make_discovery", "tls_requested"]
+__all__ = ["DiscoveryBase", "HealthCheck", "describe_error", "endpoint_bases", "make_discovery"]

@@ -36,7 +36,7 @@ import treq
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 
-from tfscache.cluster.discovery import MAX_BACKOFF, MIN_BACKOFF, DiscoveryBase, HealthCheck, endpoint_url, tls_requested
+from tfscache.cluster.discovery import MAX_BACKOFF, MIN_BACKOFF, DiscoveryBase, HealthCheck, endpoint_bases
 from tfscache.cluster.discovery.http import JsonBody, TLSPolicy, http_client
 from tfscache.cluster.members import Member, MemberError
 
@@ -81,13 +81,7 @@ class ConsulDiscovery(DiscoveryBase):
         reactor: Any,
     ) -> None:
         super().__init__(self_member, clock or reactor, health_check, ttl, min_backoff, max_backoff)
-        if not endpoints:
-            raise ValueError("cluster.discovery.endpoints: a value is required for type consul")
-        tls = tls_requested(ca_cert, client_cert, client_key)
-        self.endpoints = []
-        for endpoint in endpoints:
-            parts = endpoint_url(endpoint, "Consul", tls)
-            self.endpoints.append(f"{parts.scheme}://{parts.netloc}")
+        self.endpoints = endpoint_bases(endpoints, "consul", "Consul", ca_cert, client_cert, client_key)
         self.current = 0
         self.service = service_name(prefix, service)
         self.check_id = f"tfscache:{self_member.id}"

@@ -27,7 +27,7 @@ from twisted.web.client import ResponseDone, ResponseFailed, ResponseNeverReceiv
 from twisted.web.http import PotentialDataLoss  # twisted.web.client re-exports this one
 from twisted.web.iweb import IResponse
 
-from tfscache.cluster.discovery import endpoint_url, tls_requested
+from tfscache.cluster.discovery import endpoint_bases
 from tfscache.cluster.discovery.http import JsonBody, TLSPolicy, http_client
 
 # a failure to reach this endpoint: the next one is tried
@@ -85,13 +85,7 @@ class EtcdGateway:
         *,
         reactor: Any,
     ) -> None:
-        if not endpoints:
-            raise ValueError("cluster.discovery.endpoints: a value is required for type etcd")
-        tls = tls_requested(ca_cert, client_cert, client_key)
-        self.endpoints = []
-        for endpoint in endpoints:
-            parts = endpoint_url(endpoint, "etcd", tls)
-            self.endpoints.append(f"{parts.scheme}://{parts.netloc}" + ("" if parts.port else ":2379"))
+        self.endpoints = endpoint_bases(endpoints, "etcd", "etcd", ca_cert, client_cert, client_key, default_port=2379)
         self.timeout = timeout
         self.username, self.password = username, password
         self.http, self.pool = http_client(reactor, TLSPolicy(ca_cert, client_cert, client_key), timeout,
