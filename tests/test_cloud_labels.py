@@ -37,14 +37,7 @@ def model_files() -> dict[str, bytes]:
             write_half_plus_two(path, MODEL, v, float(v), 0.0)
         os.rename(os.path.join(path, MODEL, "2"), os.path.join(path, MODEL, "00000002"))
 
-    local = shared.model_dir("cloud-labels", write)
-    out = {}
-    for dirpath, _dirs, files in os.walk(local):
-        for f in files:
-            path = os.path.join(dirpath, f)
-            with open(path, "rb") as fh:
-                out[os.path.relpath(path, local).replace(os.sep, "/")] = fh.read()
-    return out
+    return shared.as_objects(shared.model_dir("cloud-labels", write))
 
 
 class CloudLabelCases:

@@ -25,13 +25,7 @@ def model_files() -> dict[str, bytes]:
     write_half_plus_two(local, "tenant-a", 1, 2.0, 1.0)
     write_half_plus_two(local, "tenant-a", 2, 3.0, 1.0)
     os.rename(os.path.join(local, "tenant-a", "2"), os.path.join(local, "tenant-a", "00000002"))
-    out = {}
-    for dirpath, _dirs, files in os.walk(local):
-        for f in files:
-            path = os.path.join(dirpath, f)
-            with open(path, "rb") as fh:
-                out[os.path.relpath(path, local).replace(os.sep, "/")] = fh.read()
-    return out
+    return shared.as_objects(local)
 
 
 class CloudNodeTests(unittest.TestCase):

@@ -4,6 +4,7 @@ first use, stopped when the process exits."""
 from __future__ import annotations
 
 import atexit
+import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -25,6 +26,18 @@ def backend() -> Any:
     from tests.harness.devserver import DevServer
 
     return shared("backend", lambda: DevServer().start(), lambda b: b.stop())
+
+
+def as_objects(directory: str) -> dict[str, bytes]:
+    """Every file under ``directory``, keyed by its relative path with ``/``: an object store's
+    keys for a model source written on disk."""
+    out = {}
+    for dirpath, _dirs, files in os.walk(directory):
+        for f in files:
+            path = os.path.join(dirpath, f)
+            with open(path, "rb") as fh:
+                out[os.path.relpath(path, directory).replace(os.sep, "/")] = fh.read()
+    return out
 
 
 def model_dir(key: str, write: Callable[[str], None]) -> str:
