@@ -4,8 +4,7 @@
 the fixed paths (metrics, health) by exact match, ``/admin`` to the admin API, and everything
 else to TF Serving's own case-insensitive expressions (``tfscache.modelspec``).  A model call
 reads the method, the path and two headers (the forwarded marker, which must verify, and
-Content-Encoding); the
-body's chunks go on to TF Serving as they came.  Every error is TF Serving's
+Content-Encoding); the body's chunks go on to TF Serving as they came.  Every error is TF Serving's
 ``{"error": ...}`` with its HTTP code.
 """
 
