@@ -16,6 +16,7 @@ from bench.cachesim import simulate
 from tests.test_manager_timing import ScriptedBackend, make_source
 from tfscache.config import ConfigError, load_config
 from tfscache.modelspec import ModelId
+from tfscache.node import eviction
 from tfscache.node.disk_cache import DiskCache
 from tfscache.node.eviction import AdaptivePolicy, IEvictionPolicy, LRUPolicy, make_policy
 from tfscache.node.manager import CacheLimits, CacheManager
@@ -130,6 +131,23 @@ class PolicyTests(unittest.TestCase):
         trace = [(7 * i * i + 3 * i) % 23 for i in range(500)]
         one, two = simulate(AdaptivePolicy(5), trace, 5), simulate(AdaptivePolicy(5), trace, 5)
         self.assertEqual(one, two)
+    def test_miss_counts_rescaled_choose_alike(self) -> None:
+        """The shadows' miss counts grow with time rather than decay on every request, and
+        are scaled down before they overflow (after some 500,000 requests); here every 1,000
+        requests: a policy rescaled six times chooses as one that never was."""
+        trace: list[int] = []
+        for phase in range(20):
+            trace += [4 * phase + (i % 4) for i in range(300)]
+        plain = AdaptivePolicy(4)
+        one = simulate(plain, trace, 4)
+        self.patch(eviction, "_MISS_RESCALE", 2.0)
+        rescaled = AdaptivePolicy(4)
+        two = simulate(rescaled, trace, 4)
+        self.assertEqual((one.loads, one.reload_seconds), (two.loads, two.reload_seconds))
+        self.assertEqual((plain.switches, plain.current), (rescaled.switches, rescaled.current))
+        self.assertGreater(plain.switches, 0)
+        self.assertLess(rescaled._miss_unit, 2.0)
+        self.assertGreater(plain._miss_unit, 32.0)
 
     def test_ghost_history_is_bounded(self) -> None:
         policy = AdaptivePolicy(2, history=10)

@@ -88,6 +88,7 @@ MISS_HALF_LIFE = 1000.0
 # A shadow takes over only once it misses this much less than the one in use: no flapping
 # between two that are as good (every switch costs misses while the cache converges).
 SWITCH_MARGIN = 0.03
+_MISS_RESCALE = 2.0 ** 512  # the miss counts' unit stays below it (see requested)
 # Reload costs per unit of budget within this factor of the typical one count as typical.
 COST_DEAD_ZONE = 4.0
 _LOG_DEAD_ZONE = math.log(COST_DEAD_ZONE)
@@ -102,7 +103,7 @@ class _Shadow:
         self.resident: dict[Hashable, float] = {}  # key -> its size in the shadow
         self.used = 0.0
         self.heap: list[tuple[float, int, Hashable]] = []  # (value, tie, key), stale ones skipped
-        self.misses = 0.0  # decayed, see AdaptivePolicy.requested
+        self.misses = 0.0  # decayed, in AdaptivePolicy._miss_unit's scale (see requested)
 
 
 class _Known:
@@ -152,7 +153,8 @@ class AdaptivePolicy:
         self._weights: dict[Hashable, float] = {}  # log(cost / size) as last admitted
         self._typical = 0.0  # log(mean cost / mean size)
         self._tie = itertools.count()
-        self._miss_decay = 0.5 ** (1.0 / MISS_HALF_LIFE)
+        self._miss_growth = 2.0 ** (1.0 / MISS_HALF_LIFE)
+        self._miss_unit = 1.0
         self.switches = 0
 
     # -- what a model is worth -----------------------------------------------------------------
@@ -173,42 +175,57 @@ class AdaptivePolicy:
         # runs for every request (twice: TF Serving's slots and the disk), so a hit in a
         # shadow files nothing: a key's value only grows with its requests, so its entry in
         # the heap comes out early and _shrink files it again at its current value
-        self.now += 1
-        size = self.size.get(key)
-        weight = self._weight(key)
-        decay = self._miss_decay
+        self.now = now = self.now + 1
+        # the miss counts decay alike in every shadow and only their order is read, so rather
+        # than decaying each one on every request, a miss adds 2^(now / MISS_HALF_LIFE)
+        unit = self._miss_unit = self._miss_unit * self._miss_growth
+        if unit > _MISS_RESCALE:
+            self._rescale_misses()
+            unit = self._miss_unit
         missed = False
-        now = self.now
+        size = weight = 0.0
         log1p, exp = math.log1p, math.exp
         for shadow in self.shadows:
-            shadow.misses *= decay
             # count the request at time ``now``: score = log(sum over requests of e^(rate * t)),
             # so that the order of two keys never changes between their requests
             x = shadow.rate * now
             score = shadow.score
             old = score.get(key)
-            value = x if old is None else (old if old > x else x) + log1p(exp(-abs(old - x)))
+            if old is None:
+                value = x
+            elif old > x:
+                value = old + log1p(exp(x - old))
+            else:
+                value = x + log1p(exp(old - x))
             score[key] = value
             if key in shadow.resident:
                 continue
-            value += weight
-            missed = True
-            shadow.misses += 1.0
+            if not missed:
+                missed = True
+                size, weight = self.size.get(key), self._weight(key)
+            shadow.misses += unit
             shadow.resident[key] = size
             shadow.used += size
             self._shrink(shadow, key)
-            heapq.heappush(shadow.heap, (value, next(self._tie), key))
+            heapq.heappush(shadow.heap, (value + weight, next(self._tie), key))
             if len(shadow.heap) > 4 * len(shadow.resident) + 64:
                 shadow.heap = [(self._value(shadow, k), next(self._tie), k) for k in shadow.resident]
                 heapq.heapify(shadow.heap)
-        # all miss counts decay alike: which is least changes only with a miss
+        # which shadow missed least changes only with a miss
         if missed:
             best = min(range(len(self.shadows)), key=lambda i: self.shadows[i].misses)
             if best != self.current and (self.shadows[best].misses
                                          < (1 - SWITCH_MARGIN) * self.shadows[self.current].misses):
                 self.current = best
                 self.switches += 1
-        self._forget()
+        if len(self.shadows[0].score) > 2 * (self.history or max(2000, 20 * len(self.cached))):
+            self._forget()
+
+    def _rescale_misses(self) -> None:
+        """Scale the miss counts and their unit down alike (by a power of two: exact)."""
+        for shadow in self.shadows:
+            shadow.misses /= _MISS_RESCALE
+        self._miss_unit /= _MISS_RESCALE
 
     def _shrink(self, shadow: _Shadow, keep: Hashable) -> None:
         """Evict from a shadow until it fits its budget, never the key just requested (a
@@ -230,10 +247,9 @@ class AdaptivePolicy:
             heapq.heappush(shadow.heap, item)
 
     def _forget(self) -> None:
-        """Bound the ghost history: drop the least valuable keys that no cache holds."""
+        """Bound the ghost history: drop the least valuable keys that no cache holds (once
+        it holds twice the limit)."""
         limit = self.history or max(2000, 20 * len(self.cached))
-        if len(self.shadows[0].score) <= 2 * limit:
-            return
         shadow = self.shadows[self.current]
         holding = set(self.cached).union(*(s.resident for s in self.shadows))
         ghosts = sorted((k for k in shadow.score if k not in holding), key=lambda k: self._value(shadow, k))
