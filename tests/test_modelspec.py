@@ -12,6 +12,7 @@ from tensorflow_serving.apis import (
 from twisted.trial import unittest
 
 from tfscache.errors import Code, ServingError
+from tfscache import modelspec
 from tfscache.modelspec import ModelRef, parse_grpc_request, parse_rest_path, validate_name
 
 
@@ -119,3 +120,48 @@ class GrpcModelSpecTests(unittest.TestCase):
         req.model_spec.name = "../../etc"
         err = self.assertRaises(ServingError, parse_grpc_request, "Predict", req.SerializeToString())
         self.assertEqual(err.code, Code.INVALID_ARGUMENT)
+
+    def test_a_spec_read_once_is_known_by_its_bytes(self) -> None:
+        """The same spec bytes give the same answer, read or remembered; the tensors around
+        them do not matter; a spec that failed is never remembered."""
+        req = predict_pb2.PredictRequest()
+        req.model_spec.name = "tenant-7"
+        req.model_spec.version.value = 3
+        req.model_spec.signature_name = "serving_default"
+        req.inputs["x"].tensor_content = b"\x00" * 300_000  # a long field before nothing else
+        req.output_filter.append("y")
+        first = parse_grpc_request("Predict", req.SerializeToString())
+        self.assertIn(req.model_spec.SerializeToString(), modelspec._REFS)
+        req.inputs["x"].tensor_content = b"\x01" * 10
+        again = parse_grpc_request("Predict", req.SerializeToString())
+        self.assertEqual(first, ModelRef("tenant-7", 3, None, "serving_default"))
+        self.assertIs(again, first)
+        bad = predict_pb2.PredictRequest()
+        bad.model_spec.name = "../up"
+        for _ in range(2):
+            err = self.assertRaises(ServingError, parse_grpc_request, "Predict", bad.SerializeToString())
+            self.assertEqual(err.code, Code.INVALID_ARGUMENT)
+
+    def test_a_spec_sent_twice_is_merged_as_protobuf_does(self) -> None:
+        """Field 1 twice: protobuf merges the second into the first (what a version pin
+        appended to a request relies on); the walk leaves such a request to protobuf."""
+        first = predict_pb2.PredictRequest()
+        first.model_spec.name = "m"
+        first.model_spec.version.value = 1
+        second = predict_pb2.PredictRequest()
+        second.model_spec.version.value = 2
+        payload = first.SerializeToString() + second.SerializeToString()
+        self.assertIsNone(modelspec._model_spec_field(payload))
+        ref = parse_grpc_request("Predict", payload)
+        self.assertEqual((ref.name, ref.version), ("m", 2))
+
+    def test_the_walk_refuses_what_is_not_well_formed(self) -> None:
+        spec = b"\x0a\x01m"
+        self.assertEqual(modelspec._model_spec_field(b"\x0a\x03" + spec), spec)
+        for payload in (b"\x0a\x05ab",            # a length past the end
+                        b"\x0a\x03" + spec + b"\x10",  # a varint cut short
+                        b"\x0b\x0a\x03" + spec,   # a group
+                        b"\x02\x00",              # field 0
+                        b"\x12\x01z",             # no field 1 at all
+                        b"\x0a\x03" + spec + b"\x19\x00"):  # a fixed64 cut short
+            self.assertIsNone(modelspec._model_spec_field(payload), payload)

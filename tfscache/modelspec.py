@@ -216,6 +216,7 @@ PREDICTION_METHODS = ("Classify", "Regress", "Predict", "MultiInference", "GetMo
 
 def parse_grpc_request(method: str, payload: bytes) -> ModelRef:
     """Read only the model spec of a serialized TF Serving request."""
+    spec: bytes | None = None
     try:
         if method == "MultiInference":
             multi = model_spec_pb2.MultiInferenceCarrier.FromString(payload)
@@ -228,12 +229,75 @@ def parse_grpc_request(method: str, payload: bytes) -> ModelRef:
             if len({t.model_spec.name for t in multi.tasks}) != 1:
                 raise invalid("All ModelSpecs in a MultiInferenceRequest must access the same model name.")
             return parse_model_spec(multi.tasks[0].model_spec)
+        spec = _model_spec_field(payload)
+        if spec is not None:
+            known = _REFS.get(spec)
+            if known is not None:
+                return known
         carrier = model_spec_pb2.ModelSpecCarrier.FromString(payload)
     except DecodeError as e:
         raise invalid(f"Could not parse the {method} request: {e}")
     if not carrier.HasField("model_spec"):
         raise invalid("Missing ModelSpec")
-    return parse_model_spec(carrier.model_spec)
+    ref = parse_model_spec(carrier.model_spec)
+    if spec is not None:
+        if len(_REFS) >= _REFS_MAX:
+            _REFS.clear()  # cheap bound: a refill costs one full parse per model spec
+        _REFS[spec] = ref
+    return ref
+
+
+# Model specs read before, by their bytes: a request's spec is read on every call, and a
+# model's requests carry the same few bytes (only what parsed without an error is kept).
+_REFS: dict[bytes, ModelRef] = {}
+_REFS_MAX = 8192
+
+
+def _model_spec_field(payload: bytes) -> bytes | None:
+    """The bytes of field 1 (``model_spec``) of a serialized request, found by walking its
+    top-level fields only (protobuf would copy every other field, a tensor of many MB say,
+    into the message's unknown fields); None unless the walk finds well-formed fields and
+    field 1 exactly once (protobuf merges repeated ones): the full parse then decides.
+    Hand-written: protobuf's Python API has no field scanner."""
+    spec = None
+    i, n = 0, len(payload)
+    while i < n:
+        tag, i = _varint(payload, i)
+        field, wire = tag >> 3, tag & 7
+        if field == 0:
+            return None
+        if wire == 2:
+            length, i = _varint(payload, i)
+            if field == 1:
+                if spec is not None:
+                    return None
+                spec = payload[i:i + length]
+            i += length
+        elif wire == 0:
+            _, i = _varint(payload, i)
+        elif wire == 1:
+            i += 8
+        elif wire == 5:
+            i += 4
+        else:
+            return None  # groups, or not protobuf
+    return spec if i == n else None
+
+
+def _varint(data: bytes, i: int) -> tuple[int, int]:
+    """The varint at ``data[i:]`` and the index after it; past the end reads as a huge value
+    (the caller's bounds check then fails the walk)."""
+    result = shift = 0
+    while i < len(data):
+        b = data[i]
+        i += 1
+        result |= (b & 0x7F) << shift
+        if b < 0x80:
+            return result, i
+        shift += 7
+        if shift > 63:
+            break
+    return 0, len(data) + 1
 
 
 __all__ = [
