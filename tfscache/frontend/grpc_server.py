@@ -23,6 +23,7 @@ from grpc_health.v1.health import aio as health_aio
 from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from tfscache.access_log import AccessLog
 from tfscache.cluster.forward_auth import ForwardMarker, process_marker, unverified_marker
@@ -68,6 +69,16 @@ class GrpcLimits:
             ("grpc.keepalive_time_ms", round(self.keepalive_time * 1000)),
             ("grpc.keepalive_timeout_ms", round(self.keepalive_timeout * 1000)),
         ]
+
+
+def _resolve(result: object, future: asyncio.Future[Any]) -> None:
+    """The Deferred's result (or its failure's exception) into the future a call awaits."""
+    if future.cancelled():
+        return
+    if isinstance(result, Failure):
+        future.set_exception(result.value)
+    else:
+        future.set_result(result)
 
 
 class _GenericHandler(grpc.GenericRpcHandler):
@@ -205,8 +216,15 @@ class GrpcFrontend(service.Service):
                     unverified_marker(ref.name, "gRPC")
                 handler = self.local if forwarded else self.handler
                 d = handler.grpc(method, ref, payload, timeout, forwardable_metadata(received))
-                reply: bytes = await d.asFuture(loop)
-                return reply
+                # Deferred.asFuture's three closures and done-callback, done with one future
+                reply = loop.create_future()
+                d.addBoth(_resolve, reply)
+                try:
+                    result: bytes = await reply
+                except asyncio.CancelledError:
+                    d.cancel()
+                    raise
+                return result
             except asyncio.CancelledError:
                 # the client went away or its deadline passed (grpc.aio cancels the call at
                 # the deadline, which can come a little before our copy of it: it was sent as a
