@@ -11,8 +11,8 @@ from tensorflow_serving.apis import (
 )
 from twisted.trial import unittest
 
-from tfscache.errors import Code, ServingError
 from tfscache import modelspec
+from tfscache.errors import Code, ServingError
 from tfscache.modelspec import ModelRef, parse_grpc_request, parse_rest_path, validate_name
 
 

@@ -76,6 +76,7 @@ def _resolve(result: object, future: asyncio.Future[Any]) -> None:
     if future.cancelled():
         return
     if isinstance(result, Failure):
+        assert result.value is not None  # a Failure always carries its exception
         future.set_exception(result.value)
     else:
         future.set_result(result)
