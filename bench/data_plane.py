@@ -13,6 +13,10 @@ noisy neighbour slows all alike; the figures are medians over the rounds:
             proxy (A) -> cache (B) -> backend, two hops as through tfscache.
   tfscache  one node; router: two nodes in a static cluster (replicas_per_model 1), the client
             calls the node that does not own the model (node-0 -> node-1 -> backend).
+  before    (--before DIR) tfscache as checked out in DIR, same configs and topology.
+  floor     gRPC cells only: bench/grpc_floor, a bare grpc.aio relay with nothing of tfscache
+            in it (router: relay -> relay -> backend), the least any forwarder built on
+            grpc.aio costs: tfscache's CPU beyond it is tfscache's own work.
 
 Backends: ``fast`` is bench/fastbackend (Go, answers at once with a fixed reply: what is measured
 is the proxy); ``devserver`` is ``python -m tfscache.devserver`` (TensorFlow, half_plus_two; it
@@ -75,7 +79,7 @@ from tests.harness.servers import EtcdServer
 
 NETNS_ENV = "TFSCACHE_BENCH_NETNS"
 BIN = os.path.join(CACHE_DIR, "bin")
-CONTENDERS = ("direct", "original", "tfscache", "before")
+CONTENDERS = ("direct", "original", "tfscache", "before", "floor")
 VERSION = 1
 ORIGINAL_PORT_BASE = 20000  # inside the private namespace nothing else binds; below the ephemeral range
 TFSCACHE_PORT_BASE = 21000
@@ -150,30 +154,30 @@ def binary(name: str) -> str | None:
     return path if os.access(path, os.X_OK) else None
 
 
-class FastBackend:
-    """bench/fastbackend on ports the kernel chose (it prints them once it listens)."""
+class PortsPrinted:
+    """A process that binds ports the kernel chooses and prints them as one JSON line once
+    it listens (bench/fastbackend, bench/grpc_floor)."""
 
-    def __init__(self, path: str, args: Sequence[str] = ()) -> None:
-        self.argv = [path, *args]
-        self.dir = tempfile.mkdtemp(prefix="tfscache-fastbackend-")
+    def __init__(self, argv: Sequence[str], name: str, cwd: str | None = None) -> None:
+        self.argv, self.name, self.cwd = list(argv), name, cwd
+        self.dir = tempfile.mkdtemp(prefix=f"tfscache-{name}-")
         self.proc: subprocess.Popen[str] | None = None
-        self.grpc_port = self.rest_port = 0
+        self.ports: dict[str, int] = {}
 
-    def start(self) -> FastBackend:
-        with open(os.path.join(self.dir, "fastbackend.log"), "ab") as log:
+    def start(self) -> PortsPrinted:
+        with open(os.path.join(self.dir, f"{self.name}.log"), "ab") as log:
             self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=log, text=True,
-                                         start_new_session=True)
+                                         start_new_session=True, cwd=self.cwd)
         pids = os.environ.get("TFSCACHE_TEST_PIDS")
         if pids:  # scripts/test stops what a crashed run leaves behind
             with open(pids, "a") as f:
                 f.write(f"{self.proc.pid}\n")
         assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()  # the ports, once both listen; "" if it died
+        line = self.proc.stdout.readline()  # the ports, once it listens; "" if it died
         if not line:
             self.proc.wait()
-            raise RuntimeError(f"fastbackend exited with {self.proc.returncode} before listening")
-        ports = json.loads(line)
-        self.grpc_port, self.rest_port = ports["grpc_port"], ports["rest_port"]
+            raise RuntimeError(f"{self.name} exited with {self.proc.returncode} before listening")
+        self.ports = json.loads(line)
         return self
 
     @property
@@ -183,17 +187,44 @@ class FastBackend:
 
     @property
     def grpc_target(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
-
-    @property
-    def rest_url(self) -> str:
-        return f"http://127.0.0.1:{self.rest_port}"
+        return f"127.0.0.1:{self.ports['grpc_port']}"
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGTERM)
             self.proc.wait(10)
+
+
+class FastBackend(PortsPrinted):
+    """bench/fastbackend on ports the kernel chose."""
+
+    def __init__(self, path: str, args: Sequence[str] = ()) -> None:
+        super().__init__([path, *args], "fastbackend")
+
+    def start(self) -> FastBackend:
+        super().start()
+        return self
+
+    @property
+    def grpc_port(self) -> int:
+        return self.ports["grpc_port"]
+
+    @property
+    def rest_port(self) -> int:
+        return self.ports["rest_port"]
+
+    @property
+    def rest_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['rest_port']}"
+
+
+class GrpcFloor(PortsPrinted):
+    """bench/grpc_floor relaying every call to ``target``: the 'floor' contender."""
+
+    def __init__(self, target: str) -> None:
+        super().__init__([sys.executable, "-m", "bench.grpc_floor", "--target", target], "grpc-floor",
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class OriginalNode(ProcessFixture):
@@ -384,8 +415,10 @@ def rest_state(url: str) -> int:
 class Target:
     """Where one contender's requests go in one scenario, and whose CPU counts."""
 
-    def __init__(self, rest_base: str, grpc_target: str, model: str, node_pids: list[int], backend_pid: int) -> None:
+    def __init__(self, rest_base: str, grpc_target: str, model: str, node_pids: list[int], backend_pid: int,
+                 protocols: Sequence[str] = ("rest", "grpc")) -> None:
         self.rest_base, self.grpc_target, self.model = rest_base, grpc_target, model
+        self.protocols = tuple(protocols)
         self.groups = {"node": node_pids, "backend": [backend_pid]} if node_pids else {"backend": [backend_pid]}
 
     @property
@@ -535,6 +568,7 @@ class Topology(contextlib.AbstractContextManager["Topology"]):
                                                         [o_a.pid, o_b.pid], pid_of(backends[4]))
             warm(self.targets["router"]["original"].predict_url)
             self.checks["original_router_model"] = name
+        self._start_floor(backends, routed)
         for sc in self.targets.values():  # the direct contender: the model is loaded there
             warm(sc["direct"].predict_url)
         self.cold_targets = {"tfscache": self.targets["one_node"]["tfscache"]}
@@ -542,6 +576,23 @@ class Topology(contextlib.AbstractContextManager["Topology"]):
             self.cold_targets["original"] = self.targets["one_node"]["original"]
         self.setup_seconds = time.monotonic() - started
         return self
+
+    def _start_floor(self, backends: list[Any], routed: str) -> None:
+        """The grpc.aio floor (bench/grpc_floor): one relay to the single node's backend, and
+        relay A -> relay B -> the owner's backend, where tfscache loaded the models."""
+        single = GrpcFloor(backends[0].grpc_target)
+        self.stack.callback(single.stop)
+        single.start()
+        self.targets["one_node"]["floor"] = Target("", single.grpc_target, "warm", [single.pid],
+                                                   pid_of(backends[0]), protocols=("grpc",))
+        second = GrpcFloor(backends[1].grpc_target)
+        self.stack.callback(second.stop)
+        second.start()
+        first = GrpcFloor(second.grpc_target)
+        self.stack.callback(first.stop)
+        first.start()
+        self.targets["router"]["floor"] = Target("", first.grpc_target, routed, [first.pid, second.pid],
+                                                 pid_of(backends[1]), protocols=("grpc",))
 
     def _original_routed_name(self, etcd: EtcdServer, proxy: OriginalNode, owner_backend: Any,
                               other_backend: Any, candidates: list[str]) -> str:
@@ -599,15 +650,18 @@ def summarise(cell: dict[str, Any]) -> None:
     cell["errors"] = {c: sum(r["errors"] for r in runs) for c, runs in cell["rounds"].items()}
     med = cell["median"]
     out: dict[str, dict[str, float | None]] = {}
-    for num, den in (("tfscache", "original"), ("tfscache", "direct"), ("original", "direct"), ("tfscache", "before")):
+    pairs = (("tfscache", "original"), ("tfscache", "direct"), ("original", "direct"), ("tfscache", "before"),
+             ("tfscache", "floor"))
+    for num, den in pairs:
         if num in med and den in med:
             out[f"{num}_vs_{den}"] = {m: ratio(med[num][m], med[den][m]) for m in METRICS[:3]}
     if "tfscache" in med and "original" in med:
         out["tfscache_vs_original"]["node_cpu_us_per_req"] = ratio(med["tfscache"]["node_cpu_us_per_req"],
                                                                    med["original"]["node_cpu_us_per_req"])
-    if "tfscache" in med and "before" in med:
-        out["tfscache_vs_before"]["node_cpu_us_per_req"] = ratio(med["tfscache"]["node_cpu_us_per_req"],
-                                                                 med["before"]["node_cpu_us_per_req"])
+    for den in ("before", "floor"):
+        if "tfscache" in med and den in med:
+            out[f"tfscache_vs_{den}"]["node_cpu_us_per_req"] = ratio(med["tfscache"]["node_cpu_us_per_req"],
+                                                                     med[den]["node_cpu_us_per_req"])
     cell["ratios"] = out
 
 
@@ -629,7 +683,8 @@ def run_cells(topo: Topology, args: argparse.Namespace, concurrency: list[int], 
     for scenario in args.scenarios:
         for protocol in args.protocols:
             for c in concurrency:
-                present = [k for k in contenders if k in topo.targets[scenario]]
+                present = [k for k in contenders
+                           if k in topo.targets[scenario] and protocol in topo.targets[scenario][k].protocols]
                 cell: dict[str, Any] = {"backend": topo.kind, "scenario": scenario, "protocol": protocol,
                                         "concurrency": c, "rounds": {k: [] for k in present}}
                 for _ in range(args.rounds):
@@ -821,15 +876,16 @@ def show(report: dict[str, Any]) -> None:
             " / ".join(fmt(med.get(w, {}).get("node_cpu_us_per_req")) for w in who if w != "direct"),
             fmt(rat.get("tfscache_vs_direct", {}).get("rps"), 2),
             fmt(t_o.get("rps"), 2), fmt(t_o.get("p50_ms"), 2), fmt(t_o.get("node_cpu_us_per_req"), 2),
+            fmt(rat.get("tfscache_vs_floor", {}).get("node_cpu_us_per_req"), 2),
             sum(cell["errors"].values()),
         ])
     s = report["settings"]
     print_table(
         f"Data plane ({s['seconds_per_measurement']:g} s per measurement, median of {s['rounds']} interleaved "
         f"rounds; {label} = {' / '.join(who)}; latency ms; node CPU us per request; t/o = tfscache / "
-        "original, t/d = tfscache / direct)",
+        "original, t/d = tfscache / direct, t/f = tfscache / the grpc.aio floor (gRPC cells only)",
         ["cell", f"req/s {label}", f"p50 {label}", f"p99 {label}", "node CPU " + "/".join(w[0] for w in who[1:]),
-         "rps t/d", "rps t/o", "p50 t/o", "CPU t/o", "errors"], rows)
+         "rps t/d", "rps t/o", "p50 t/o", "CPU t/o", "CPU t/f", "errors"], rows)
     if report["cold"]:
         rows = []
         for c in report["cold"]:

@@ -295,13 +295,18 @@ class BenchRunTests(unittest.TestCase):
         contenders = plane["contenders"]
         self.assertEqual(contenders[0], "direct")
         self.assertIn("tfscache", contenders)
+        self.assertIn("floor", contenders)
         self.assertEqual("original" in contenders, plane["original"]["measured"])
         if not plane["original"]["measured"]:
             self.assertTrue(plane["original"]["reason"])  # it says why
         self.assertEqual({(c["backend"], c["scenario"], c["protocol"], c["concurrency"]) for c in plane["cells"]},
                          {("fast", s, p, 2) for s in ("one_node", "router") for p in ("rest", "grpc")})
         for cell in plane["cells"]:
-            for who in contenders:
+            # every contender in every cell, but the grpc.aio floor in the gRPC cells only
+            expected = [w for w in contenders if w != "floor" or cell["protocol"] == "grpc"]
+            self.assertEqual(list(cell["rounds"]), expected, (cell["scenario"], cell["protocol"]))
+            self.assertEqual("tfscache_vs_floor" in cell["ratios"], cell["protocol"] == "grpc")
+            for who in expected:
                 (run,) = cell["rounds"][who]
                 self.assertGreater(run["requests"], 0, (cell["scenario"], cell["protocol"], who))
                 self.assertEqual(run["errors"], 0, (cell["scenario"], cell["protocol"], who, run))
