@@ -211,7 +211,7 @@ class Router:
                 self._trace(ref, m)
             if m is None or m.id == self.self_id:
                 return self._grpc_local(method, ref, payload, remaining, metadata)
-            return defer.ensureDeferred(self._grpc_remote(m, method, payload, remaining, metadata))
+            return self._grpc_remote(m, method, payload, remaining, metadata)
 
         return _Route(self, ref.name, self.forward_timeout if timeout is None else timeout, attempt).result
 
@@ -296,23 +296,25 @@ class Router:
                     metadata: Metadata) -> defer.Deferred[bytes]:
         return self.local.grpc(method, ref, payload, remaining, metadata).addErrback(self._local_failed)
 
-    async def _grpc_remote(self, member: Member, method: str, payload: bytes, remaining: float,
-                           metadata: Metadata) -> bytes:
+    def _grpc_remote(self, member: Member, method: str, payload: bytes, remaining: float,
+                     metadata: Metadata) -> defer.Deferred[bytes]:
+        # callbacks, not a coroutine: this runs for every routed call
         channel = self._channels.get(member.id)
         if channel is None or channel.target != member.grpc_target:
             if channel is not None:
                 channel.close(grace=self.forward_timeout)
             channel = self._channels[member.id] = self._channel_factory(member.grpc_target)
-        try:
-            reply: bytes = await channel.call(method, payload, remaining,
-                                               self._forwarded_metadata + tuple(metadata))
-        except ServingError as e:
-            if e.code == Code.UNAVAILABLE:
-                # node_wide unless the owner's trailing metadata said "this model only"; a failed
-                # connection has no such metadata (grpc_client.rpc_error_to_serving_error)
-                raise _Failover(ServingError(e.code, f"{member.id}: {e.message}"), mark_down=e.node_wide)
-            raise
-        return reply
+        d = channel.call(method, payload, remaining, self._forwarded_metadata + tuple(metadata))
+        return d.addErrback(self._remote_failed, member.id)
+
+    @staticmethod
+    def _remote_failed(failure: Failure, member_id: str) -> Failure:
+        e = failure.value
+        if isinstance(e, ServingError) and e.code == Code.UNAVAILABLE:
+            # node_wide unless the owner's trailing metadata said "this model only"; a failed
+            # connection has no such metadata (grpc_client.rpc_error_to_serving_error)
+            raise _Failover(ServingError(e.code, f"{member_id}: {e.message}"), mark_down=e.node_wide)
+        return failure
 
 
 class _Route:
