@@ -165,3 +165,14 @@ class GrpcModelSpecTests(unittest.TestCase):
                         b"\x12\x01z",             # no field 1 at all
                         b"\x0a\x03" + spec + b"\x19\x00"):  # a fixed64 cut short
             self.assertIsNone(modelspec._model_spec_field(payload), payload)
+
+    def test_a_long_spec_is_read_every_time_never_remembered(self) -> None:
+        """What the remembered specs hold is bounded: a spec longer than 1 KiB (a signature name
+        of 2,000 characters, say) is read each time and never kept."""
+        req = predict_pb2.PredictRequest()
+        req.model_spec.name = "m"
+        req.model_spec.signature_name = "s" * 2000
+        for _ in range(2):
+            ref = parse_grpc_request("Predict", req.SerializeToString())
+            self.assertEqual((ref.name, ref.signature_name), ("m", "s" * 2000))
+        self.assertNotIn(req.model_spec.SerializeToString(), modelspec._REFS)

@@ -216,7 +216,6 @@ PREDICTION_METHODS = ("Classify", "Regress", "Predict", "MultiInference", "GetMo
 
 def parse_grpc_request(method: str, payload: bytes) -> ModelRef:
     """Read only the model spec of a serialized TF Serving request."""
-    spec: bytes | None = None
     try:
         if method == "MultiInference":
             multi = model_spec_pb2.MultiInferenceCarrier.FromString(payload)
@@ -230,27 +229,31 @@ def parse_grpc_request(method: str, payload: bytes) -> ModelRef:
                 raise invalid("All ModelSpecs in a MultiInferenceRequest must access the same model name.")
             return parse_model_spec(multi.tasks[0].model_spec)
         spec = _model_spec_field(payload)
-        if spec is not None:
-            known = _REFS.get(spec)
-            if known is not None:
-                return known
-        carrier = model_spec_pb2.ModelSpecCarrier.FromString(payload)
+        if spec is None:  # protobuf decides what the walk could not
+            carrier = model_spec_pb2.ModelSpecCarrier.FromString(payload)
+            if not carrier.HasField("model_spec"):
+                raise invalid("Missing ModelSpec")
+            return parse_model_spec(carrier.model_spec)
+        known = _REFS.get(spec)
+        if known is not None:
+            return known
+        model_spec = model_spec_pb2.ModelSpec.FromString(spec)
     except DecodeError as e:
         raise invalid(f"Could not parse the {method} request: {e}")
-    if not carrier.HasField("model_spec"):
-        raise invalid("Missing ModelSpec")
-    ref = parse_model_spec(carrier.model_spec)
-    if spec is not None:
+    ref = parse_model_spec(model_spec)
+    if len(spec) <= _REF_KEY_MAX:
         if len(_REFS) >= _REFS_MAX:
-            _REFS.clear()  # cheap bound: a refill costs one full parse per model spec
+            _REFS.clear()  # cheap bound: a refill costs one parse per model spec
         _REFS[spec] = ref
     return ref
 
 
 # Model specs read before, by their bytes: a request's spec is read on every call, and a
-# model's requests carry the same few bytes (only what parsed without an error is kept).
+# model's requests carry the same few bytes (only what parsed without an error is kept, and
+# only specs of ordinary size: the memory they hold stays under _REFS_MAX x _REF_KEY_MAX).
 _REFS: dict[bytes, ModelRef] = {}
 _REFS_MAX = 8192
+_REF_KEY_MAX = 1024
 
 
 def _model_spec_field(payload: bytes) -> bytes | None:
