@@ -176,3 +176,12 @@ class GrpcModelSpecTests(unittest.TestCase):
             ref = parse_grpc_request("Predict", req.SerializeToString())
             self.assertEqual((ref.name, ref.signature_name), ("m", "s" * 2000))
         self.assertNotIn(req.model_spec.SerializeToString(), modelspec._REFS)
+
+    def test_a_request_of_many_fields_is_left_to_protobuf(self) -> None:
+        req = predict_pb2.PredictRequest()
+        req.model_spec.name = "wide"
+        for i in range(100):
+            req.inputs[f"x{i}"].float_val.append(1.0)
+        payload = req.SerializeToString()
+        self.assertIsNone(modelspec._model_spec_field(payload))
+        self.assertEqual(parse_grpc_request("Predict", payload).name, "wide")

@@ -254,6 +254,7 @@ def parse_grpc_request(method: str, payload: bytes) -> ModelRef:
 _REFS: dict[bytes, ModelRef] = {}
 _REFS_MAX = 8192
 _REF_KEY_MAX = 1024
+_WALK_FIELDS_MAX = 64  # top-level fields walked at most (a PredictRequest has one per input)
 
 
 def _model_spec_field(payload: bytes) -> bytes | None:
@@ -264,7 +265,11 @@ def _model_spec_field(payload: bytes) -> bytes | None:
     Hand-written: protobuf's Python API has no field scanner."""
     spec = None
     i, n = 0, len(payload)
+    fields = 0
     while i < n:
+        fields += 1
+        if fields > _WALK_FIELDS_MAX:
+            return None  # many inputs, say: protobuf's C parser walks them faster
         tag, i = _varint(payload, i)
         field, wire = tag >> 3, tag & 7
         if field == 0:
