@@ -383,6 +383,19 @@ class DaemonTests(unittest.TestCase):
             self.assertNotIn(fragment, log)
 
     @defer.inlineCallbacks
+    def test_start_up_objects_are_frozen_for_the_garbage_collector(self):  # type: ignore[no-untyped-def]
+        """Full collections under load skip what start-up made (bench/README §6e: they stopped
+        the reactor for 40-55 ms every few seconds): the daemon says how much it froze, once
+        it is ready, and still serves."""
+        node = yield threads.deferToThread(self.start)
+        log = yield wait_for_log(node, "start-up objects frozen")
+        (line,) = [ln for ln in log.splitlines() if "start-up objects frozen" in ln]
+        count = int(line.split("garbage collector: ", 1)[1].split()[0])
+        self.assertGreater(count, 10_000, line)
+        reply = yield rest_predict(node.rest_url, "d0", [1.0])
+        self.assertEqual(reply.code, 200, reply.body)
+
+    @defer.inlineCallbacks
     def test_metrics_can_be_disabled(self):  # type: ignore[no-untyped-def]
         node = yield threads.deferToThread(self.start, metrics={"enabled": False})
         for path in ("/metrics", "/monitoring/prometheus/metrics"):
