@@ -162,6 +162,7 @@ TINY = {
     "TFSCACHE_BENCH_ARGS_S3_COPY": "--total-mb 2 --files 4 --repeat 1",
     "TFSCACHE_BENCH_ARGS_DATA_PLANE": "--seconds 0.3 --concurrency 2 --cold-models 10 --slow-load-seconds 0.5 "
                                       "--cold-window 1.5",
+    "TFSCACHE_BENCH_ARGS_REACTOR_STALLS": "--requests 300",
     # S3 is s3_copy's above; azure and gcs start Azurite and fake-gcs-server (~15 s alone)
     "TFSCACHE_BENCH_ARGS_OBJECT_COPY": "--total-mb 2 --files 4 --repeat 1 --providers azure gcs",
 }
@@ -287,6 +288,14 @@ class BenchRunTests(unittest.TestCase):
         for png in ("hit_ratio_vs_capacity.png", "latency_vs_concurrency.png"):
             with open(os.path.join(out, png), "rb") as f:
                 self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n", png)
+
+        stalls = report("reactor_stalls")
+        if "skipped" not in stalls:  # it needs bench/fastbackend, as the data plane below does
+            self.assertEqual(list(stalls["contenders"]), ["direct", "tfscache"])
+            for who, c in stalls["contenders"].items():
+                self.assertEqual(c["requests"], 300, who)
+                self.assertGreater(c["p50_ms"], 0, who)
+                self.assertLessEqual(c["p50_ms"], c["max_ms"], who)
 
         # last: without its Go programs the data-plane benchmark says so, and this test skips
         plane = report("data_plane")
