@@ -200,8 +200,7 @@ class HttpServerProtocol(asyncio.Protocol):
             self.log.warn("REST: {count} connections open (listen.max_connections): closing the one "
                           "idle the longest", count=len(f.connections))
             f.connections.discard(oldest)
-            oldest.deadline = float("inf")
-            oldest.transport.abort()
+            oldest.close_now()
         f.connections.add(self)
         self.deadline = f.clock.seconds() + self.limits.idle_timeout
 
@@ -219,6 +218,10 @@ class HttpServerProtocol(asyncio.Protocol):
     def expired(self) -> None:
         self.log.debug("REST: closing a connection that timed out ({what})",
                        what="idle" if self.idle else "slow request")
+        self.close_now()
+
+    def close_now(self) -> None:
+        """Abort the connection; no deadline of its fires again meanwhile."""
         self.deadline = float("inf")
         self.transport.abort()
 
