@@ -218,8 +218,13 @@ class AdaptivePolicy:
                                          < (1 - SWITCH_MARGIN) * self.shadows[self.current].misses):
                 self.current = best
                 self.switches += 1
-        if len(self.shadows[0].score) > 2 * (self.history or max(2000, 20 * len(self.cached))):
+        if len(self.shadows[0].score) > 2 * self._history_limit():
             self._forget()
+
+    def _history_limit(self) -> int:
+        """Keys remembered at most once the history is trimmed (``history``, or 20 x what the
+        cache holds, at least 2,000); it is trimmed when it holds twice as many."""
+        return self.history or max(2000, 20 * len(self.cached))
 
     def _rescale_misses(self) -> None:
         """Scale the miss counts and their unit down alike (by a power of two: exact)."""
@@ -249,7 +254,7 @@ class AdaptivePolicy:
     def _forget(self) -> None:
         """Bound the ghost history: drop the least valuable keys that no cache holds (once
         it holds twice the limit)."""
-        limit = self.history or max(2000, 20 * len(self.cached))
+        limit = self._history_limit()
         shadow = self.shadows[self.current]
         holding = set(self.cached).union(*(s.resident for s in self.shadows))
         ghosts = sorted((k for k in shadow.score if k not in holding), key=lambda k: self._value(shadow, k))
