@@ -60,7 +60,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Self, TypeVar
 
 from bench.common import (
     Processes,
@@ -164,7 +164,7 @@ class PortsPrinted:
         self.proc: subprocess.Popen[str] | None = None
         self.ports: dict[str, int] = {}
 
-    def start(self) -> PortsPrinted:
+    def start(self) -> Self:
         with open(os.path.join(self.dir, f"{self.name}.log"), "ab") as log:
             self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=log, text=True,
                                          start_new_session=True, cwd=self.cwd)
@@ -196,15 +196,14 @@ class PortsPrinted:
             self.proc.wait(10)
 
 
+P = TypeVar("P", bound=PortsPrinted)
+
+
 class FastBackend(PortsPrinted):
     """bench/fastbackend on ports the kernel chose."""
 
     def __init__(self, path: str, args: Sequence[str] = ()) -> None:
         super().__init__([path, *args], "fastbackend")
-
-    def start(self) -> FastBackend:
-        super().start()
-        return self
 
     @property
     def grpc_port(self) -> int:
@@ -216,7 +215,7 @@ class FastBackend(PortsPrinted):
 
     @property
     def rest_url(self) -> str:
-        return f"http://127.0.0.1:{self.ports['rest_port']}"
+        return f"http://127.0.0.1:{self.rest_port}"
 
 
 class GrpcFloor(PortsPrinted):
@@ -445,9 +444,13 @@ class Topology(contextlib.AbstractContextManager["Topology"]):
         path = binary("fastbackend")
         assert path is not None
         extra = ["--slow-load-prefix", "slow-", "--slow-load-seconds", str(self.args.slow_load_seconds)] if slow else []
-        b = FastBackend(path, extra)
-        self.stack.callback(b.stop)
-        return b.start()
+        return self._own(FastBackend(path, extra))
+
+    def _own(self, proc: P) -> P:
+        """``proc`` started, and stopped with the topology."""
+        self.stack.callback(proc.stop)
+        proc.start()
+        return proc
 
     def _start(self, fixtures: Sequence[Any]) -> None:
         for f in fixtures:
@@ -580,17 +583,11 @@ class Topology(contextlib.AbstractContextManager["Topology"]):
     def _start_floor(self, backends: list[Any], routed: str) -> None:
         """The grpc.aio floor (bench/grpc_floor): one relay to the single node's backend, and
         relay A -> relay B -> the owner's backend, where tfscache loaded the models."""
-        single = GrpcFloor(backends[0].grpc_target)
-        self.stack.callback(single.stop)
-        single.start()
+        single = self._own(GrpcFloor(backends[0].grpc_target))
         self.targets["one_node"]["floor"] = Target("", single.grpc_target, "warm", [single.pid],
                                                    pid_of(backends[0]), protocols=("grpc",))
-        second = GrpcFloor(backends[1].grpc_target)
-        self.stack.callback(second.stop)
-        second.start()
-        first = GrpcFloor(second.grpc_target)
-        self.stack.callback(first.stop)
-        first.start()
+        second = self._own(GrpcFloor(backends[1].grpc_target))
+        first = self._own(GrpcFloor(second.grpc_target))
         self.targets["router"]["floor"] = Target("", first.grpc_target, routed, [first.pid, second.pid],
                                                  pid_of(backends[1]), protocols=("grpc",))
 
