@@ -116,17 +116,20 @@ def print_table(title: str, headers: list[str], rows: list[list[Any]]) -> None:
     sys.stdout.flush()
 
 
-def percentiles(values: Iterable[float]) -> dict[str, float]:
-    """p50, p90, p99 (nearest rank), mean and n of ``values``."""
+def percentiles(values: Iterable[float], points: Sequence[float] = (50, 90, 99)) -> dict[str, float]:
+    """The ``points`` percentiles (nearest rank; keys ``p50``, ``p99.9``...), max, mean and n
+    of ``values``."""
     xs = sorted(values)
     n = len(xs)
+    keys = [f"p{p:g}" for p in points]
     if not n:
-        return {"p50": float("nan"), "p90": float("nan"), "p99": float("nan"), "mean": float("nan"), "n": 0}
+        return {**{k: float("nan") for k in keys}, "max": float("nan"), "mean": float("nan"), "n": 0}
 
     def rank(p: float) -> float:
         return xs[min(n - 1, max(0, int(-(-p * n // 100)) - 1))]
 
-    return {"p50": rank(50), "p90": rank(90), "p99": rank(99), "mean": statistics.fmean(xs), "n": n}
+    return {**{k: rank(p) for k, p in zip(keys, points, strict=True)}, "max": xs[-1],
+            "mean": statistics.fmean(xs), "n": n}
 
 
 # -- HTTP, metrics --------------------------------------------------------------------------

@@ -15,7 +15,6 @@ p50, p99, p99.9 and max latency, and the replies slower than ``--stall-ms``.
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
 import tempfile
@@ -23,8 +22,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from bench.common import parse_args, print_table, write_report
+from bench.common import parse_args, percentiles, print_table, write_report
 from bench.data_plane import BIN, FastBackend, tfscache_config, write_fake_models
+from bench.large_payloads import RestClient, timed
 from bench.warm_overhead import INSTANCES
 from tests.harness.node import NodeProcess
 
@@ -36,26 +36,6 @@ def extra_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--requests", type=int, help="per contender (default 30000; --quick 2000)")
     ap.add_argument("--stall-ms", type=float, default=20.0, help="a reply slower than this is a stall (default 20)")
     ap.add_argument("--before", metavar="DIR", help="also a node running the tfscache code checked out in DIR")
-
-
-class Client:
-    def __init__(self, port: int) -> None:
-        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        self.body = json.dumps({"instances": INSTANCES}).encode()
-
-    def __call__(self) -> float:
-        started = time.perf_counter()
-        self.conn.request("POST", f"/v1/models/{MODEL}/versions/1:predict", self.body,
-                          {"Content-Type": "application/json"})
-        reply = self.conn.getresponse()
-        reply.read()
-        if reply.status != 200:
-            raise RuntimeError(f"predict answered {reply.status}")
-        return time.perf_counter() - started
-
-
-def percentile(sorted_xs: Sequence[float], q: float) -> float:
-    return sorted_xs[min(len(sorted_xs) - 1, int(q * len(sorted_xs)))]
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -78,26 +58,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         for node in nodes.values():
             node.start()
-        clients = {who: Client(n.rest_port) for who, n in nodes.items()}
+        body = json.dumps({"instances": INSTANCES}).encode()
+        clients = {who: RestClient(n.rest_port, MODEL) for who, n in nodes.items()}
         for client in clients.values():  # the first request loads the model, into the backend too
-            client()
-        clients = {"direct": Client(backends[0].rest_port), **clients}
+            client(body)
+        clients = {"direct": RestClient(backends[0].rest_port, MODEL), **clients}
         started = time.perf_counter()
         samples: dict[str, list[tuple[float, float]]] = {who: [] for who in clients}
         while any(len(s) < requests for s in samples.values()):
             for who, client in clients.items():
                 for _ in range(min(BLOCK, requests - len(samples[who]))):
                     at = time.perf_counter() - started
-                    samples[who].append((at, client()))
+                    samples[who].append((at, timed(client, body)))
         contenders = {}
         for who, s in samples.items():
-            lat = sorted(x for _, x in s)
+            lat = percentiles((x * 1e3 for _, x in s), points=(50, 99, 99.9))
             stalls = [(round(at, 2), round(x * 1e3, 1)) for at, x in s if x * 1e3 > args.stall_ms]
-            contenders[who] = {"requests": len(s), "p50_ms": percentile(lat, 0.5) * 1e3,
-                               "p99_ms": percentile(lat, 0.99) * 1e3, "p999_ms": percentile(lat, 0.999) * 1e3,
-                               "max_ms": lat[-1] * 1e3, "stalls": len(stalls), "stalls_at_s_ms": stalls[:50]}
+            contenders[who] = {"requests": len(s), "p50_ms": lat["p50"], "p99_ms": lat["p99"],
+                               "p999_ms": lat["p99.9"], "max_ms": lat["max"], "stalls": len(stalls),
+                               "stalls_at_s_ms": stalls[:50]}
         for client in clients.values():
-            client.conn.close()
+            client.close()
     finally:
         for node in nodes.values():
             node.stop()
