@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
@@ -42,3 +47,56 @@ class TimerTests(unittest.TestCase):
         self.clock.advance(1)
         self.assertEqual(self.fired, ["c", "b"])
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class _Request:
+    """Stands for what a timer's function holds: a request's Deferred and all behind it."""
+
+    def cancel(self) -> None:
+        pass
+
+
+@contextmanager
+def _no_garbage_collector() -> Iterator[None]:
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+class TimerReferenceTests(unittest.TestCase):
+    """A timer lets go of its function once it has ended: a request is freed when it is done,
+    by reference counting, not left in a timer-slot cycle for the garbage collector."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.timers = Timers(self.clock, resolution=0.1)
+
+    def _timed(self) -> tuple[weakref.ref[_Request], Callable[[], None]]:
+        request = _Request()
+        timer = self.timers.call_later(1.0, request.cancel)
+        return weakref.ref(request), timer.cancel
+
+    def test_a_cancelled_timer_frees_its_request(self) -> None:
+        with _no_garbage_collector():
+            other = self.timers.call_later(1.0, lambda: None)  # keeps the slot alive
+            gone, cancel = self._timed()
+            cancel()
+            self.assertIsNone(gone())
+            other.cancel()
+
+    def test_the_last_cancel_of_a_slot_frees_its_requests(self) -> None:
+        with _no_garbage_collector():
+            gone, cancel = self._timed()
+            cancel()
+            self.assertEqual(self.clock.getDelayedCalls(), [])
+            self.assertIsNone(gone())
+
+    def test_a_fired_timer_frees_its_request(self) -> None:
+        with _no_garbage_collector():
+            gone, _cancel = self._timed()
+            self.clock.advance(1.1)
+            self.assertIsNone(gone())
