@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,6 +98,22 @@ class _GenericHandler(grpc.GenericRpcHandler):
         return self._handlers.get(handler_call_details.method)
 
 
+class _GenericOnly:
+    """A server that takes generated code's handlers as generic ones only.  grpc.aio's serving
+    loop waits on one pending call per registered method (asyncio.wait over all of them, for
+    every call that arrives): the health service's three registered methods made every
+    Predict pay for them.  A generic handler serves the same methods."""
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self.server = server
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        self.server.add_generic_rpc_handlers(handlers)
+
+    def add_registered_method_handlers(self, service_name: str, handlers: dict[str, Any]) -> None:
+        pass  # served by the generic handler given with them
+
+
 class GrpcFrontend(service.Service):
     """IService: the grpc.aio server on the client-facing gRPC port."""
 
@@ -149,7 +165,7 @@ class GrpcFrontend(service.Service):
             ],
         )
         if self.health is not None:
-            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, _GenericOnly(self.server))
             self.set_serving(self._serving)
         address = f"{self.host}:{self.port}"
         if self.credentials is not None:
@@ -170,14 +186,15 @@ class GrpcFrontend(service.Service):
         server, self.server = self.server, None
         return as_deferred(server.stop(max(0.0, self.stop_grace)))
 
-    def set_serving(self, serving: bool) -> None:
-        """The gRPC health service's answer for the server and TF Serving's services."""
+    def set_serving(self, serving: bool) -> defer.Deferred[None]:
+        """The gRPC health service's answer for the server and TF Serving's services; fires
+        once Check answers so."""
         self._serving = serving
         if self.health is None or self.server is None:
-            return
+            return defer.succeed(None)
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        for name in HEALTH_SERVICES:
-            event_loop().create_task(self.health.set(name, status))
+        updates = [as_deferred(self.health.set(name, status)) for name in HEALTH_SERVICES]
+        return defer.gatherResults(updates).addCallback(lambda _: None)
 
     # -- calls -----------------------------------------------------------------------------
     def method_handler(self, method: str, short: str) -> Any:
